@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make run` (the main job) and `make test`.
+# The first call creates .venv and installs everything; later calls reuse it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench ui clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch/torchvision first, pinned to the wheels on this machine's disk (never a CUDA download).
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fm-optuna run --benchmark digits --target uci --strategy tpe --dt 200 --branches 3 --steps 1500 --merge-trials 20 --seed 0
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -W error
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/fm-optuna bench
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,16 @@
+"""STL: single-task learning on the target alone (the reference of transfer gain)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from fm_optuna.baselines.base import Baseline
+from fm_optuna.tasks import Problem
+from fm_optuna.training import UpdateRule, WeightedSum
+
+
+class SingleTask(Baseline):
+    name: ClassVar[str] = "stl"
+
+    def rule(self, problem: Problem) -> UpdateRule:
+        return WeightedSum({problem.target: 1.0})

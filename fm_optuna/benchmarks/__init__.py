@@ -1,0 +1,57 @@
+"""Benchmarks: one module per problem, registered by name.
+
+Each module exposes ``TARGETS`` (the tasks that may be the target), ``DEFAULT_TARGET`` and
+``build(*, target, seed, device, **options) -> Problem``. Adding a benchmark means adding a
+module and one line to ``_MODULES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from fm_optuna.errors import one_of
+
+if TYPE_CHECKING:
+    import torch
+
+    from fm_optuna.tasks import Problem
+
+_MODULES = {
+    "digits": "fm_optuna.benchmarks.digits",
+    "multimnist": "fm_optuna.benchmarks.multimnist",
+}
+
+BENCHMARKS: tuple[str, ...] = tuple(_MODULES)
+
+
+def _module(benchmark: str) -> Any:
+    if benchmark not in _MODULES:
+        raise one_of("benchmark", benchmark, _MODULES)
+    return importlib.import_module(_MODULES[benchmark])
+
+
+def targets(benchmark: str) -> tuple[str, ...]:
+    return tuple(_module(benchmark).TARGETS)
+
+
+def default_target(benchmark: str) -> str:
+    return str(_module(benchmark).DEFAULT_TARGET)
+
+
+def build_problem(
+    benchmark: str,
+    *,
+    target: str | None = None,
+    seed: int = 0,
+    device: torch.device | None = None,
+    **options: Any,
+) -> Problem:
+    """Build a registered benchmark's problem; bad names raise :class:`ConfigError`."""
+    import torch
+
+    module = _module(benchmark)
+    target = target or module.DEFAULT_TARGET
+    if target not in module.TARGETS:
+        raise one_of("target", target, module.TARGETS)
+    return module.build(target=target, seed=seed, device=device or torch.device("cpu"), **options)

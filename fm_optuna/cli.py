@@ -1,0 +1,348 @@
+"""``fm-optuna``: the command line.
+
+Every user mistake (unknown name, impossible Δt or L, bad budget) is one line on stderr naming
+the parameter, the value and what is allowed, with exit code 2 and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from fm_optuna.errors import ConfigError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake as one line (no usage dump) and exits with 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    from fm_optuna.benchmarks import BENCHMARKS
+    from fm_optuna.branches import PLANS
+    from fm_optuna.forkmerge import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS
+    from fm_optuna.strategies import STRATEGIES
+
+    g = parser.add_argument_group("problem")
+    g.add_argument(
+        "--benchmark", default="digits", help=f"one of {', '.join(BENCHMARKS)} (default: digits)"
+    )
+    g.add_argument(
+        "--target",
+        default=None,
+        help="target task (default: the benchmark's; digits: uci, mnist, synfont, mnistm)",
+    )
+    g.add_argument(
+        "--harmful-aux",
+        action="store_true",
+        help="digits: add MNIST with random labels sharing the target's head (a noisy source)",
+    )
+    g.add_argument("--batch-size", type=int, default=32, help="per-task batch size (default: 32)")
+    g.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
+    )
+
+    g = parser.add_argument_group("ForkMerge")
+    g.add_argument(
+        "--dt", type=int, default=100, help="merge interval Δt in optimizer steps (default: 100)"
+    )
+    g.add_argument(
+        "--steps", type=int, default=600, help="training budget T in optimizer steps (default: 600)"
+    )
+    g.add_argument(
+        "--branches",
+        type=int,
+        default=None,
+        help="number of branches L (default: max(2, ceil(log2 K)) for pruned, K for pairwise)",
+    )
+    g.add_argument(
+        "--plan",
+        default="pruned",
+        help=f"branch plan: {', '.join(PLANS)} (default: pruned = Alg. 4)",
+    )
+    g.add_argument(
+        "--ranking",
+        default="prepass",
+        help=f"auxiliary ranking for the pruned plan: {', '.join(RANKINGS)}. prepass (default) trains "
+        "target+aux for --ranking-steps from the initial model and ranks by target validation, "
+        "as the official code; given uses --aux-order, else the benchmark's task order",
+    )
+    g.add_argument(
+        "--ranking-steps", type=int, default=None, help="steps of each pre-pass run (default: Δt)"
+    )
+    g.add_argument(
+        "--aux-order",
+        default=None,
+        help="comma-separated best-first auxiliaries for --ranking given",
+    )
+    g.add_argument(
+        "--optimizer-policy",
+        default="keep",
+        help=f"optimizer state at a merge: {', '.join(OPTIMIZER_POLICIES)} (default: keep)",
+    )
+    g.add_argument(
+        "--final",
+        default="last",
+        help=f"final model: {', '.join(FINAL_MODELS)} merge (default: last)",
+    )
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of initialisation, data order and inner studies"
+    )
+
+    g = parser.add_argument_group("merge search (the inner Optuna study)")
+    g.add_argument(
+        "--strategy",
+        default="greedy",
+        help=f"one of {', '.join(STRATEGIES)} (default: greedy, the paper's Algorithm 3)",
+    )
+    g.add_argument(
+        "--merge-trials",
+        type=int,
+        default=20,
+        help="inner-study budget for binary, tpe, cmaes, random (default: 20)",
+    )
+    g.add_argument(
+        "--grid-resolution", type=float, default=0.1, help="lattice step for grid (default: 0.1)"
+    )
+
+
+def _config(args: argparse.Namespace, **overrides: Any) -> Any:
+    from fm_optuna.forkmerge import ForkMergeConfig
+
+    values = dict(
+        dt=args.dt,
+        total_steps=args.steps,
+        strategy=args.strategy,
+        merge_trials=args.merge_trials,
+        grid_resolution=args.grid_resolution,
+        plan=args.plan,
+        branches=args.branches,
+        ranking=args.ranking,
+        ranking_steps=args.ranking_steps,
+        aux_order=tuple(args.aux_order.split(",")) if args.aux_order else None,
+        optimizer_policy=args.optimizer_policy,
+        final=args.final,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    values.update(overrides)
+    return ForkMergeConfig(**values)
+
+
+def _problem(args: argparse.Namespace) -> Any:
+    import torch
+
+    from fm_optuna.benchmarks import build_problem
+    from fm_optuna.errors import invalid
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise invalid("device", args.device, "cpu (no CUDA device is available)")
+    options: dict[str, Any] = {"batch_size": args.batch_size}
+    if args.harmful_aux:
+        if args.benchmark != "digits":
+            raise invalid("harmful_aux", True, "used only with --benchmark digits")
+        options["harmful_aux"] = True
+    return build_problem(
+        args.benchmark, target=args.target, seed=args.seed, device=device, **options
+    )
+
+
+def _check_plan(problem: Any, config: Any) -> None:
+    """Validate L against the problem's tasks before any training starts."""
+    from fm_optuna.branches import make_plan
+
+    make_plan(
+        "pruned" if config.plan == "joint" else config.plan,
+        target=problem.target,
+        ranked_auxiliaries=problem.auxiliaries,
+        n_branches=config.branches,
+    )
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _print_table(comparisons: list[Any]) -> None:
+    first = comparisons[0]
+    target = first.problem["target"]
+    metric = first.results[0].target_metric
+    print(
+        f"benchmark {first.problem['benchmark']}  target {target}  metric {metric}  "
+        f"T={first.config.total_steps} Δt={first.config.dt} strategy={first.config.strategy}  "
+        f"seeds={len(comparisons)}"
+    )
+    header = (
+        f"{'method':<10} {'target val':>16} {'target test':>16} {'TG vs STL':>16} {'seconds':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for i, result in enumerate(first.results):
+        rows = [c.results[i] for c in comparisons]
+        tg = [r.tg for r in rows if r.tg is not None]
+        print(
+            f"{result.method:<10} {_mean_std([r.target_val for r in rows]):>16} "
+            f"{_mean_std([r.target_test for r in rows]):>16} {(_mean_std(tg) if tg else '-'):>16} "
+            f"{_mean_std([r.seconds for r in rows]):>10}"
+        )
+    for comparison in comparisons:
+        fm = comparison.forkmerge
+        if fm is None:
+            continue
+        names = [b.name for b in fm.branches]
+        print(
+            f"\nForkMerge seed {comparison.config.seed}: branches {', '.join(names)}; "
+            f"ranking {fm.ranking.method} ({', '.join(fm.ranking.order)}); final round {fm.final_round}"
+        )
+        for round_index, (step, decision) in enumerate(
+            zip(fm.steps, fm.decisions, strict=True), start=1
+        ):
+            lam = ", ".join(f"{w:.2f}" for w in decision.weights)
+            note = f"  ({decision.fallback})" if decision.fallback else ""
+            print(
+                f"  round {round_index:>2} step {step:>5}  Λ = [{lam}]  val {decision.score:.2f}  "
+                f"{decision.n_trials} trials {decision.seconds:.2f}s{note}"
+            )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fm_optuna.events import EventStream
+    from fm_optuna.experiment import run_methods
+    from fm_optuna.progress import ProgressBars
+
+    config = _config(args)
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    if args.seeds < 1:
+        from fm_optuna.errors import invalid
+
+        raise invalid("seeds", args.seeds, "a positive integer")
+    problem = _problem(args)
+    _check_plan(problem, config)
+    comparisons = []
+    for offset in range(args.seeds):
+        events = EventStream([ProgressBars(disable=True if args.json else None)])
+        try:
+            comparisons.append(
+                run_methods(problem, _config(args, seed=args.seed + offset), methods, events)
+            )
+        finally:
+            events.close()
+    if args.json:
+        payload = (
+            comparisons[0].to_dict()
+            if len(comparisons) == 1
+            else {"runs": [c.to_dict() for c in comparisons]}
+        )
+        print(json.dumps(payload, indent=2, default=_json_default))
+    else:
+        _print_table(comparisons)
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fm_optuna.bench import run_bench
+
+    config = _config(args)
+    problem = _problem(args)
+    _check_plan(problem, config)
+    report = run_bench(problem, config, repeats=args.repeats)
+    print(json.dumps(report, indent=2) if args.json else report_text(report))
+    return 0
+
+
+def report_text(report: dict[str, Any]) -> str:
+    lines = [f"fm-optuna bench: {report['setup']}"]
+    for key, item in report["ratios"].items():
+        goal = (
+            f"  (goal ≤ {item['goal']:.2f}: {'met' if item['value'] <= item['goal'] else 'NOT met'})"
+            if item.get("goal")
+            else ""
+        )
+        lines.append(f"  {key:<34} {item['value']:.3f}{goal}   {item['what']}")
+    lines.append("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fm-optuna", description="ForkMerge with Optuna merge search and MLflow tracking."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run",
+        help="train STL, EW and ForkMerge with the same budget and compare them",
+        description="Train STL, EW and ForkMerge with the same budget T and print target "
+        "validation/test metrics, TG vs STL, the Λ chosen at each merge and wall time.",
+    )
+    _add_training_options(run)
+    run.add_argument(
+        "--methods",
+        default="stl,ew,forkmerge",
+        help="comma-separated methods (default: stl,ew,forkmerge)",
+    )
+    run.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run seeds seed..seed+N-1 and report mean ± std (default: 1)",
+    )
+    run.add_argument(
+        "--json", action="store_true", help="print the results as JSON instead of a table"
+    )
+    run.set_defaults(handler=cmd_run)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure what ForkMerge's forking, merging and search cost",
+        description="Measure, in one process: ForkMerge wall time over training its L branches "
+        "alone (goal ≤ 1.10), the share spent in merge search (goal ≤ 5%), ForkMerge "
+        "over EW, and the ranking pre-pass cost.",
+    )
+    _add_training_options(bench)
+    bench.set_defaults(strategy="tpe", dt=200, steps=1500, branches=3)
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="repeat each measurement and keep the fastest (default: 1)",
+    )
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as error:
+        print(f"fm-optuna {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fm-optuna: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

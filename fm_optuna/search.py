@@ -1,0 +1,350 @@
+"""The merge step as an inner Optuna study over Λ on the simplex.
+
+Every strategy is an Optuna sampler over one parametrisation of the simplex, so every merge
+decision is an in-memory study whose trials can be inspected. Adaptive designs (binary search,
+the paper's greedy Algorithm 3) are samplers too: :class:`DesignSampler` asks a generator for
+the next point and feeds it the previous trial's score.
+
+Entry point: :func:`search_merge`.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from fm_optuna.errors import invalid
+from fm_optuna.merging import normalise
+
+Design = Generator[np.ndarray, float, None]
+
+
+@dataclass(frozen=True)
+class MergeTrial:
+    """One evaluated candidate: Λ, its validation score (NaN when non-finite) and its state."""
+
+    number: int
+    weights: tuple[float, ...]
+    score: float
+    state: str
+    #: "evaluated" by this search, or "branch": a single branch whose score was already known.
+    source: str = "evaluated"
+
+
+@dataclass(frozen=True)
+class MergeDecision:
+    """The outcome of one merge search.
+
+    Attributes:
+        weights: The chosen Λ (non-negative, sums to 1).
+        score: Target validation score of the merged model with ``weights``.
+        trials: Every candidate the strategy evaluated, in order.
+        seconds: Wall time of the search (evaluations included).
+        strategy: Name of the strategy that searched.
+        fallback: Why the search's best was not used (every candidate non-finite), else ``None``.
+    """
+
+    weights: tuple[float, ...]
+    score: float
+    trials: tuple[MergeTrial, ...]
+    seconds: float
+    strategy: str
+    fallback: str | None = None
+
+    @property
+    def n_trials(self) -> int:
+        """Candidates this search evaluated (known single-branch scores excluded)."""
+        return sum(1 for t in self.trials if t.source == "evaluated")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "weights": list(self.weights),
+            "score": self.score,
+            "seconds": self.seconds,
+            "fallback": self.fallback,
+            "trials": [
+                {
+                    "number": t.number,
+                    "weights": list(t.weights),
+                    "score": t.score,
+                    "state": t.state,
+                    "source": t.source,
+                }
+                for t in self.trials
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What a strategy may know when it builds its sampler."""
+
+    n_branches: int
+    budget: int
+    seed: int
+    branch_scores: tuple[float, ...]  # each branch's own target validation score
+    warm_start: tuple[float, ...] | None = None
+
+    @property
+    def greedy_order(self) -> list[int]:
+        """Branch indices by decreasing own score; NaN last; ties by index (deterministic)."""
+
+        def key(i: int) -> tuple[float, int]:
+            score = self.branch_scores[i]
+            return (-score if math.isfinite(score) else math.inf, i)
+
+        return sorted(range(self.n_branches), key=key)
+
+
+class MergeStrategy(abc.ABC):
+    """How to choose Λ: a sampler plus the parametrisation it samples.
+
+    Subclasses live one per file in :mod:`fm_optuna.strategies` and are registered by ``name``.
+    """
+
+    name: ClassVar[str]
+    #: Whether the previous round's Λ* is enqueued as the first trial of the next round, and
+    #: the single branches' known scores are given to the sampler as completed trials (free:
+    #: the loop has already evaluated every branch). Exhaustive and scripted designs opt out.
+    uses_warm_start: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def n_trials(self, n_branches: int, budget: int) -> int:
+        """How many candidates one merge evaluates (some designs ignore ``budget``)."""
+
+    @abc.abstractmethod
+    def sampler(self, context: SearchContext) -> BaseSampler: ...
+
+    @abc.abstractmethod
+    def suggest(self, trial: optuna.Trial, n_branches: int) -> np.ndarray:
+        """Read Λ (a simplex point) from the trial's parameters."""
+
+    def warm_start_params(self, weights: np.ndarray) -> dict[str, Any] | None:
+        """Parameters that make :meth:`suggest` return ``weights`` (``None``: cannot warm start)."""
+        return None
+
+    def check(self, n_branches: int, budget: int) -> None:
+        """Raise :class:`ConfigError` when the budget cannot work for this many branches."""
+        if budget < 1:
+            raise invalid("merge_trials", budget, "a positive integer")
+
+
+# --- parametrisations of the simplex -------------------------------------------------------
+
+
+class StickBreaking:
+    """Λ_i = s_i Π_{j<i}(1 − s_j), last gets the rest: n−1 params in [0, 1], suits TPE/CMA-ES."""
+
+    @staticmethod
+    def suggest(trial: optuna.Trial, n: int) -> np.ndarray:
+        sticks = [trial.suggest_float(f"s{i}", 0.0, 1.0) for i in range(n - 1)]
+        return StickBreaking.to_simplex(sticks)
+
+    @staticmethod
+    def to_simplex(sticks: Sequence[float]) -> np.ndarray:
+        weights, remaining = [], 1.0
+        for s in sticks:
+            weights.append(remaining * s)
+            remaining *= 1.0 - s
+        weights.append(remaining)
+        return normalise(weights)
+
+    @staticmethod
+    def params(weights: np.ndarray) -> dict[str, float]:
+        params, remaining = {}, 1.0
+        for i, w in enumerate(weights[:-1]):
+            s = 1.0 if remaining <= 1e-12 else min(1.0, max(0.0, float(w) / remaining))
+            params[f"s{i}"] = s
+            remaining -= float(w)
+        return params
+
+
+class FlatDirichlet:
+    """Λ_i = −log u_i / Σ_j −log u_j: n params; uniform u gives a uniform point on the simplex."""
+
+    LOW = 1e-12
+
+    @staticmethod
+    def suggest(trial: optuna.Trial, n: int) -> np.ndarray:
+        u = [trial.suggest_float(f"u{i}", FlatDirichlet.LOW, 1.0) for i in range(n)]
+        return normalise(-np.log(u))
+
+    @staticmethod
+    def params(weights: np.ndarray) -> dict[str, float]:
+        return {f"u{i}": float(max(FlatDirichlet.LOW, math.exp(-w))) for i, w in enumerate(weights)}
+
+
+class RawWeights:
+    """Unnormalised non-negative weights w_i ∈ [0, 1], Λ = w / Σ w: what the designs propose."""
+
+    @staticmethod
+    def space(n: int) -> dict[str, BaseDistribution]:
+        return {f"w{i}": FloatDistribution(0.0, 1.0) for i in range(n)}
+
+    @staticmethod
+    def suggest(trial: optuna.Trial, n: int) -> np.ndarray:
+        return normalise([trial.suggest_float(f"w{i}", 0.0, 1.0) for i in range(n)])
+
+
+class DesignSampler(BaseSampler):
+    """Runs an adaptive design as a sampler: each trial's point comes from ``design``, which is
+    sent the previous trial's score (``-inf`` when that trial failed)."""
+
+    def __init__(self, design: Design, n_branches: int) -> None:
+        self._design = design
+        self._n = n_branches
+        self._started = False
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return RawWeights.space(self._n)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        if not self._started:
+            self._started = True
+            point = next(self._design)
+        else:
+            previous = study.get_trials(deepcopy=False)[trial.number - 1]
+            score = previous.value if previous.state == TrialState.COMPLETE else -math.inf
+            point = self._design.send(float(score))  # type: ignore[arg-type]
+        return {f"w{i}": float(v) for i, v in enumerate(point)}
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        raise RuntimeError(f"DesignSampler proposes whole points; unexpected param {param_name}")
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Inner studies print nothing: no per-trial INFO lines, no warnings for NaN trials."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
+def _add_known_branches(
+    study: optuna.Study, strategy: MergeStrategy, context: SearchContext, records: list[MergeTrial]
+) -> None:
+    """Tell the sampler each single branch's score, already measured by the loop, at no cost.
+
+    This makes the decision never worse than the best single branch, as grid and greedy are.
+    """
+    probe = optuna.create_study()  # only to learn the strategy's distributions for its params
+    for index, score in enumerate(context.branch_scores):
+        vertex = np.eye(context.n_branches)[index]
+        params = strategy.warm_start_params(vertex)
+        if params is None or not math.isfinite(score):
+            continue
+        probe.enqueue_trial(params)
+        trial = probe.ask()
+        weights = strategy.suggest(trial, context.n_branches)
+        study.add_trial(
+            optuna.trial.create_trial(params=trial.params, distributions=trial.distributions, value=score)
+        )
+        records.append(
+            MergeTrial(len(records), tuple(float(w) for w in weights), float(score), "COMPLETE", "branch")
+        )
+
+
+def search_merge(
+    evaluate: Callable[[np.ndarray], float],
+    *,
+    strategy: MergeStrategy,
+    n_branches: int,
+    budget: int,
+    seed: int,
+    branch_scores: Sequence[float],
+    warm_start: Sequence[float] | None = None,
+) -> MergeDecision:
+    """Choose Λ maximising ``evaluate`` (the target validation score of Σ Λ_b θ_b).
+
+    Non-finite scores are recorded as failed trials and never chosen; ties go to the earliest
+    trial. If every candidate is non-finite, the best single branch (by ``branch_scores``) is
+    kept and the decision says so in ``fallback``.
+
+    Example:
+        >>> from fm_optuna.strategies import make_strategy
+        >>> d = search_merge(lambda lam: -abs(lam[0] - 0.3), strategy=make_strategy("grid"),
+        ...                  n_branches=2, budget=1, seed=0, branch_scores=(0.0, 0.0))
+        >>> [round(w, 1) for w in d.weights]
+        [0.3, 0.7]
+    """
+    strategy.check(n_branches, budget)
+    started = time.perf_counter()
+    context = SearchContext(
+        n_branches=n_branches,
+        budget=budget,
+        seed=seed,
+        branch_scores=tuple(float(s) for s in branch_scores),
+        warm_start=None if warm_start is None else tuple(float(w) for w in warm_start),
+    )
+    records: list[MergeTrial] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        weights = strategy.suggest(trial, n_branches)
+        score = float(evaluate(weights))
+        finite = math.isfinite(score)
+        records.append(
+            MergeTrial(
+                number=len(records),
+                weights=tuple(float(w) for w in weights),
+                score=score if finite else math.nan,
+                state="COMPLETE" if finite else "FAIL",
+            )
+        )
+        # A non-finite value makes Optuna mark the trial FAIL, so samplers never learn from it.
+        return score if finite else math.nan
+
+    with _quiet_optuna():
+        study = optuna.create_study(direction="maximize", sampler=strategy.sampler(context))
+        if strategy.uses_warm_start:
+            _add_known_branches(study, strategy, context, records)
+            if context.warm_start is not None:
+                params = strategy.warm_start_params(np.asarray(context.warm_start))
+                if params is not None:
+                    study.enqueue_trial(params, skip_if_exists=True)
+        study.optimize(objective, n_trials=strategy.n_trials(n_branches, budget), catch=())
+
+    finite = [t for t in records if t.state == "COMPLETE"]
+    if any(t.source == "evaluated" for t in finite):
+        best = max(finite, key=lambda t: (t.score, -t.number))
+        weights, score, fallback = best.weights, best.score, None
+    else:
+        index = context.greedy_order[0]
+        weights = tuple(1.0 if i == index else 0.0 for i in range(n_branches))
+        score = context.branch_scores[index]
+        fallback = f"every candidate scored non-finite; kept the best single branch #{index}"
+    return MergeDecision(
+        weights=weights,
+        score=score,
+        trials=tuple(records),
+        seconds=time.perf_counter() - started,
+        strategy=strategy.name,
+        fallback=fallback,
+    )

@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny synthetic multi-task problem that trains in milliseconds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+from torch import nn
+
+from fm_optuna.tasks import Problem, Split, Task, TaskMetrics
+
+
+class ToyNet(nn.Module):
+    def __init__(self, tasks: Sequence[str], *, batch_norm: bool) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(6, 16)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(16))
+        layers.append(nn.Tanh())
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleDict({task: nn.Linear(16, 1) for task in tasks})
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        return self.heads[task](self.trunk(x)).squeeze(-1)
+
+
+class ToyProblem(Problem):
+    """K regression tasks with separate data; tasks differ by a rotated true weight vector.
+
+    ``full_batch=True`` makes every step use a task's whole training set, so gradients are
+    deterministic (used by the Appendix-A equivalence tests).
+    """
+
+    name = "toy"
+
+    def __init__(self, n_tasks: int = 4, *, batch_norm: bool = True, full_batch: bool = False,
+                 noise_task: bool = False) -> None:
+        self.tasks = tuple(Task(f"t{i}", metric="mse", higher_is_better=False) for i in range(n_tasks))
+        self.target = "t0"
+        self.device = torch.device("cpu")
+        self.batch_norm = batch_norm
+        self.full_batch = full_batch
+        data = torch.Generator().manual_seed(1234)
+        base = torch.randn(6, generator=data)
+        self.data: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for i, task in enumerate(self.task_names):
+            w = base + 0.5 * i * torch.randn(6, generator=data)
+            if noise_task and i == n_tasks - 1:
+                w = -3 * base
+            splits = {}
+            for split, n in (("train", 64), ("val", 48), ("test", 48)):
+                x = torch.randn(n, 6, generator=data)
+                splits[split] = (x, torch.tanh(x @ w) + 0.05 * torch.randn(n, generator=data))
+            self.data[task] = splits
+
+    def make_model(self) -> nn.Module:
+        return ToyNet(self.task_names, batch_norm=self.batch_norm)
+
+    def task_losses(self, model: nn.Module, tasks: Sequence[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        losses = {}
+        for task in tasks:
+            x, y = self.data[task]["train"]
+            if not self.full_batch:
+                index = torch.randint(len(x), (16,), generator=generator)
+                x, y = x[index], y[index]
+            losses[task] = nn.functional.mse_loss(model(x, task), y)
+        return losses
+
+    def evaluate(self, model: nn.Module, split: Split, tasks: Sequence[str] | None = None) -> dict[str, TaskMetrics]:
+        was_training = model.training
+        model.eval()
+        out = {}
+        with torch.no_grad():
+            for task in tasks or self.task_names:
+                x, y = self.data[task][split]
+                out[task] = {"mse": float(nn.functional.mse_loss(model(x, task), y))}
+        model.train(was_training)
+        return out
+
+
+@pytest.fixture
+def toy_problem() -> ToyProblem:
+    return ToyProblem()
