@@ -146,6 +146,9 @@ def _problem(args: argparse.Namespace) -> Any:
     from fm_optuna.errors import invalid
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads < 1:
+        raise invalid("threads", args.threads, "a positive integer")
+    torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise invalid("device", args.device, "cpu (no CUDA device is available)")
     options: dict[str, Any] = {"batch_size": args.batch_size}

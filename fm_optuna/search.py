@@ -265,10 +265,14 @@ def _add_known_branches(
         trial = probe.ask()
         weights = strategy.suggest(trial, context.n_branches)
         study.add_trial(
-            optuna.trial.create_trial(params=trial.params, distributions=trial.distributions, value=score)
+            optuna.trial.create_trial(
+                params=trial.params, distributions=trial.distributions, value=score
+            )
         )
         records.append(
-            MergeTrial(len(records), tuple(float(w) for w in weights), float(score), "COMPLETE", "branch")
+            MergeTrial(
+                len(records), tuple(float(w) for w in weights), float(score), "COMPLETE", "branch"
+            )
         )
 
 

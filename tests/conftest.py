@@ -10,6 +10,10 @@ from torch import nn
 
 from fm_optuna.tasks import Problem, Split, Task, TaskMetrics
 
+# Small models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waiting,
+# which made tiny ops ~1000x slower whenever the other core was busy.
+torch.set_num_threads(1)
+
 
 class ToyNet(nn.Module):
     def __init__(self, tasks: Sequence[str], *, batch_norm: bool) -> None:
@@ -34,9 +38,17 @@ class ToyProblem(Problem):
 
     name = "toy"
 
-    def __init__(self, n_tasks: int = 4, *, batch_norm: bool = True, full_batch: bool = False,
-                 noise_task: bool = False) -> None:
-        self.tasks = tuple(Task(f"t{i}", metric="mse", higher_is_better=False) for i in range(n_tasks))
+    def __init__(
+        self,
+        n_tasks: int = 4,
+        *,
+        batch_norm: bool = True,
+        full_batch: bool = False,
+        noise_task: bool = False,
+    ) -> None:
+        self.tasks = tuple(
+            Task(f"t{i}", metric="mse", higher_is_better=False) for i in range(n_tasks)
+        )
         self.target = "t0"
         self.device = torch.device("cpu")
         self.batch_norm = batch_norm
@@ -57,7 +69,9 @@ class ToyProblem(Problem):
     def make_model(self) -> nn.Module:
         return ToyNet(self.task_names, batch_norm=self.batch_norm)
 
-    def task_losses(self, model: nn.Module, tasks: Sequence[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def task_losses(
+        self, model: nn.Module, tasks: Sequence[str], generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         losses = {}
         for task in tasks:
             x, y = self.data[task]["train"]
@@ -67,7 +81,9 @@ class ToyProblem(Problem):
             losses[task] = nn.functional.mse_loss(model(x, task), y)
         return losses
 
-    def evaluate(self, model: nn.Module, split: Split, tasks: Sequence[str] | None = None) -> dict[str, TaskMetrics]:
+    def evaluate(
+        self, model: nn.Module, split: Split, tasks: Sequence[str] | None = None
+    ) -> dict[str, TaskMetrics]:
         was_training = model.training
         model.eval()
         out = {}

@@ -26,7 +26,9 @@ def setup(n_tasks: int) -> tuple[ToyProblem, torch.nn.Module]:
     return problem, problem.make_model()
 
 
-def one_step(problem: ToyProblem, theta: torch.nn.Module, weights: dict[str, float]) -> dict[str, torch.Tensor]:
+def one_step(
+    problem: ToyProblem, theta: torch.nn.Module, weights: dict[str, float]
+) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(theta)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     train(model, optimizer, problem, WeightedSum(weights), steps=1, generator=torch.Generator())
@@ -40,12 +42,15 @@ def gradients(problem: ToyProblem, theta: torch.nn.Module) -> dict[str, dict[str
         loss = problem.task_losses(model, [task], torch.Generator())[task]
         loss.backward()
         grads[task] = {
-            name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in model.named_parameters()
+            name: (p.grad if p.grad is not None else torch.zeros_like(p))
+            for name, p in model.named_parameters()
         }
     return grads
 
 
-def expected_step(theta: torch.nn.Module, grads, coefficients: dict[str, float]) -> dict[str, torch.Tensor]:
+def expected_step(
+    theta: torch.nn.Module, grads, coefficients: dict[str, float]
+) -> dict[str, torch.Tensor]:
     return {
         name: p.detach() - LR * sum(c * grads[task][name] for task, c in coefficients.items())
         for name, p in theta.named_parameters()
@@ -70,12 +75,16 @@ def test_eq8_two_branches() -> None:
 def test_eq13_pairwise_branches() -> None:
     problem, theta = setup(4)
     grads = gradients(problem, theta)
-    branches = make_plan("pairwise", target="t0", ranked_auxiliaries=["t1", "t2", "t3"], n_branches=4)
+    branches = make_plan(
+        "pairwise", target="t0", ranked_auxiliaries=["t1", "t2", "t3"], n_branches=4
+    )
     assert [dict(b.weights) for b in branches][1] == {"t0": 1.0, "t1": 1.0}
     states = [one_step(problem, theta, dict(b.weights)) for b in branches]
     lam = np.array([0.1, 0.4, 0.2, 0.3])  # Λ over (target, target+t1, target+t2, target+t3)
     merged = convex_combination(states, lam)
-    assert_params_close(merged, expected_step(theta, grads, {"t0": 1.0, "t1": lam[1], "t2": lam[2], "t3": lam[3]}))
+    assert_params_close(
+        merged, expected_step(theta, grads, {"t0": 1.0, "t1": lam[1], "t2": lam[2], "t3": lam[3]})
+    )
 
 
 def test_eq14_nested_branches() -> None:

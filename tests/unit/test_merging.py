@@ -27,7 +27,9 @@ def trained_states(n: int) -> list[dict[str, torch.Tensor]]:
 
 def test_one_hot_reproduces_each_branch_exactly_buffers_included() -> None:
     states = trained_states(3)
-    assert any("running_mean" in k for k in states[0]) and any("num_batches_tracked" in k for k in states[0])
+    assert any("running_mean" in k for k in states[0]) and any(
+        "num_batches_tracked" in k for k in states[0]
+    )
     for i in range(3):
         merged = convex_combination(states, np.eye(3)[i])
         for key, value in states[i].items():

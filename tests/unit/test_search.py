@@ -27,9 +27,18 @@ def vertex_scores(objective, n: int) -> tuple[float, ...]:
     return tuple(objective(np.eye(n)[i]) for i in range(n))
 
 
-def search(name: str, objective, n: int, *, seed: int = 0, budget: int = BUDGET, **kw) -> MergeDecision:
-    return search_merge(objective, strategy=make_strategy(name), n_branches=n, budget=budget, seed=seed,
-                        branch_scores=kw.pop("branch_scores", vertex_scores(objective, n)), **kw)
+def search(
+    name: str, objective, n: int, *, seed: int = 0, budget: int = BUDGET, **kw
+) -> MergeDecision:
+    return search_merge(
+        objective,
+        strategy=make_strategy(name),
+        n_branches=n,
+        budget=budget,
+        seed=seed,
+        branch_scores=kw.pop("branch_scores", vertex_scores(objective, n)),
+        **kw,
+    )
 
 
 @pytest.fixture(params=sorted(STRATEGIES))
@@ -39,7 +48,9 @@ def strategy(request: pytest.FixtureRequest) -> str:
 
 class TestEveryStrategy:
     @pytest.mark.parametrize("n", [2, 3, 4])
-    def test_every_candidate_and_the_decision_lie_on_the_simplex(self, strategy: str, n: int) -> None:
+    def test_every_candidate_and_the_decision_lie_on_the_simplex(
+        self, strategy: str, n: int
+    ) -> None:
         rng = np.random.default_rng(0)
         target = rng.dirichlet(np.ones(n))
         decision = search(strategy, lambda w: -float(np.abs(w - target).sum()), n, budget=12)
@@ -97,7 +108,9 @@ def test_grid_visits_exactly_the_lattice() -> None:
 
 
 def test_grid_resolution_option_and_bad_resolution() -> None:
-    assert make_strategy("grid", resolution=0.25).n_trials(n_branches=3, budget=1) == math.comb(6, 2)
+    assert make_strategy("grid", resolution=0.25).n_trials(n_branches=3, budget=1) == math.comb(
+        6, 2
+    )
     with pytest.raises(ConfigError, match="grid_resolution"):
         make_strategy("grid", resolution=0.3)
 
@@ -140,8 +153,9 @@ def test_greedy_reproduces_algorithm_3_on_a_crafted_example() -> None:
 
 
 def test_binary_bisects_towards_the_optimum_for_two_branches() -> None:
-    decision = search("binary", lambda w: -abs(w[1] - 0.3), 2, budget=12,
-                      branch_scores=(-0.3, -0.7))
+    decision = search(
+        "binary", lambda w: -abs(w[1] - 0.3), 2, budget=12, branch_scores=(-0.3, -0.7)
+    )
     assert decision.weights[1] == pytest.approx(0.3, abs=1e-3)
     assert decision.n_trials == 12
 
