@@ -29,6 +29,7 @@ class RunStarted(Event):
     params: Mapping[str, Any]  # the whole flat configuration, loggable as is
     branches: Mapping[str, Mapping[str, float]]  # branch name -> task-weighting vector
     total_steps: int
+    resumed_at_step: int = 0  # > 0 when the run continues from a checkpoint
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ of one branch.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -252,20 +253,118 @@ def apply_optimizer_policy(
             run.optimizer.state[params[index]] = {k: v.clone() for k, v in averaged.items()}
 
 
+def _snapshot(
+    config: ForkMergeConfig,
+    runs: Sequence[BranchRun],
+    ranking: Ranking,
+    progress: _Progress,
+    merged: Mapping[str, torch.Tensor],
+) -> dict[str, Any]:
+    """Everything needed to continue the run after this merge exactly as if uninterrupted."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": config.as_params(),
+        "round": progress.round,
+        "step": progress.step,
+        "merged": {k: v.detach().cpu().clone() for k, v in merged.items()},
+        "branches": [
+            {
+                "name": run.branch.name,
+                "weights": dict(run.branch.weights),
+                "optimizer": copy.deepcopy(run.optimizer.state_dict()),
+                "generator": run.generator.get_state(),
+            }
+            for run in runs
+        ],
+        "ranking": asdict(ranking),
+        "decisions": [decision.to_dict() for decision in progress.decisions],
+        "steps": list(progress.steps),
+        "best": None
+        if progress.best_state is None
+        else {
+            "state": progress.best_state,
+            "score": progress.best_score,
+            "round": progress.best_round,
+        },
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class _Progress:
+    """Where the loop is; restored from a checkpoint on resume."""
+
+    round: int = 0
+    step: int = 0
+    decisions: list[MergeDecision] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_score: float = -math.inf
+    best_round: int = 0
+
+    @property
+    def warm_start(self) -> tuple[float, ...] | None:
+        return self.decisions[-1].weights if self.decisions else None
+
+
+def _check_resumable(config: ForkMergeConfig, checkpoint: Mapping[str, Any]) -> None:
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise invalid(
+            "resume", checkpoint.get("format"), f"a checkpoint of format {CHECKPOINT_FORMAT}"
+        )
+    saved = dict(checkpoint["config"])
+    current = config.as_params()
+    different = sorted(k for k in current if k != "log_every" and saved.get(k) != current[k])
+    if different:
+        raise invalid(
+            "resume",
+            ", ".join(f"{k}={saved.get(k)!r}" for k in different),
+            "a checkpoint written with the same configuration (it differs in "
+            + ", ".join(different)
+            + ")",
+        )
+
+
 def run_forkmerge(
     problem: Problem,
     config: ForkMergeConfig,
     events: EventStream | None = None,
     *,
     name: str = "forkmerge",
+    resume_from: Mapping[str, Any] | None = None,
 ) -> ForkMergeResult:
-    """Train with ForkMerge and return the final model with every merge decision."""
+    """Train with ForkMerge and return the final model with every merge decision.
+
+    ``resume_from`` is a snapshot taken at a merge (see :class:`~fm_optuna.events.MergeCompleted`);
+    the run continues after that merge and, with the same seed, reproduces the Λ trajectory of
+    an uninterrupted run.
+    """
     events = events or EventStream()
     started = time.perf_counter()
     strategy = make_strategy(config.strategy, resolution=config.grid_resolution)
     shared = seeded_model(problem, config.seed)
-    initial = copy.deepcopy(shared.state_dict())
-    branches, ranking = plan_branches(problem, config, initial)
+    progress = _Progress()
+    if resume_from is None:
+        initial = copy.deepcopy(shared.state_dict())
+        branches, ranking = plan_branches(problem, config, initial)
+    else:
+        _check_resumable(config, resume_from)
+        ranking = Ranking(
+            **{**resume_from["ranking"], "order": tuple(resume_from["ranking"]["order"])}
+        )
+        branches = [Branch(b["name"], dict(b["weights"])) for b in resume_from["branches"]]
+        shared.load_state_dict(resume_from["merged"])
+        progress.round, progress.step = resume_from["round"], resume_from["step"]
+        progress.decisions = [MergeDecision.from_dict(d) for d in resume_from["decisions"]]
+        progress.steps = list(resume_from["steps"])
+        if resume_from["best"] is not None:
+            progress.best_state = resume_from["best"]["state"]
+            progress.best_score = resume_from["best"]["score"]
+            progress.best_round = resume_from["best"]["round"]
+        torch.set_rng_state(resume_from["torch_rng"])
     timings = {
         "ranking": ranking.seconds,
         "train": 0.0,
@@ -277,14 +376,17 @@ def run_forkmerge(
     runs = []
     for index, branch in enumerate(branches):
         model = copy.deepcopy(shared)
-        runs.append(
-            BranchRun(
-                branch,
-                model,
-                make_optimizer(model, config.lr),
-                data_generator(problem, config.seed, index),
-            )
+        run = BranchRun(
+            branch,
+            model,
+            make_optimizer(model, config.lr),
+            data_generator(problem, config.seed, index),
         )
+        if resume_from is not None:
+            saved = resume_from["branches"][index]
+            run.optimizer.load_state_dict(saved["optimizer"])
+            run.generator.set_state(saved["generator"])
+        runs.append(run)
     names = tuple(branch.name for branch in branches)
     events.emit(
         RunStarted(
@@ -298,17 +400,13 @@ def run_forkmerge(
             },
             branches={branch.name: dict(branch.weights) for branch in branches},
             total_steps=config.total_steps,
+            resumed_at_step=progress.step,
         )
     )
 
-    decisions: list[MergeDecision] = []
-    steps_at_merge: list[int] = []
-    best_state: dict[str, torch.Tensor] | None = None
-    best_score, best_round = -math.inf, 0
-    warm_start: tuple[float, ...] | None = None
-    step = 0
-    for round_index in range(1, config.rounds + 1):
-        length = min(config.dt, config.total_steps - step)
+    while progress.round < config.rounds:
+        round_index = progress.round + 1
+        length = min(config.dt, config.total_steps - progress.step)
         tic = time.perf_counter()
         for run in runs:
 
@@ -322,11 +420,11 @@ def run_forkmerge(
                 WeightedSum(run.branch.weights),
                 steps=length,
                 generator=run.generator,
-                start_step=step,
+                start_step=progress.step,
                 log_every=config.log_every,
                 on_losses=report,
             )
-        step += length
+        step = progress.step + length
         timings["train"] += time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -360,7 +458,7 @@ def run_forkmerge(
             budget=config.merge_trials,
             seed=config.seed * 7919 + round_index,
             branch_scores=branch_scores,
-            warm_start=warm_start,
+            warm_start=progress.warm_start,
         )
         timings["search"] += time.perf_counter() - tic
 
@@ -372,12 +470,13 @@ def run_forkmerge(
         timings["merge"] += time.perf_counter() - tic
 
         merged_score, merged_metrics = target_score(problem, runs[0].model)
-        if config.final == "best" and merged_score > best_score:
-            best_state = {k: v.clone() for k, v in merged.items()}
-            best_score, best_round = merged_score, round_index
-        decisions.append(decision)
-        steps_at_merge.append(step)
-        warm_start = decision.weights
+        if config.final == "best" and merged_score > progress.best_score:
+            progress.best_state = {k: v.clone() for k, v in merged.items()}
+            progress.best_score, progress.best_round = merged_score, round_index
+        progress.decisions.append(decision)
+        progress.steps.append(step)
+        progress.round, progress.step = round_index, step
+        snapshot = functools.partial(_snapshot, config, runs, ranking, progress, merged)
         events.emit(
             MergeCompleted(
                 run=name,
@@ -389,19 +488,20 @@ def run_forkmerge(
                 best_branch_score=max(
                     (s for s in branch_scores if math.isfinite(s)), default=-math.inf
                 ),
+                snapshot=snapshot,
             )
         )
 
     final = copy.deepcopy(runs[0].model)
     final_round = config.rounds
-    if best_state is not None:
-        final.load_state_dict(best_state)
-        final_round = best_round
+    if progress.best_state is not None:
+        final.load_state_dict(progress.best_state)
+        final_round = progress.best_round
     return ForkMergeResult(
         final,
         branches,
-        decisions,
-        steps_at_merge,
+        progress.decisions,
+        progress.steps,
         ranking,
         final_round,
         time.perf_counter() - started,

@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -67,6 +67,26 @@ class MergeDecision:
     def n_trials(self) -> int:
         """Candidates this search evaluated (known single-branch scores excluded)."""
         return sum(1 for t in self.trials if t.source == "evaluated")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MergeDecision:
+        return cls(
+            weights=tuple(data["weights"]),
+            score=float(data["score"]),
+            trials=tuple(
+                MergeTrial(
+                    int(t["number"]),
+                    tuple(t["weights"]),
+                    float(t["score"]),
+                    str(t["state"]),
+                    str(t.get("source", "evaluated")),
+                )
+                for t in data["trials"]
+            ),
+            seconds=float(data["seconds"]),
+            strategy=str(data["strategy"]),
+            fallback=data.get("fallback"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
