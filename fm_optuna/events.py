@@ -84,6 +84,7 @@ class RunFinished(Event):
     run: str
     summary: Mapping[str, Any]
     seconds: float
+    status: str = "COMPLETE"  # COMPLETE, PRUNED (outer-study pruner) or FAIL
 
 
 class Observer:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from fm_optuna.errors import one_of
+from fm_optuna.errors import ConfigError, one_of
 
 if TYPE_CHECKING:
     import torch
@@ -39,19 +39,34 @@ def default_target(benchmark: str) -> str:
     return str(_module(benchmark).DEFAULT_TARGET)
 
 
+def options(benchmark: str) -> tuple[str, ...]:
+    """The benchmark-specific keyword options of its ``build`` (e.g. ``batch_size``)."""
+    import inspect
+
+    parameters = inspect.signature(_module(benchmark).build).parameters
+    return tuple(name for name in parameters if name not in ("target", "seed", "device"))
+
+
 def build_problem(
     benchmark: str,
     *,
     target: str | None = None,
     seed: int = 0,
     device: torch.device | None = None,
-    **options: Any,
+    **extra: Any,
 ) -> Problem:
     """Build a registered benchmark's problem; bad names raise :class:`ConfigError`."""
     import torch
 
     module = _module(benchmark)
+    allowed = options(benchmark)
+    for key in extra:
+        if key not in allowed:
+            raise ConfigError(
+                f"Parameter `{key}` is not an option of the {benchmark} benchmark; "
+                f"its options are: {', '.join(allowed)}."
+            )
     target = target or module.DEFAULT_TARGET
     if target not in module.TARGETS:
         raise one_of("target", target, module.TARGETS)
-    return module.build(target=target, seed=seed, device=device or torch.device("cpu"), **options)
+    return module.build(target=target, seed=seed, device=device or torch.device("cpu"), **extra)

@@ -17,20 +17,20 @@ class Recorder(Observer):
     def __init__(self) -> None:
         self.events: list[object] = []
 
-    def on_run_started(self, event) -> None:  # noqa: ANN001
+    def on_run_started(self, event) -> None:
         self.events.append(event)
 
-    def on_training_progress(self, event) -> None:  # noqa: ANN001
+    def on_training_progress(self, event) -> None:
         self.events.append(event)
 
-    def on_branches_evaluated(self, event) -> None:  # noqa: ANN001
+    def on_branches_evaluated(self, event) -> None:
         self.events.append(event)
 
-    def on_merge_completed(self, event) -> None:  # noqa: ANN001
+    def on_merge_completed(self, event) -> None:
         self.events.append(event)
 
 
-def config(**overrides) -> ForkMergeConfig:  # noqa: ANN003
+def config(**overrides) -> ForkMergeConfig:
     values = dict(
         dt=20,
         total_steps=70,

@@ -1,0 +1,310 @@
+"""Study specifications (``studies/*.toml``) parsed into typed, validated configuration.
+
+Every mistake is one :class:`ConfigError` naming the file, the key and what is allowed, raised
+before anything is created in any store.
+
+Example:
+    >>> spec = load_spec("studies/digits.toml")  # doctest: +SKIP
+    >>> spec.study.name, spec.space.dt.low
+    ('digits-uci', 50)
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fm_optuna.benchmarks import BENCHMARKS, targets
+from fm_optuna.branches import PLANS
+from fm_optuna.errors import ConfigError
+from fm_optuna.forkmerge import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS, ForkMergeConfig
+from fm_optuna.strategies import STRATEGIES
+
+DEFAULT_OPTUNA_STORAGE = "sqlite:///tracking/optuna.db"
+OUTER_SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "none")
+
+
+@dataclass(frozen=True)
+class IntRange:
+    low: int
+    high: int
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class StudySection:
+    name: str
+    n_trials: int = 8
+    seed: int = 0
+    sampler: str = "tpe"
+    pruner: str = "median"
+    storage: str = DEFAULT_OPTUNA_STORAGE
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else the local SQLite store
+    heartbeat_seconds: int = 10
+    max_retry: int = 2
+    checkpoint_dir: str = "tracking/checkpoints"
+
+
+@dataclass(frozen=True)
+class ProblemSection:
+    benchmark: str = "digits"
+    target: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)  # benchmark-specific options
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    steps: int = 600
+    dt: int = 100  # used by `compare` and as the default when the space does not search Δt
+    branches: int | None = None
+    lr: float = 1e-3
+    plan: str = "pruned"
+    ranking: str = "prepass"
+    optimizer_policy: str = "keep"
+    final: str = "last"
+
+
+@dataclass(frozen=True)
+class SearchSection:
+    strategy: str = "greedy"
+    merge_trials: int = 20
+    grid_resolution: float = 0.1
+
+
+@dataclass(frozen=True)
+class SpaceSection:
+    dt: IntRange | None = None
+    branches: IntRange | None = None
+    lr: FloatRange | None = None
+    optimizer_policy: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    path: Path
+    study: StudySection
+    problem: ProblemSection
+    training: TrainingSection
+    search: SearchSection
+    space: SpaceSection
+
+    def config(self, **overrides: Any) -> ForkMergeConfig:
+        """The ForkMerge configuration for fixed values plus ``overrides`` (an outer trial's)."""
+        values: dict[str, Any] = {
+            "dt": self.training.dt,
+            "total_steps": self.training.steps,
+            "branches": self.training.branches,
+            "lr": self.training.lr,
+            "plan": self.training.plan,
+            "ranking": self.training.ranking,
+            "optimizer_policy": self.training.optimizer_policy,
+            "final": self.training.final,
+            "strategy": self.search.strategy,
+            "merge_trials": self.search.merge_trials,
+            "grid_resolution": self.search.grid_resolution,
+            "seed": self.study.seed,
+        }
+        values.update(overrides)
+        return ForkMergeConfig(**values)
+
+
+class _Reader:
+    """Typed access to one TOML table that remembers the file and the key path for messages."""
+
+    def __init__(self, path: Path, table: Mapping[str, Any], prefix: str) -> None:
+        self.path, self.table, self.prefix = path, dict(table), prefix
+
+    def error(self, key: str, value: Any, allowed: str) -> ConfigError:
+        return ConfigError(
+            f"{self.path}: Parameter `{self.prefix}{key}` should be {allowed}. "
+            f"Found `{self.prefix}{key} = {value!r}`."
+        )
+
+    def check_keys(self, allowed: Any) -> None:
+        for key in self.table:
+            if key not in allowed:
+                raise ConfigError(
+                    f"{self.path}: unknown key `{self.prefix}{key}`; allowed keys: "
+                    + ", ".join(sorted(allowed))
+                    + "."
+                )
+
+    def int(self, key: str, default: Any, *, minimum: int | None = None) -> Any:
+        value = self.table.get(key, default)
+        if value is None and default is None:
+            return None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or (minimum is not None and value < minimum)
+        ):
+            allowed = "an integer" if minimum is None else f"an integer ≥ {minimum}"
+            raise self.error(key, value, allowed)
+        return value
+
+    def float(self, key: str, default: float, *, positive: bool = False) -> float:
+        value = self.table.get(key, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or (positive and value <= 0)
+        ):
+            raise self.error(key, value, "a positive number" if positive else "a number")
+        return float(value)
+
+    def str(self, key: str, default: Any, choices: Any = None) -> Any:
+        value = self.table.get(key, default)
+        if value is None and default is None:
+            return None
+        if not isinstance(value, str) or (choices is not None and value not in choices):
+            allowed = "a string" if choices is None else "one of " + ", ".join(choices)
+            raise self.error(key, value, allowed)
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.table.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, value, "true or false")
+        return value
+
+    def sub(self, key: str) -> _Reader:
+        value = self.table.get(key, {})
+        if not isinstance(value, Mapping):
+            raise self.error(key, value, "a table")
+        return _Reader(self.path, value, f"{self.prefix}{key}.")
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _int_range(reader: _Reader, key: str, *, minimum: int) -> IntRange | None:
+    if key not in reader.table:
+        return None
+    table = reader.sub(key)
+    table.check_keys({"low", "high", "log"})
+    low = table.int("low", None, minimum=minimum)
+    high = table.int("high", None, minimum=minimum)
+    if low is None or high is None:
+        raise reader.error(key, reader.table[key], "a table with integer `low` and `high`")
+    if low > high:
+        raise reader.error(key, reader.table[key], "a non-empty range (low ≤ high)")
+    return IntRange(low, high, table.bool("log", False))
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study specification; every mistake is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"Parameter `spec` should be an existing TOML file. Found `spec = {path}`."
+        )
+    try:
+        document = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error}).") from None
+    root = _Reader(path, document, "")
+    root.check_keys({"study", "problem", "training", "search", "space"})
+
+    s = root.sub("study")
+    s.check_keys(_field_names(StudySection))
+    study = StudySection(
+        name=s.str("name", path.stem),
+        n_trials=s.int("n_trials", 8, minimum=1),
+        seed=s.int("seed", 0, minimum=0),
+        sampler=s.str("sampler", "tpe", OUTER_SAMPLERS),
+        pruner=s.str("pruner", "median", PRUNERS),
+        storage=s.str("storage", DEFAULT_OPTUNA_STORAGE),
+        tracking_uri=s.str("tracking_uri", None),
+        heartbeat_seconds=s.int("heartbeat_seconds", 10, minimum=1),
+        max_retry=s.int("max_retry", 2, minimum=0),
+        checkpoint_dir=s.str("checkpoint_dir", "tracking/checkpoints"),
+    )
+
+    p = root.sub("problem")
+    benchmark = p.str("benchmark", "digits", BENCHMARKS)
+    target = p.str("target", None, targets(benchmark))
+    options = {k: v for k, v in p.table.items() if k not in ("benchmark", "target")}
+    problem = ProblemSection(benchmark, target, options)
+
+    t = root.sub("training")
+    t.check_keys(_field_names(TrainingSection))
+    steps = t.int("steps", 600, minimum=1)
+    training = TrainingSection(
+        steps=steps,
+        dt=t.int("dt", min(100, steps), minimum=1),
+        branches=t.int("branches", None, minimum=2),
+        lr=t.float("lr", 1e-3, positive=True),
+        plan=t.str("plan", "pruned", PLANS),
+        ranking=t.str("ranking", "prepass", RANKINGS),
+        optimizer_policy=t.str("optimizer_policy", "keep", OPTIMIZER_POLICIES),
+        final=t.str("final", "last", FINAL_MODELS),
+    )
+    if training.dt > steps:
+        raise t.error("dt", training.dt, f"at most training.steps ({steps})")
+
+    q = root.sub("search")
+    q.check_keys(_field_names(SearchSection))
+    search = SearchSection(
+        strategy=q.str("strategy", "greedy", STRATEGIES),
+        merge_trials=q.int("merge_trials", 20, minimum=1),
+        grid_resolution=q.float("grid_resolution", 0.1, positive=True),
+    )
+
+    r = root.sub("space")
+    r.check_keys(_field_names(SpaceSection))
+    dt = _int_range(r, "dt", minimum=1)
+    if dt is not None and dt.high > steps:
+        raise r.error("dt", r.table["dt"], f"a range within 1..training.steps ({steps})")
+    branches = _int_range(r, "branches", minimum=2)
+    lr = None
+    if "lr" in r.table:
+        lt = r.sub("lr")
+        lt.check_keys({"low", "high", "log"})
+        lr = FloatRange(
+            lt.float("low", 0, positive=True),
+            lt.float("high", 0, positive=True),
+            lt.bool("log", False),
+        )
+        if lr.low > lr.high:
+            raise r.error("lr", r.table["lr"], "a non-empty range (low ≤ high)")
+    policies = r.table.get("optimizer_policy")
+    if policies is not None and (
+        not isinstance(policies, list)
+        or not policies
+        or any(p not in OPTIMIZER_POLICIES for p in policies)
+    ):
+        raise r.error(
+            "optimizer_policy", policies, "a non-empty list of " + ", ".join(OPTIMIZER_POLICIES)
+        )
+    space = SpaceSection(dt, branches, lr, tuple(policies) if policies else None)
+    spec = StudySpec(path, study, problem, training, search, space)
+    try:
+        spec.config()  # the fixed part must be a valid configuration on its own
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return spec
+
+
+def check_branches_fit(spec: StudySpec, n_tasks: int) -> None:
+    """L (fixed or its searched range) must be makeable from the problem's K tasks."""
+    highest = spec.space.branches.high if spec.space.branches else spec.training.branches
+    if highest is not None and highest > n_tasks:
+        key = "space.branches.high" if spec.space.branches else "training.branches"
+        raise ConfigError(
+            f"{spec.path}: Parameter `{key}` should be at most {n_tasks} (the tasks of "
+            f"{spec.problem.benchmark}). Found `{key} = {highest}`."
+        )

@@ -1,0 +1,347 @@
+"""The outer Optuna study: each trial picks Δt, L (and optionally lr, optimizer policy), trains
+ForkMerge with the inner merge search, reports the target's validation score after every merge
+(so the pruner can stop it) and returns the final validation score.
+
+Studies are resumable (same name and storage: finished trials are kept, a new invocation adds
+trials up to the requested total) and shareable by many workers on an RDB storage; heartbeats
+mark a dead worker's trial FAIL, it is re-enqueued with the same parameters, and the retry
+resumes from the dead trial's last merge checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.pruners import BasePruner
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.study import MaxTrialsCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from fm_optuna.benchmarks import build_problem
+from fm_optuna.checkpoints import Checkpointer, load_checkpoint
+from fm_optuna.errors import ConfigError
+from fm_optuna.events import EventStream, MergeCompleted, Observer, RunFinished
+from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge, target_score
+from fm_optuna.spec import StudySpec, check_branches_fit
+from fm_optuna.tasks import Problem
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def mask_password(url: str) -> str:
+    """``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db``."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+class MedianPruner(BasePruner):
+    """Prune a trial whose latest value is below the median of the other trials at that step.
+
+    Optuna's MedianPruner compares values reported at the *same* step; trials with different Δt
+    merge at different steps, so here each other trial contributes its last value reported at
+    or before the step (training progress, not round number, is what is comparable).
+    """
+
+    def __init__(self, *, n_startup_trials: int = 2, n_warmup_steps: int = 0) -> None:
+        self.n_startup_trials = n_startup_trials
+        self.n_warmup_steps = n_warmup_steps
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        if not trial.intermediate_values:
+            return False
+        step = max(trial.intermediate_values)
+        if step < self.n_warmup_steps:
+            return False
+        value = trial.intermediate_values[step]
+        if math.isnan(value):
+            return True
+        others = []
+        for other in study.get_trials(deepcopy=False, states=FINISHED):
+            earlier = [s for s in other.intermediate_values if s <= step]
+            if earlier:
+                others.append(other.intermediate_values[max(earlier)])
+        if len(others) < self.n_startup_trials:
+            return False
+        others.sort()
+        middle = len(others) // 2
+        median = others[middle] if len(others) % 2 else (others[middle - 1] + others[middle]) / 2
+        return value < median
+
+
+class PruningReporter(Observer):
+    """Reports each merge's target validation score to the outer trial and prunes if told to."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def on_merge_completed(self, event: MergeCompleted) -> None:
+        self.trial.report(event.decision.score, step=event.step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {event.step} (round {event.round})")
+
+
+def open_storage(
+    url: str,
+    *,
+    heartbeat_seconds: int,
+    max_retry: int,
+    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> RDBStorage:
+    """An RDB storage with heartbeats; an unreachable database is one clear ConfigError."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    retry = RetryFailedTrialCallback(max_retry=max_retry)
+
+    def stale(study: optuna.Study, trial: FrozenTrial) -> None:
+        retry(study, trial)
+        if on_stale is not None:
+            on_stale(study, trial)
+
+    try:
+        return RDBStorage(
+            url,
+            heartbeat_interval=heartbeat_seconds,
+            grace_period=2 * heartbeat_seconds,
+            heartbeat_stale_trial_callback=stale,
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+        )
+    except Exception as error:  # sqlalchemy raises many kinds; the user needs one line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"Parameter `storage` should be a reachable Optuna storage URL. "
+            f"Found `storage = {mask_password(url)}` ({mask_password(first)})."
+        ) from None
+
+
+def root_trial_number(trial: FrozenTrial | optuna.Trial) -> int:
+    """The first trial of a chain of retries (its checkpoint is shared by the chain)."""
+    frozen = (
+        trial if isinstance(trial, FrozenTrial) else trial.study._storage.get_trial(trial._trial_id)
+    )
+    history = RetryFailedTrialCallback.retry_history(frozen)
+    return history[0] if history else frozen.number
+
+
+@dataclass
+class TrialOutcome:
+    number: int
+    params: dict[str, Any]
+    value: float | None
+    state: str
+
+
+@dataclass
+class TuneReport:
+    study_name: str
+    storage: str
+    n_trials: int
+    best_params: dict[str, Any] | None
+    best_value: float | None
+    best_trial: int | None
+    best_test: dict[str, float] | None
+    best_model: str | None
+    trials: list[TrialOutcome]
+    tracking: dict[str, Any]
+
+
+class Tuner:
+    """Runs (or resumes) the outer study described by a spec."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        *,
+        storage: str | None = None,
+        n_trials: int | None = None,
+        observers: Callable[[optuna.Trial, ForkMergeConfig], Sequence[Observer]] | None = None,
+        on_trial_end: Callable[[optuna.Trial, str], None] | None = None,
+        on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+        device: torch.device | None = None,
+        problem: Problem | None = None,
+    ) -> None:
+        self.spec = spec
+        self.storage_url = storage or spec.study.storage
+        self.n_trials = n_trials or spec.study.n_trials
+        self.observers = observers
+        self.on_trial_end = on_trial_end
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.problem = problem or self._build_problem()
+        check_branches_fit(spec, len(self.problem.tasks))
+        self.storage = open_storage(
+            self.storage_url,
+            heartbeat_seconds=spec.study.heartbeat_seconds,
+            max_retry=spec.study.max_retry,
+            on_stale=on_stale,
+        )
+        self.checkpoints = Path(spec.study.checkpoint_dir) / spec.study.name
+
+    def _build_problem(self) -> Problem:
+        problem = self.spec.problem
+        try:
+            return build_problem(
+                problem.benchmark,
+                target=problem.target,
+                seed=self.spec.study.seed,
+                device=self.device,
+                **problem.options,
+            )
+        except ConfigError as error:
+            raise ConfigError(f"{self.spec.path}: {error}") from None
+
+    def create_study(self) -> optuna.Study:
+        s = self.spec.study
+        sampler: optuna.samplers.BaseSampler
+        if s.sampler == "tpe":
+            sampler = optuna.samplers.TPESampler(
+                seed=s.seed, n_startup_trials=min(4, self.n_trials)
+            )
+        else:
+            sampler = optuna.samplers.RandomSampler(seed=s.seed)
+        pruner = MedianPruner() if s.pruner == "median" else optuna.pruners.NopPruner()
+        return optuna.create_study(
+            study_name=s.name,
+            storage=self.storage,
+            sampler=sampler,
+            pruner=pruner,
+            direction="maximize",
+            load_if_exists=True,
+        )
+
+    def suggest(self, trial: optuna.Trial) -> ForkMergeConfig:
+        space, fixed = self.spec.space, {}
+        if space.dt is not None:
+            fixed["dt"] = trial.suggest_int("dt", space.dt.low, space.dt.high, log=space.dt.log)
+        if space.branches is not None:
+            fixed["branches"] = trial.suggest_int(
+                "branches", space.branches.low, space.branches.high
+            )
+        if space.lr is not None:
+            fixed["lr"] = trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log)
+        if space.optimizer_policy is not None:
+            fixed["optimizer_policy"] = trial.suggest_categorical(
+                "optimizer_policy", list(space.optimizer_policy)
+            )
+        return self.spec.config(**fixed)
+
+    def checkpoint_path(self, root: int) -> Path:
+        return self.checkpoints / f"trial_{root}.ckpt"
+
+    def model_path(self, number: int) -> Path:
+        return self.checkpoints / f"trial_{number}_final.pt"
+
+    def objective(self, trial: optuna.Trial) -> float:
+        config = self.suggest(trial)
+        root = root_trial_number(trial)
+        checkpoint_path = self.checkpoint_path(root)
+        resume = load_checkpoint(checkpoint_path)
+        if resume is not None and resume.get("config") != config.as_params():
+            resume = None  # a different configuration under the same number: start over
+        trial.set_user_attr("resumed_from_round", 0 if resume is None else int(resume["round"]))
+        observers = [PruningReporter(trial), Checkpointer(checkpoint_path)]
+        if self.observers is not None:
+            observers = [*self.observers(trial, config), *observers]
+        events = EventStream(observers)
+        state = "FAIL"
+        try:
+            result = run_forkmerge(self.problem, config, events, resume_from=resume)
+            score, metrics = target_score(self.problem, result.model)
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            torch.save(
+                {"state_dict": result.model.state_dict(), "config": config.as_params()},
+                self.model_path(trial.number),
+            )
+            trial.set_user_attr("final_model", str(self.model_path(trial.number)))
+            trial.set_user_attr("lambda_history", [list(w) for w in result.lambda_history])
+            trial.set_user_attr("val_metrics", metrics)
+            events.emit(
+                RunFinished(
+                    run="forkmerge",
+                    summary={"target_val": metrics},
+                    seconds=result.seconds,
+                    status="COMPLETE",
+                )
+            )
+            state = "COMPLETE"
+            return score
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            events.emit(RunFinished(run="forkmerge", summary={}, seconds=0.0, status="PRUNED"))
+            raise
+        except Exception:
+            events.emit(RunFinished(run="forkmerge", summary={}, seconds=0.0, status="FAIL"))
+            raise
+        finally:
+            events.close()
+            if self.on_trial_end is not None:
+                self.on_trial_end(trial, state)
+
+    def run(
+        self, callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()
+    ) -> TuneReport:
+        study = self.create_study()
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        if done < self.n_trials:
+            with _quiet_trial_logs():
+                study.optimize(
+                    self.objective,
+                    n_trials=None,
+                    callbacks=[MaxTrialsCallback(self.n_trials, states=FINISHED), *callbacks],
+                    catch=(RuntimeError, FloatingPointError),
+                    gc_after_trial=False,
+                )
+        return self.report(study)
+
+    def report(self, study: optuna.Study) -> TuneReport:
+        trials = study.get_trials(deepcopy=False)
+        outcomes = [TrialOutcome(t.number, dict(t.params), t.value, t.state.name) for t in trials]
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        best_params = best_value = best_number = best_test = best_model = None
+        if complete:
+            best = study.best_trial
+            best_params, best_value, best_number = dict(best.params), best.value, best.number
+            best_model = best.user_attrs.get("final_model")
+            best_test = self.test_saved_model(best_model) if best_model else None
+        return TuneReport(
+            study.study_name,
+            mask_password(self.storage_url),
+            self.n_trials,
+            best_params,
+            best_value,
+            best_number,
+            best_test,
+            best_model,
+            outcomes,
+            {},
+        )
+
+    def test_saved_model(self, path: str) -> dict[str, float] | None:
+        """Test metrics of a trial's saved final model (never retrained)."""
+        if not Path(path).exists():
+            return None
+        saved = torch.load(path, map_location=self.device, weights_only=True)
+        model = self.problem.make_model().to(self.device)
+        model.load_state_dict(saved["state_dict"])
+        return self.problem.evaluate(model, "test", [self.problem.target])[self.problem.target]
+
+
+@contextlib.contextmanager
+def _quiet_trial_logs() -> Iterator[None]:
+    """The progress bar says what Optuna's per-trial INFO lines would, without the flood."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+        sys.stderr.flush()
