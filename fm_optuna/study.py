@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 import torch
 from optuna.pruners import BasePruner
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -89,6 +89,14 @@ class PruningReporter(Observer):
             raise optuna.TrialPruned(f"pruned at step {event.step} (round {event.round})")
 
 
+@contextlib.contextmanager
+def _no_experimental_warnings() -> Iterator[None]:
+    """Heartbeats and their retry callback are marked experimental; they are what we rely on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def open_storage(
     url: str,
     *,
@@ -97,9 +105,20 @@ def open_storage(
     on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
 ) -> RDBStorage:
     """An RDB storage with heartbeats; an unreachable database is one clear ConfigError."""
+    with _no_experimental_warnings():
+        return _open_storage(url, heartbeat_seconds, max_retry, on_stale)
+
+
+def _open_storage(
+    url: str,
+    heartbeat_seconds: int,
+    max_retry: int,
+    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None,
+) -> RDBStorage:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    retry = RetryFailedTrialCallback(max_retry=max_retry)
+    # Intermediate values carry over: the retry resumes after the dead trial's last merge.
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
 
     def stale(study: optuna.Study, trial: FrozenTrial) -> None:
         retry(study, trial)
@@ -127,7 +146,7 @@ def root_trial_number(trial: FrozenTrial | optuna.Trial) -> int:
     frozen = (
         trial if isinstance(trial, FrozenTrial) else trial.study._storage.get_trial(trial._trial_id)
     )
-    history = RetryFailedTrialCallback.retry_history(frozen)
+    history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
     return history[0] if history else frozen.number
 
 
@@ -246,9 +265,9 @@ class Tuner:
         if resume is not None and resume.get("config") != config.as_params():
             resume = None  # a different configuration under the same number: start over
         trial.set_user_attr("resumed_from_round", 0 if resume is None else int(resume["round"]))
-        observers = [PruningReporter(trial), Checkpointer(checkpoint_path)]
-        if self.observers is not None:
-            observers = [*self.observers(trial, config), *observers]
+        # Checkpoint first (a merge is never lost), then tracking, then the pruning decision.
+        extra = list(self.observers(trial, config)) if self.observers is not None else []
+        observers = [Checkpointer(checkpoint_path), *extra, PruningReporter(trial)]
         events = EventStream(observers)
         state = "FAIL"
         try:

@@ -1,0 +1,162 @@
+"""The outer study on SQLite with the toy problem: runs, resumes, prunes, retries a dead worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from fm_optuna.errors import ConfigError
+from fm_optuna.forkmerge import run_forkmerge
+from fm_optuna.spec import load_spec
+from fm_optuna.study import MedianPruner, Tuner, mask_password
+from tests.conftest import ToyProblem
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SPEC = """
+[study]
+name = "toy"
+n_trials = {n_trials}
+seed = 0
+storage = "sqlite:///{storage}"
+heartbeat_seconds = 1
+checkpoint_dir = "{checkpoints}"
+pruner = "{pruner}"
+[problem]
+benchmark = "digits"
+[training]
+steps = 60
+dt = 20
+branches = 3
+ranking = "given"
+[search]
+strategy = "tpe"
+merge_trials = 4
+[space]
+dt = {{ low = 10, high = 30 }}
+branches = {{ low = 2, high = 3 }}
+"""
+
+
+def spec_file(tmp_path: Path, *, n_trials: int = 3, pruner: str = "none") -> Path:
+    path = tmp_path / "toy.toml"
+    path.write_text(
+        SPEC.format(
+            n_trials=n_trials,
+            storage=tmp_path / "optuna.db",
+            checkpoints=tmp_path / "checkpoints",
+            pruner=pruner,
+        )
+    )
+    return path
+
+
+def tuner(path: Path, **kwargs) -> Tuner:  # noqa: ANN003
+    return Tuner(load_spec(path), problem=ToyProblem(), **kwargs)
+
+
+def test_tune_runs_the_requested_trials_and_resumes_up_to_a_new_total(tmp_path: Path) -> None:
+    path = spec_file(tmp_path)
+    report = tuner(path).run()
+    assert [t.state for t in report.trials] == ["COMPLETE"] * 3
+    assert set(report.best_params) == {"dt", "branches"}
+    assert report.best_test is not None and "mse" in report.best_test
+    assert Path(report.best_model).exists()
+
+    again = tuner(path).run()  # same total: nothing new
+    assert len(again.trials) == 3
+    more = tuner(path, n_trials=5).run()  # a larger total adds trials, keeps the old ones
+    assert len(more.trials) == 5
+    assert [t.params for t in more.trials[:3]] == [t.params for t in report.trials]
+
+
+def test_each_trial_reports_every_merge(tmp_path: Path) -> None:
+    tuner(spec_file(tmp_path, n_trials=2)).run()
+    study = optuna.load_study(study_name="toy", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    for trial in study.trials:
+        steps = sorted(trial.intermediate_values)
+        dt = trial.params["dt"]
+        assert steps == [min(dt * k, 60) for k in range(1, len(steps) + 1)] and steps[-1] == 60
+        assert trial.value == pytest.approx(trial.intermediate_values[60])
+
+
+def test_median_pruner_compares_at_aligned_training_progress() -> None:
+    study = optuna.create_study(direction="maximize")
+    for values in ({50: 1.0, 100: 2.0}, {40: 0.5, 80: 1.5, 120: 2.5}):
+        study.add_trial(
+            create_trial(
+                value=max(values.values()), intermediate_values=values, params={}, distributions={}
+            )
+        )
+    pruner = MedianPruner(n_startup_trials=2)
+    low = create_trial(
+        state=TrialState.RUNNING, intermediate_values={90: 1.0}, params={}, distributions={}
+    )
+    high = create_trial(
+        state=TrialState.RUNNING, intermediate_values={90: 1.9}, params={}, distributions={}
+    )
+    # At step 90 the others stand at 2.0 (step 50... no: 50 ≤ 90 → last ≤ 90 is 50 → 1.0) and 1.5 (step 80).
+    assert pruner.prune(study, low) is True  # 1.0 < median(1.0, 1.5) = 1.25
+    assert pruner.prune(study, high) is False
+
+
+def test_bad_storage_is_one_clear_error_with_the_password_masked(tmp_path: Path) -> None:
+    path = spec_file(tmp_path)
+    with pytest.raises(ConfigError) as error:
+        tuner(path, storage="postgresql://fm:s3cret@127.0.0.1:1/none")
+    assert "Parameter `storage`" in str(error.value) and "s3cret" not in str(error.value)
+    assert mask_password("postgresql://fm:s3cret@h/db") == "postgresql://fm:***@h/db"
+
+
+WORKER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from fm_optuna.events import Observer
+from fm_optuna.spec import load_spec
+from fm_optuna.study import Tuner
+from tests.conftest import ToyProblem
+
+class Die(Observer):
+    def on_merge_completed(self, event):
+        if event.round == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # after the checkpoint of round 2 is written
+
+Tuner(load_spec({spec!r}), problem=ToyProblem(), observers=lambda trial, config: [Die()]).run()
+"""
+
+
+def test_a_dead_workers_trial_fails_is_retried_and_resumes_from_its_last_merge(
+    tmp_path: Path,
+) -> None:
+    path = spec_file(tmp_path, n_trials=2)
+    spec = load_spec(path)
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(WORKER.format(root=str(ROOT), spec=str(path))))
+    died = subprocess.run([sys.executable, str(script)], cwd=ROOT, env={**os.environ}, timeout=300)
+    assert died.returncode == -9
+    time.sleep(2.5)  # > grace period (2 × heartbeat): the trial is now stale
+
+    report = tuner(path).run()
+    study = optuna.load_study(study_name="toy", storage=spec.study.storage)
+    states = [t.state for t in study.trials]
+    assert states[0] == TrialState.FAIL
+    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == 0)
+    assert retry.params == study.trials[0].params and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["resumed_from_round"] == 2
+    assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 2
+    assert report.best_value is not None
+
+    # The resumed trial followed the Λ trajectory of an uninterrupted run with the same settings.
+    config = spec.config(dt=retry.params["dt"], branches=retry.params["branches"])
+    uninterrupted = run_forkmerge(ToyProblem(), config)
+    assert retry.user_attrs["lambda_history"] == [list(w) for w in uninterrupted.lambda_history]
+    json.dumps(retry.user_attrs)  # user attributes stay JSON
