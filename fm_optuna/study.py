@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
+import socket
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -265,6 +267,7 @@ class Tuner:
         if resume is not None and resume.get("config") != config.as_params():
             resume = None  # a different configuration under the same number: start over
         trial.set_user_attr("resumed_from_round", 0 if resume is None else int(resume["round"]))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         # Checkpoint first (a merge is never lost), then tracking, then the pruning decision.
         extra = list(self.observers(trial, config)) if self.observers is not None else []
         observers = [Checkpointer(checkpoint_path), *extra, PruningReporter(trial)]
