@@ -50,6 +50,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
     )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op CPU threads (default: 1; small models run faster single-threaded, and "
+        "parallel workers then share the cores without spin-waiting)",
+    )
 
     g = parser.add_argument_group("ForkMerge")
     g.add_argument(
@@ -232,11 +239,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         from fm_optuna.errors import invalid
 
         raise invalid("seeds", args.seeds, "a positive integer")
+    store = _open_tracking(args)  # tracking (issue #3): a bad store fails before any training
     problem = _problem(args)
     _check_plan(problem, config)
     comparisons = []
     for offset in range(args.seeds):
         events = EventStream([ProgressBars(disable=True if args.json else None)])
+        if store is not None:  # tracking (issue #3)
+            from fm_optuna.tracking import MlflowTracker
+
+            higher = problem.task(problem.target).higher_is_better
+            events.observers.append(MlflowTracker(store, higher_is_better=higher))
         try:
             comparisons.append(
                 run_methods(problem, _config(args, seed=args.seed + offset), methods, events)
@@ -252,7 +265,48 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2, default=_json_default))
     else:
         _print_table(comparisons)
+    if store is not None:  # tracking (issue #3)
+        print(
+            f"MLflow: experiment {store.experiment_name} in {store.display_uri}; "
+            "browse it with `fm-optuna ui`",
+            file=sys.stderr,
+        )
     return 0
+
+
+# --- tracking (issue #3) ------------------------------------------------------------------------
+
+
+def _open_tracking(args: argparse.Namespace) -> Any:
+    """The MLflow store and experiment of this invocation (``None`` with --no-tracking)."""
+    if args.no_tracking:
+        return None
+    from fm_optuna.benchmarks import default_target
+    from fm_optuna.tracking import default_experiment_name, open_store
+
+    experiment = args.experiment or default_experiment_name(
+        args.benchmark, args.target or default_target(args.benchmark)
+    )
+    return open_store(args.tracking_uri, experiment=experiment)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from fm_optuna.tracking.ui import run_ui
+
+    return run_ui(args.tracking_uri, port=args.port, announce=lambda line: print(line, flush=True))
+
+
+def _add_tracking_uri(parser: Any) -> None:  # a parser or an argument group
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store: sqlite:///path.db, postgresql://user:password@host/db or an "
+        "http(s):// MLflow server (default: $MLFLOW_TRACKING_URI, else "
+        "sqlite:///tracking/mlflow.db with artifacts in tracking/mlartifacts)",
+    )
+
+
+# --- end tracking -------------------------------------------------------------------------------
 
 
 def _json_default(value: Any) -> Any:
@@ -312,7 +366,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--json", action="store_true", help="print the results as JSON instead of a table"
     )
+    # tracking (issue #3)
+    g = run.add_argument_group("tracking (MLflow)")
+    _add_tracking_uri(g)
+    g.add_argument(
+        "--experiment",
+        default=None,
+        help="MLflow experiment name (default: fm-optuna/<benchmark>-<target>)",
+    )
+    g.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
     run.set_defaults(handler=cmd_run)
+
+    ui = sub.add_parser(  # tracking (issue #3)
+        "ui",
+        help="browse the tracked runs in the MLflow UI (on 127.0.0.1)",
+        description="Start the MLflow UI for the tracking store on 127.0.0.1, print its URL and "
+        "serve until Ctrl-C. See tracking/README.md to serve a store to a team.",
+    )
+    _add_tracking_uri(ui)
+    ui.add_argument(
+        "--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000; 0: any free)"
+    )
+    ui.set_defaults(handler=cmd_ui)
 
     bench = sub.add_parser(
         "bench",
@@ -331,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.set_defaults(handler=cmd_bench)
+
+    from fm_optuna.cli_study import add_commands
+
+    add_commands(sub)
     return parser
 
 

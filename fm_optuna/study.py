@@ -309,10 +309,10 @@ class Tuner:
     def run(
         self, callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()
     ) -> TuneReport:
-        study = self.create_study()
-        done = len(study.get_trials(deepcopy=False, states=FINISHED))
-        if done < self.n_trials:
-            with _quiet_trial_logs():
+        with _quiet_trial_logs():
+            study = self.create_study()
+            done = len(study.get_trials(deepcopy=False, states=FINISHED))
+            if done < self.n_trials:
                 study.optimize(
                     self.objective,
                     n_trials=None,

@@ -1,0 +1,242 @@
+"""``fm-optuna tune`` and ``fm-optuna compare``: the commands that read a study specification."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+from tqdm.auto import tqdm
+
+from fm_optuna.events import MergeCompleted, Observer
+
+
+class TrialProgress(Observer):
+    """Shows the current outer trial's round and step on the study's progress bar."""
+
+    def __init__(self, bar: tqdm, trial: optuna.Trial, rounds: int) -> None:
+        self.bar, self.trial, self.rounds = bar, trial, rounds
+
+    def on_merge_completed(self, event: MergeCompleted) -> None:
+        best = _best_value(self.trial.study)
+        self.bar.set_postfix_str(
+            f"trial {self.trial.number}: round {event.round}/{self.rounds} step {event.step} "
+            f"val {event.decision.score:.2f} | best {best}"
+        )
+
+
+def _best_value(study: optuna.Study) -> str:
+    try:
+        return f"{study.best_value:.2f}"
+    except ValueError:
+        return "-"
+
+
+def _torch_setup(args: argparse.Namespace) -> Any:
+    import torch
+
+    from fm_optuna.errors import invalid
+
+    if args.threads < 1:
+        raise invalid("threads", args.threads, "a positive integer")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise invalid("device", args.device, "cpu (no CUDA device is available)")
+    return device
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from fm_optuna.errors import invalid
+    from fm_optuna.spec import load_spec
+    from fm_optuna.study import Tuner, mask_password
+
+    spec = load_spec(args.spec)
+    if args.n_trials is not None and args.n_trials < 1:
+        raise invalid("n_trials", args.n_trials, "a positive integer")
+    device = _torch_setup(args)
+    bar = tqdm(
+        total=args.n_trials or spec.study.n_trials,
+        desc=f"study {spec.study.name}",
+        unit="trial",
+        disable=None,
+        file=sys.stderr,
+    )
+
+    def observers(trial: optuna.Trial, config: Any) -> list[Observer]:
+        return [TrialProgress(bar, trial, config.rounds)]
+
+    tuner = Tuner(
+        spec, storage=args.storage, n_trials=args.n_trials, observers=observers, device=device
+    )
+
+    def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        finished = study.get_trials(
+            deepcopy=False,
+            states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
+        )
+        bar.n = min(len(finished), bar.total)
+        bar.set_postfix_str(f"trial {trial.number} {trial.state.name} | best {_best_value(study)}")
+        bar.refresh()
+
+    try:
+        report = tuner.run(callbacks=[advance])
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(report.__dict__, default=lambda o: o.__dict__, indent=2))
+        return 0
+    print(
+        f"study {report.study_name} on {report.storage}: {len(report.trials)} trials "
+        f"({', '.join(f'{s} {sum(t.state == s for t in report.trials)}' for s in ('COMPLETE', 'PRUNED', 'FAIL'))})"
+    )
+    if report.best_params is None:
+        print("no trial has completed yet")
+        return 0
+    params = ", ".join(f"{k}={v}" for k, v in report.best_params.items())
+    print(f"best trial #{report.best_trial}: {params}")
+    print(f"  target validation score {report.best_value:.4f}")
+    if report.best_test is not None:
+        test = ", ".join(f"{k} {v:.4f}" for k, v in report.best_test.items())
+        print(
+            f"  target test ({tuner.problem.target}, from the saved final model {report.best_model}): {test}"
+        )
+    print(f"browse: optuna-dashboard {mask_password(tuner.storage_url)}")
+    for line in report.tracking.get("browse", []):
+        print(f"browse: {line}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fm_optuna.benchmarks import build_problem
+    from fm_optuna.compare import compare_strategies
+    from fm_optuna.errors import ConfigError, invalid
+    from fm_optuna.spec import check_branches_fit, load_spec
+
+    spec = load_spec(args.spec)
+    if args.seeds < 1:
+        raise invalid("seeds", args.seeds, "a positive integer")
+    device = _torch_setup(args)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    overrides: dict[str, Any] = {}
+    if args.dt is not None:
+        overrides["dt"] = args.dt
+    if args.branches is not None:
+        overrides["branches"] = args.branches
+    config = spec.config(**overrides)
+    try:
+        problem = build_problem(
+            spec.problem.benchmark,
+            target=spec.problem.target,
+            seed=spec.study.seed,
+            device=device,
+            **spec.problem.options,
+        )
+    except ConfigError as error:
+        raise ConfigError(f"{spec.path}: {error}") from None
+    check_branches_fit(spec, len(problem.tasks))
+    seeds = [spec.study.seed + i for i in range(args.seeds)]
+    bar = tqdm(
+        total=len(strategies) * len(seeds),
+        desc="compare",
+        unit="run",
+        disable=None,
+        file=sys.stderr,
+    )
+
+    def done(run: Any) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"{run.strategy} seed {run.seed}: test {run.test:.2f}")
+
+    try:
+        comparison = compare_strategies(problem, config, strategies, seeds, on_run=done)
+    finally:
+        bar.close()
+    out = Path(args.out or Path("tracking") / "compare" / spec.study.name)
+    paths = comparison.save(out)
+    rows = comparison.rows()
+    if args.json:
+        print(json.dumps({"table": rows, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
+        return 0
+    metric = comparison.config["target_metric"]
+    print(
+        f"{spec.problem.benchmark} target {problem.target}: T={config.total_steps} Δt={config.dt} "
+        f"L={config.branches or 'default'} seeds={len(seeds)}  (target {metric}, mean ± std)"
+    )
+    header = (
+        f"{'strategy':<8} {'val':>14} {'test':>14} {'evals/merge':>12} {'merge s/round':>14} "
+        f"{'total s':>9} {'L1 to grid Λ':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        distance = "-" if row["l1_from_grid"] is None else f"{row['l1_from_grid']:.3f}"
+        print(
+            f"{row['strategy']:<8} {row['val_mean']:>7.2f} ± {row['val_std']:<4.2f} "
+            f"{row['test_mean']:>7.2f} ± {row['test_std']:<4.2f} {row['evaluations_per_merge']:>12.1f} "
+            f"{row['merge_seconds_per_round']:>14.3f} {row['total_seconds']:>9.1f} {distance:>13}"
+        )
+    print(f"saved {paths['csv']}, {paths['json']}, {paths['plot']}")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``tune`` and ``compare`` on the main parser's subcommands."""
+    tune = sub.add_parser(
+        "tune",
+        help="create or resume the outer Optuna study of a spec (Δt, L, ...)",
+        description="Create or resume the outer study described by studies/x.toml. Each "
+        "trial trains ForkMerge, reports the target validation score after every "
+        "merge (pruning) and returns the final one. Run the same command on "
+        "several machines against one PostgreSQL storage to share the study.",
+    )
+    tune.add_argument("spec", help="a study specification, e.g. studies/digits.toml")
+    tune.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL (default: the spec's, else sqlite:///tracking/optuna.db)",
+    )
+    tune.add_argument(
+        "--n-trials",
+        type=int,
+        default=None,
+        help="total finished trials to reach (default: the spec's n_trials)",
+    )
+    _add_runtime(tune)
+    tune.set_defaults(handler=cmd_tune)
+
+    compare = sub.add_parser(
+        "compare",
+        help="compare merge-search strategies on the same training",
+        description="Train ForkMerge once per inner strategy and seed with the same Δt, L "
+        "and seeds; print and save a table (CSV, JSON) and a score-vs-cost plot.",
+    )
+    compare.add_argument("spec", help="a study specification, e.g. studies/digits.toml")
+    compare.add_argument(
+        "--strategies",
+        default="grid,binary,greedy,tpe,cmaes,random",
+        help="comma-separated strategies (default: all six)",
+    )
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per strategy (default: 3)")
+    compare.add_argument(
+        "--dt", type=int, default=None, help="Δt (default: the spec's training.dt)"
+    )
+    compare.add_argument(
+        "--branches", type=int, default=None, help="L (default: the spec's training.branches)"
+    )
+    compare.add_argument(
+        "--out", default=None, help="output folder (default: tracking/compare/<study name>)"
+    )
+    _add_runtime(compare)
+    compare.set_defaults(handler=cmd_compare)
+
+
+def _add_runtime(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads (default: 1)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
