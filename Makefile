@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/fm-optuna run --benchmark digits --target uci --strategy tpe --dt 200 --branches 3 --steps 1500 --merge-trials 20 --seed 0
+	$(BIN)/fm-optuna tune studies/digits.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -W error
