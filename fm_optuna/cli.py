@@ -81,10 +81,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default="prepass",
         help=f"auxiliary ranking for the pruned plan: {', '.join(RANKINGS)}. prepass (default) trains "
         "target+aux for --ranking-steps from the initial model and ranks by target validation, "
-        "as the official code; given uses --aux-order, else the benchmark's task order",
+        "as the official code; affinity ranks by the lookahead inter-task affinity of Fifty et al. "
+        "(a short joint run); given uses --aux-order, else the benchmark's task order",
     )
     g.add_argument(
-        "--ranking-steps", type=int, default=None, help="steps of each pre-pass run (default: Δt)"
+        "--ranking-steps",
+        type=int,
+        default=None,
+        help="steps of each pre-pass run, or of the affinity run (default: Δt)",
     )
     g.add_argument(
         "--aux-order",
@@ -239,9 +243,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from fm_optuna.errors import invalid
 
         raise invalid("seeds", args.seeds, "a positive integer")
-    store = _open_tracking(args)  # tracking (issue #3): a bad store fails before any training
     problem = _problem(args)
     _check_plan(problem, config)
+    # tracking (issue #3): after the cheap checks (no store for a mistyped command), before any
+    # training (a store that cannot be opened is one line, not a lost run).
+    store = _open_tracking(args, problem)
     comparisons = []
     for offset in range(args.seeds):
         events = EventStream([ProgressBars(disable=True if args.json else None)])
@@ -277,16 +283,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 # --- tracking (issue #3) ------------------------------------------------------------------------
 
 
-def _open_tracking(args: argparse.Namespace) -> Any:
+def _open_tracking(args: argparse.Namespace, problem: Any) -> Any:
     """The MLflow store and experiment of this invocation (``None`` with --no-tracking)."""
     if args.no_tracking:
         return None
-    from fm_optuna.benchmarks import default_target
     from fm_optuna.tracking import default_experiment_name, open_store
 
-    experiment = args.experiment or default_experiment_name(
-        args.benchmark, args.target or default_target(args.benchmark)
-    )
+    experiment = args.experiment or default_experiment_name(args.benchmark, problem.target)
     return open_store(args.tracking_uri, experiment=experiment)
 
 
@@ -407,9 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.set_defaults(handler=cmd_bench)
 
-    from fm_optuna.cli_study import add_commands
+    from fm_optuna.cli_methods import add_commands as add_method_commands
+    from fm_optuna.cli_study import add_commands as add_study_commands
 
-    add_commands(sub)
+    add_study_commands(sub)
+    add_method_commands(sub)
     return parser
 
 

@@ -37,7 +37,7 @@ from fm_optuna.training import WeightedSum, make_optimizer, train
 
 OPTIMIZER_POLICIES = ("keep", "reset", "average")
 FINAL_MODELS = ("last", "best")
-RANKINGS = ("prepass", "given")
+RANKINGS = ("prepass", "given", "affinity")
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,10 @@ def rank_auxiliaries(
                 "aux_order", ",".join(order), "a permutation of " + ", ".join(auxiliaries)
             )
         return Ranking(order, None, time.perf_counter() - started, "given")
+    if config.ranking == "affinity":
+        from fm_optuna.affinity import rank_by_affinity  # lazy: affinity imports this module
+
+        return rank_by_affinity(problem, config, initial)
     steps = config.ranking_steps or config.dt
     scores: dict[str, float] = {}
     model = seeded_model(problem, config.seed)
@@ -213,7 +217,9 @@ def _needs_order(config: ForkMergeConfig, n_aux: int) -> bool:
 def plan_branches(
     problem: Problem, config: ForkMergeConfig, initial: Mapping[str, torch.Tensor]
 ) -> tuple[list[Branch], Ranking]:
-    if config.ranking == "prepass" and not _needs_order(config, len(problem.auxiliaries)):
+    if config.ranking in ("prepass", "affinity") and not _needs_order(
+        config, len(problem.auxiliaries)
+    ):
         ranking = Ranking(tuple(problem.auxiliaries), None, 0.0, "not needed")
     else:
         ranking = rank_auxiliaries(problem, config, initial)

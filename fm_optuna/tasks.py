@@ -86,6 +86,20 @@ class Problem(abc.ABC):
     ) -> dict[str, TaskMetrics]:
         """Metrics of ``tasks`` (all tasks when ``None``) on ``split``, model in eval mode."""
 
+    def shared_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The trainable parameters every task's loss goes through (the trunk, θ_s).
+
+        Gradient-manipulation baselines (MGDA, PCGrad, GCS, ...) and the lookahead task affinity
+        act on these only; the rest (task heads) get plain per-task gradients. Default: every
+        trainable parameter whose name does not start with ``heads.``, the convention of this
+        project's models (task heads live in ``model.heads``). Override for other layouts.
+        """
+        return [
+            parameter
+            for name, parameter in model.named_parameters()
+            if parameter.requires_grad and not name.startswith("heads.")
+        ]
+
     def describe(self) -> dict[str, object]:
         """Flat, loggable description of the problem's options (sizes, target, ...)."""
         return {"benchmark": self.name, "target": self.target}

@@ -1,4 +1,9 @@
-"""The baseline seam and the runner every baseline shares."""
+"""The baseline seam and the runner every baseline shares.
+
+A baseline is a small (usually frozen-dataclass) object whose fields are its options. Its
+:meth:`Baseline.rule_for` builds a *fresh* update rule for one run, so stateful rules (UW's
+log-variances, DWA's loss history, GradVac's EMA) never leak between runs.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +11,47 @@ import abc
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from fm_optuna.events import EventStream, RunStarted, TrainingProgress
-from fm_optuna.training import UpdateRule, make_optimizer, train
+from fm_optuna.training import UpdateRule, make_optimizer, rule_parameters, train
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from fm_optuna.forkmerge import ForkMergeConfig
     from fm_optuna.tasks import Problem
 
 
+KINDS = ("single-task", "multi-task", "target-specific")
+
+
 class Baseline(abc.ABC):
-    """A comparison method: the update rule that trains one model on the problem's tasks."""
+    """A comparison method: the update rule that trains one model on the problem's tasks.
+
+    ``kind`` places the method in the paper's tables: ``single-task`` (STL), ``multi-task``
+    (one model for all tasks with some task weighting: EW, UW, DWA, RLW and the gradient methods;
+    these are the λ choices over which strong negative transfer is judged) or ``target-specific``
+    (the model is trained for the target: PTFT, GCS, Auto-λ, like ForkMerge).
+    """
 
     name: ClassVar[str]
+    kind: ClassVar[str] = "multi-task"
 
     @abc.abstractmethod
     def rule(self, problem: Problem) -> UpdateRule: ...
+
+    def rule_for(self, problem: Problem, config: ForkMergeConfig) -> UpdateRule:
+        """A fresh rule for one run of ``config``; override when it needs the budget or seed."""
+        return self.rule(problem)
+
+    def params(self) -> dict[str, object]:
+        """The baseline's options, flat and loggable (its dataclass fields)."""
+        if not is_dataclass(self):
+            return {}
+        return {f"{self.name}/{f.name}": getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -33,6 +59,8 @@ class BaselineResult:
     model: nn.Module
     seconds: float
     final_step: int
+    rule: UpdateRule | None = None  # the run's rule, with its final state (UW's log-variances)
+    optimizer: torch.optim.Optimizer | None = None
 
 
 def run_baseline(
@@ -43,21 +71,28 @@ def run_baseline(
 ) -> BaselineResult:
     """Train T steps with the same seed, optimizer and budget as ForkMerge.
 
-    The target is validated every Δt steps, as ForkMerge's merges are, so ``final = "best"``
-    selects a checkpoint by the same rule for every method.
+    The rule comes from :meth:`Baseline.rule_for` (fresh per run); its own learnable tensors, if
+    any (UW's log-variances), are optimised by the same Adam as the model. The target is
+    validated every Δt steps, as ForkMerge's merges are, so ``final = "best"`` selects a
+    checkpoint by the same rule for every method.
     """
     from fm_optuna.forkmerge import data_generator, seeded_model, target_score
 
     events = events or EventStream()
     started = time.perf_counter()
     model = seeded_model(problem, config.seed)
-    optimizer = make_optimizer(model, config.lr)
-    rule = baseline.rule(problem)
+    rule = baseline.rule_for(problem, config)
+    optimizer = make_optimizer(model, config.lr, rule_parameters(rule))
     generator = data_generator(problem, config.seed, 0)  # the same stream as ForkMerge's branch 0
     events.emit(
         RunStarted(
             run=baseline.name,
-            params={**config.as_params(), **problem.describe(), "method": baseline.name},
+            params={
+                **config.as_params(),
+                **problem.describe(),
+                "method": baseline.name,
+                **baseline.params(),
+            },
             branches={},
             total_steps=config.total_steps,
         )
@@ -90,4 +125,4 @@ def run_baseline(
                 best_state, best_score, best_step = copy.deepcopy(model.state_dict()), score, step
     if best_state is not None:
         model.load_state_dict(best_state)
-    return BaselineResult(model, time.perf_counter() - started, best_step)
+    return BaselineResult(model, time.perf_counter() - started, best_step, rule, optimizer)

@@ -11,6 +11,7 @@ from fm_optuna.training import UpdateRule, WeightedSum
 
 class SingleTask(Baseline):
     name: ClassVar[str] = "stl"
+    kind: ClassVar[str] = "single-task"
 
     def rule(self, problem: Problem) -> UpdateRule:
         return WeightedSum({problem.target: 1.0})

@@ -145,3 +145,10 @@ def test_two_branches_need_no_ranking() -> None:
 def test_bad_configuration_names_the_parameter(overrides: dict, parameter: str) -> None:
     with pytest.raises(ConfigError, match=f"Parameter `{parameter}`"):
         config(**overrides)
+
+
+def test_affinity_ranking_is_selectable() -> None:
+    result = run_forkmerge(ToyProblem(), config(ranking="affinity"))
+    assert result.ranking.method == "affinity"
+    assert sorted(result.ranking.order) == ["t1", "t2", "t3"]
+    assert result.ranking.relevance is not None
