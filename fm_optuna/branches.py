@@ -94,7 +94,7 @@ def make_plan(
     n_branches: int | None,
     relevance: Sequence[float] | None = None,
 ) -> list[Branch]:
-    """Build and validate a plan. ``ranked_auxiliaries`` is best-first (order matters for pruned)."""
+    """Build and validate a plan; ``ranked_auxiliaries`` is best-first (pruned plans use it)."""
     if plan not in PLANS:
         raise one_of("plan", plan, PLANS)
     n_tasks = len(ranked_auxiliaries) + 1

@@ -79,7 +79,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--ranking",
         default="prepass",
-        help=f"auxiliary ranking for the pruned plan: {', '.join(RANKINGS)}. prepass (default) trains "
+        help=f"auxiliary ranking for the pruned plan: {', '.join(RANKINGS)}. "
+        "prepass (default) trains "
         "target+aux for --ranking-steps from the initial model and ranks by target validation, "
         "as the official code; affinity ranks by the lookahead inter-task affinity of Fifty et al. "
         "(a short joint run); given uses --aux-order, else the benchmark's task order",
@@ -219,7 +220,8 @@ def _print_table(comparisons: list[Any]) -> None:
         names = [b.name for b in fm.branches]
         print(
             f"\nForkMerge seed {comparison.config.seed}: branches {', '.join(names)}; "
-            f"ranking {fm.ranking.method} ({', '.join(fm.ranking.order)}); final round {fm.final_round}"
+            f"ranking {fm.ranking.method} ({', '.join(fm.ranking.order)}); "
+            f"final round {fm.final_round}"
         )
         for round_index, (step, decision) in enumerate(
             zip(fm.steps, fm.decisions, strict=True), start=1
@@ -333,7 +335,8 @@ def report_text(report: dict[str, Any]) -> str:
     lines = [f"fm-optuna bench: {report['setup']}"]
     for key, item in report["ratios"].items():
         goal = (
-            f"  (goal ≤ {item['goal']:.2f}: {'met' if item['value'] <= item['goal'] else 'NOT met'})"
+            f"  (goal ≤ {item['goal']:.2f}: "
+            f"{'met' if item['value'] <= item['goal'] else 'NOT met'})"
             if item.get("goal")
             else ""
         )

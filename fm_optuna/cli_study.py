@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 
 from fm_optuna.events import MergeCompleted, Observer
 
+STATES = ("COMPLETE", "PRUNED", "FAIL")
+
 
 class TrialProgress(Observer):
     """Shows the current outer trial's round and step on the study's progress bar."""
@@ -91,7 +93,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return 0
     print(
         f"study {report.study_name} on {report.storage}: {len(report.trials)} trials "
-        f"({', '.join(f'{s} {sum(t.state == s for t in report.trials)}' for s in ('COMPLETE', 'PRUNED', 'FAIL'))})"
+        f"({', '.join(f'{s} {sum(t.state == s for t in report.trials)}' for s in STATES)})"
     )
     if report.best_params is None:
         print("no trial has completed yet")
@@ -102,7 +104,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if report.best_test is not None:
         test = ", ".join(f"{k} {v:.4f}" for k, v in report.best_test.items())
         print(
-            f"  target test ({tuner.problem.target}, from the saved final model {report.best_model}): {test}"
+            f"  target test ({tuner.problem.target}, from the saved final model "
+            f"{report.best_model}): {test}"
         )
     print(f"browse: optuna-dashboard {mask_password(tuner.storage_url)}")
     for line in report.tracking.get("browse", []):
@@ -176,7 +179,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         distance = "-" if row["l1_from_grid"] is None else f"{row['l1_from_grid']:.3f}"
         print(
             f"{row['strategy']:<8} {row['val_mean']:>7.2f} ± {row['val_std']:<4.2f} "
-            f"{row['test_mean']:>7.2f} ± {row['test_std']:<4.2f} {row['evaluations_per_merge']:>12.1f} "
+            f"{row['test_mean']:>7.2f} ± {row['test_std']:<4.2f} "
+            f"{row['evaluations_per_merge']:>12.1f} "
             f"{row['merge_seconds_per_round']:>14.3f} {row['total_seconds']:>9.1f} {distance:>13}"
         )
     print(f"saved {paths['csv']}, {paths['json']}, {paths['plot']}")

@@ -72,7 +72,7 @@ class MergeCompleted(Event):
 
     @property
     def gain(self) -> float:
-        """Merged score minus the best single branch's score (≥ 0 whenever a one-hot Λ was tried)."""
+        """Merged score minus the best single branch's (≥ 0 whenever a one-hot Λ was tried)."""
         return self.decision.score - self.best_branch_score
 
 

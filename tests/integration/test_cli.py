@@ -16,21 +16,31 @@ SMALL = ["--dt", "20", "--steps", "40", "--merge-trials", "4", "--no-tracking"]
 
 def fm(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning"}
-    return subprocess.run([sys.executable, "-m", "fm_optuna.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fm_optuna.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
-@pytest.mark.parametrize(("benchmark", "extra"), [
-    ("digits", ["--target", "mnistm", "--branches", "3", "--strategy", "tpe", "--harmful-aux"]),
-    ("multimnist", ["--strategy", "binary", "--plan", "pairwise"]),
-])
-def test_a_small_run_on_each_benchmark_prints_well_formed_json(tmp_path: Path, benchmark: str,
-                                                               extra: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("benchmark", "extra"),
+    [
+        ("digits", ["--target", "mnistm", "--branches", "3", "--strategy", "tpe", "--harmful-aux"]),
+        ("multimnist", ["--strategy", "binary", "--plan", "pairwise"]),
+    ],
+)
+def test_a_small_run_on_each_benchmark_prints_well_formed_json(
+    tmp_path: Path, benchmark: str, extra: list[str]
+) -> None:
     result = fm("run", "--benchmark", benchmark, *SMALL, *extra, "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     payload = json.loads(result.stdout)
     assert [r["method"] for r in payload["results"]] == ["stl", "ew", "forkmerge"]
-    stl, ew, forkmerge = payload["results"]
+    stl, ew, _ = payload["results"]
     assert stl["tg"] == 0.0 and isinstance(ew["tg"], float)
     for row in payload["results"]:
         assert 0.0 <= row["target_test"] <= 100.0 and row["seconds"] > 0
@@ -48,22 +58,30 @@ def test_the_table_names_every_method_and_the_lambda_of_each_merge(tmp_path: Pat
         assert text in result.stdout
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["run", "--benchmark", "svhn"], "Parameter `benchmark` should be one of digits"),
-    (["run", "--target", "kanji"], "Parameter `target` should be one of mnist, mnistm, synfont, uci"),
-    (["run", "--strategy", "annealing"], "Parameter `strategy` should be one of binary, cmaes"),
-    (["run", "--optimizer-policy", "zero"], "Parameter `optimizer_policy` should be one of"),
-    (["run", "--dt", "0"], "Parameter `dt` should be an integer from 1 to steps (600)"),
-    (["run", "--dt", "700"], "Parameter `dt` should be an integer from 1 to steps (600)"),
-    (["run", "--branches", "1"], "Parameter `branches` should be an integer from 2 to 4"),
-    (["run", "--branches", "9"], "Parameter `branches` should be an integer from 2 to 4"),
-    (["run", "--merge-trials", "0"], "Parameter `merge_trials` should be a positive integer"),
-    (["run", "--plan", "tree"], "Parameter `plan` should be one of"),
-    (["run", "--dt", "abc"], "invalid int value: 'abc'"),
-    (["tune", "studies/missing.toml"], "Parameter `spec` should be an existing TOML file"),
-    (["compare", "studies/digits.toml", "--strategies", "grid,nope"], "Parameter `strategies`"),
-])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--benchmark", "svhn"], "Parameter `benchmark` should be one of digits"),
+        (
+            ["run", "--target", "kanji"],
+            "Parameter `target` should be one of mnist, mnistm, synfont, uci",
+        ),
+        (["run", "--strategy", "annealing"], "Parameter `strategy` should be one of binary, cmaes"),
+        (["run", "--optimizer-policy", "zero"], "Parameter `optimizer_policy` should be one of"),
+        (["run", "--dt", "0"], "Parameter `dt` should be an integer from 1 to steps (600)"),
+        (["run", "--dt", "700"], "Parameter `dt` should be an integer from 1 to steps (600)"),
+        (["run", "--branches", "1"], "Parameter `branches` should be an integer from 2 to 4"),
+        (["run", "--branches", "9"], "Parameter `branches` should be an integer from 2 to 4"),
+        (["run", "--merge-trials", "0"], "Parameter `merge_trials` should be a positive integer"),
+        (["run", "--plan", "tree"], "Parameter `plan` should be one of"),
+        (["run", "--dt", "abc"], "invalid int value: 'abc'"),
+        (["tune", "studies/missing.toml"], "Parameter `spec` should be an existing TOML file"),
+        (["compare", "studies/digits.toml", "--strategies", "grid,nope"], "Parameter `strategies`"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
     (tmp_path / "studies").symlink_to(ROOT / "studies")
     result = fm(*args, cwd=tmp_path)
     assert result.returncode == 2

@@ -60,7 +60,7 @@ def spec_file(tmp_path: Path, *, n_trials: int = 3, pruner: str = "none") -> Pat
     return path
 
 
-def tuner(path: Path, **kwargs) -> Tuner:  # noqa: ANN003
+def tuner(path: Path, **kwargs: object) -> Tuner:
     return Tuner(load_spec(path), problem=ToyProblem(), **kwargs)
 
 
@@ -104,7 +104,7 @@ def test_median_pruner_compares_at_aligned_training_progress() -> None:
     high = create_trial(
         state=TrialState.RUNNING, intermediate_values={90: 1.9}, params={}, distributions={}
     )
-    # At step 90 the others stand at 2.0 (step 50... no: 50 ≤ 90 → last ≤ 90 is 50 → 1.0) and 1.5 (step 80).
+    # At step 90 the others' last values at or before it are 1.0 (step 50) and 1.5 (step 80).
     assert pruner.prune(study, low) is True  # 1.0 < median(1.0, 1.5) = 1.25
     assert pruner.prune(study, high) is False
 

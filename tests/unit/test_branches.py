@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from fm_optuna.branches import default_branch_count, make_plan
@@ -33,7 +35,7 @@ def test_pruned_keeps_target_only_and_all_tasks_and_nests() -> None:
     assert set(plan[-1].tasks) == {"t", *AUX}
     sizes = [len(b.tasks) for b in plan]
     assert sizes == sorted(sizes) and len(set(sizes)) == 4
-    for smaller, larger in zip(plan, plan[1:], strict=False):  # ν^k ⊂ ν^{k+1}, by rank
+    for smaller, larger in itertools.pairwise(plan):  # ν^k ⊂ ν^{k+1}, by rank
         assert set(smaller.tasks) < set(larger.tasks)
     assert plan[1].tasks[:2] == ("t", "a")
 

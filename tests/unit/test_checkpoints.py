@@ -27,8 +27,17 @@ class CrashAfterRound(Observer):
             raise Crash
 
 
-CONFIG = ForkMergeConfig(dt=15, total_steps=75, strategy="tpe", merge_trials=6, branches=3,
-                         ranking_steps=10, optimizer_policy="keep", seed=5, log_every=5)
+CONFIG = ForkMergeConfig(
+    dt=15,
+    total_steps=75,
+    strategy="tpe",
+    merge_trials=6,
+    branches=3,
+    ranking_steps=10,
+    optimizer_policy="keep",
+    seed=5,
+    log_every=5,
+)
 
 
 @pytest.mark.parametrize("policy", ["keep", "average"])
@@ -42,7 +51,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, policy: str) ->
     checkpoint = load_checkpoint(path)
     assert checkpoint is not None and checkpoint["round"] == 2
 
-    resumed = run_forkmerge(ToyProblem(), config, EventStream([Checkpointer(path)]), resume_from=checkpoint)
+    resumed = run_forkmerge(
+        ToyProblem(), config, EventStream([Checkpointer(path)]), resume_from=checkpoint
+    )
     assert resumed.lambda_history == uninterrupted.lambda_history
     assert resumed.steps == uninterrupted.steps == [15, 30, 45, 60, 75]
     assert resumed.final_round == uninterrupted.final_round
@@ -53,11 +64,17 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, policy: str) ->
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path: Path) -> None:
     path = tmp_path / "run.ckpt"
-    run_forkmerge(ToyProblem(), ForkMergeConfig(**{**CONFIG.__dict__, "total_steps": 30}),
-                  EventStream([Checkpointer(path)]))
-    with pytest.raises(ConfigError, match="differs in .*dt"):
-        run_forkmerge(ToyProblem(), ForkMergeConfig(**{**CONFIG.__dict__, "dt": 10}),
-                      resume_from=load_checkpoint(path))
+    run_forkmerge(
+        ToyProblem(),
+        ForkMergeConfig(**{**CONFIG.__dict__, "total_steps": 30}),
+        EventStream([Checkpointer(path)]),
+    )
+    with pytest.raises(ConfigError, match=r"differs in .*dt"):
+        run_forkmerge(
+            ToyProblem(),
+            ForkMergeConfig(**{**CONFIG.__dict__, "dt": 10}),
+            resume_from=load_checkpoint(path),
+        )
 
 
 def test_no_checkpoint_yet_is_none(tmp_path: Path) -> None:

@@ -116,7 +116,7 @@ def test_grid_resolution_option_and_bad_resolution() -> None:
 
 
 def official_greedy(scores_by_branch: list[float], objective, alphas=(0, 0.2, 0.4, 0.6, 0.8, 1.0)):
-    """Algorithm 3 transcribed step by step from the official loop (dicts, running cap, strict >)."""
+    """Algorithm 3 transcribed step by step from the official loop (running cap, strict >)."""
     ranked = sorted(range(len(scores_by_branch)), key=lambda i: -scores_by_branch[i])
     lam = dict.fromkeys(ranked, 0.0)
     lam[ranked[0]] = 1.0

@@ -47,27 +47,35 @@ def test_shipped_specs_load(name: str) -> None:
 
 def test_a_full_spec_parses_into_typed_sections(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, GOOD))
-    assert spec.space.dt is not None and (spec.space.dt.low, spec.space.dt.high, spec.space.dt.log) == (20, 100, True)
+    assert spec.space.dt is not None and (
+        spec.space.dt.low,
+        spec.space.dt.high,
+        spec.space.dt.log,
+    ) == (20, 100, True)
     assert spec.space.optimizer_policy == ("keep", "reset")
     assert spec.config(dt=30, branches=3).dt == 30
     assert spec.search.strategy == "tpe" and spec.study.storage.startswith("sqlite:///")
 
 
-@pytest.mark.parametrize(("change", "key", "allowed"), [
-    (("[training]", "[training]\nspeed = 3"), "training.speed", "allowed keys"),
-    (("steps = 200", "steps = \"200\""), "training.steps", "an integer ≥ 1"),
-    (("low = 20, high = 100", "low = 100, high = 20"), "space.dt", "non-empty range"),
-    (("branches = { low = 2", "branches = { low = 1"), "space.branches.low", "an integer ≥ 2"),
-    (("low = 20, high = 100", "low = 0, high = 100"), "space.dt.low", "an integer ≥ 1"),
-    (("low = 20, high = 100", "low = 20, high = 300"), "space.dt", "within 1..training.steps"),
-    (("dt = 50", "dt = 500"), "training.dt", "at most training.steps"),
-    (("strategy = \"tpe\"", "strategy = \"sgd\""), "search.strategy", "one of"),
-    (("target = \"uci\"", "target = \"svhn\""), "problem.target", "one of"),
-    (("[study]", "[studies]"), "studies", "allowed keys"),
-    (("n_trials = 3", "n_trials = 0"), "study.n_trials", "an integer ≥ 1"),
-])
-def test_mistakes_name_the_file_and_the_key(tmp_path: Path, change: tuple[str, str], key: str,
-                                            allowed: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "key", "allowed"),
+    [
+        (("[training]", "[training]\nspeed = 3"), "training.speed", "allowed keys"),
+        (("steps = 200", 'steps = "200"'), "training.steps", "an integer ≥ 1"),
+        (("low = 20, high = 100", "low = 100, high = 20"), "space.dt", "non-empty range"),
+        (("branches = { low = 2", "branches = { low = 1"), "space.branches.low", "an integer ≥ 2"),
+        (("low = 20, high = 100", "low = 0, high = 100"), "space.dt.low", "an integer ≥ 1"),
+        (("low = 20, high = 100", "low = 20, high = 300"), "space.dt", "within 1..training.steps"),
+        (("dt = 50", "dt = 500"), "training.dt", "at most training.steps"),
+        (('strategy = "tpe"', 'strategy = "sgd"'), "search.strategy", "one of"),
+        (('target = "uci"', 'target = "svhn"'), "problem.target", "one of"),
+        (("[study]", "[studies]"), "studies", "allowed keys"),
+        (("n_trials = 3", "n_trials = 0"), "study.n_trials", "an integer ≥ 1"),
+    ],
+)
+def test_mistakes_name_the_file_and_the_key(
+    tmp_path: Path, change: tuple[str, str], key: str, allowed: str
+) -> None:
     path = write(tmp_path, GOOD.replace(*change, 1))
     with pytest.raises(ConfigError) as error:
         load_spec(path)
@@ -85,6 +93,6 @@ def test_missing_file_and_broken_toml(tmp_path: Path) -> None:
 
 def test_branches_must_fit_the_problem(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, GOOD.replace("high = 3 }", "high = 6 }")))
-    with pytest.raises(ConfigError, match="space.branches.high"):
+    with pytest.raises(ConfigError, match=r"space\.branches\.high"):
         check_branches_fit(spec, n_tasks=4)
     check_branches_fit(load_spec(write(tmp_path, GOOD)), n_tasks=4)
