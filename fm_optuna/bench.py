@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fm_optuna.baselines import make_baseline, run_baseline
+from fm_optuna.events import Observer
 from fm_optuna.forkmerge import (
     ForkMergeConfig,
     data_generator,
@@ -46,6 +47,75 @@ def train_branches_alone(problem: Problem, config: ForkMergeConfig) -> float:
     return time.perf_counter() - started
 
 
+# --- tracking cost (issue #3) -------------------------------------------------------------------
+
+
+class _Timed(Observer):
+    """Forwards every hook to ``inner`` and adds up the seconds spent in it: the observer's own
+    cost, which machine load does not blur the way it blurs two whole runs."""
+
+    def __init__(self, inner: Observer) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def _timed(self, hook: str, *args: Any) -> None:
+        tic = time.perf_counter()
+        getattr(self.inner, hook)(*args)
+        self.seconds += time.perf_counter() - tic
+
+    def on_run_started(self, event: Any) -> None:
+        self._timed("on_run_started", event)
+
+    def on_training_progress(self, event: Any) -> None:
+        self._timed("on_training_progress", event)
+
+    def on_branches_evaluated(self, event: Any) -> None:
+        self._timed("on_branches_evaluated", event)
+
+    def on_merge_completed(self, event: Any) -> None:
+        self._timed("on_merge_completed", event)
+
+    def on_run_finished(self, event: Any) -> None:
+        self._timed("on_run_finished", event)
+
+    def close(self) -> None:
+        self._timed("close")
+
+
+def tracked_forkmerge(
+    problem: Problem, config: ForkMergeConfig
+) -> tuple[float, float, float, str | None]:
+    """Wall seconds of one ForkMerge run logged to MLflow on a fresh temporary SQLite store.
+
+    The store is opened first and not timed, as ``fm-optuna run`` opens it before training; the
+    time includes the end of the run (figures, last batch, summary). Returns the run's seconds,
+    the seconds opening the store took, the seconds spent inside the observer, and the tracking
+    error if logging failed.
+    """
+    import tempfile
+
+    from fm_optuna.events import EventStream, RunFinished
+    from fm_optuna.tracking import MlflowTracker, open_store
+
+    with tempfile.TemporaryDirectory(prefix="fm-optuna-bench-") as folder:
+        tic = time.perf_counter()
+        store = open_store(f"sqlite:///{folder}/mlflow.db", experiment="fm-optuna/bench")
+        opened = time.perf_counter() - tic
+        higher = problem.task(problem.target).higher_is_better
+        tracker = MlflowTracker(store, higher_is_better=higher)
+        timed = _Timed(tracker)
+        events = EventStream([timed])
+        started = time.perf_counter()
+        try:
+            result = run_forkmerge(problem, config, events)
+            events.emit(RunFinished(run="forkmerge", summary={}, seconds=result.seconds))
+        finally:
+            events.close()
+        return time.perf_counter() - started, opened, timed.seconds, tracker.error
+
+
+# --- end tracking cost ------------------------------------------------------------------------
+
+
 def _fastest(repeats: int, measure: Callable[[], Any]) -> Any:
     return min(
         (measure() for _ in range(repeats)), key=lambda r: r[0] if isinstance(r, tuple) else r
@@ -62,6 +132,10 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
 
     alone = _fastest(repeats, lambda: train_branches_alone(problem, config))
     fm_seconds, fm = _fastest(repeats, forkmerge)
+    # tracking (issue #3): right after the same run untracked, so both see the same machine.
+    tracked, store_open, in_observer, tracking_error = _fastest(
+        repeats, lambda: tracked_forkmerge(problem, config)
+    )
     ew = _fastest(repeats, equal_weighting)
     t = fm.timings
     overhead = {k: t[k] for k in ("evaluate", "search", "merge")}
@@ -87,6 +161,18 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
                 "goal": None,
                 "what": "ForkMerge over EW (one model) wall time",
             },
+            "tracking on / off": {  # tracking (issue #3)
+                "value": tracked / fm.seconds,
+                "goal": 1.03,
+                "what": "the same ForkMerge run logged to MLflow (temporary SQLite store) over "
+                "untracked" + (f" (TRACKING FAILED: {tracking_error})" if tracking_error else ""),
+            },
+            "time in the MLflow observer": {  # tracking (issue #3)
+                "value": in_observer / tracked,
+                "goal": None,
+                "what": "share of that tracked run spent inside the observer (batches, merge "
+                "records, figures); immune to load",
+            },
             "ranking pre-pass / forkmerge": {
                 "value": t["ranking"] / fm_seconds,
                 "goal": None,
@@ -100,5 +186,9 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
             **overhead,
             "train": t["train"],
             "ranking": t["ranking"],
+            "forkmerge_untracked": fm.seconds,  # tracking (issue #3): pre-pass included
+            "forkmerge_tracked": tracked,
+            "tracking_store_open": store_open,
+            "tracking_observer": in_observer,
         },
     }

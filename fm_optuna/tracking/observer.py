@@ -1,0 +1,660 @@
+"""The MLflow observer: every branch, every merge decision and the Λ trajectory as MLflow runs.
+
+Run layout in the experiment of one invocation:
+
+- one run per method (``stl``, ``ew``, ``forkmerge``), siblings, tagged with method, seed,
+  benchmark and target;
+- under the ForkMerge run, one child run per branch (tag ``mlflow.parentRunId``), so MLflow's
+  compare view puts the branches side by side.
+
+Metrics are buffered and written with one ``log_batch`` per run at each merge (baselines: every
+``flush_every`` progress reports) and at the end, never one call per step. A store failure in
+the middle of a run never stops training: it is reported once, logging stops, and :meth:`close`
+says what was not logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import platform
+import re
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
+from mlflow.utils.validation import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+)
+
+from fm_optuna.events import (
+    BranchesEvaluated,
+    MergeCompleted,
+    Observer,
+    RunFinished,
+    RunStarted,
+    TrainingProgress,
+)
+from fm_optuna.tracking.plots import (
+    MergeRecord,
+    lambda_csv,
+    plot_lambda_trajectory,
+    plot_simplex_trials,
+)
+from fm_optuna.tracking.uris import mask_uri
+
+if TYPE_CHECKING:
+    from fm_optuna.tracking.store import TrackingStore
+
+logger = logging.getLogger("fm_optuna.tracking")
+T = TypeVar("T")
+
+#: RunFinished.status → MLflow run status.
+_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+_PARAM_LIMIT = MAX_PARAM_VAL_LENGTH
+_NO_RUN = ""  # buffer key of runs whose creation failed
+
+
+def metric_key(name: str) -> str:
+    """A branch or task name made safe inside an MLflow key (``target+top1`` → ``target_top1``)."""
+    return re.sub(r"[^\w.\- ]", "_", name) or "_"
+
+
+def param_key(name: str) -> str:
+    """A configuration key made safe for MLflow (slashes kept as namespaces)."""
+    return re.sub(r"[^\w.\- /]", "_", name) or "_"
+
+
+def weights_text(weights: Mapping[str, float]) -> str:
+    """Compact task-weighting vector: ``uci=1,mnist=1`` (tasks with weight 0 left out)."""
+    return ",".join(f"{task}={w:g}" for task, w in weights.items() if w != 0.0)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package, dist in (
+        ("torch", "torch"),
+        ("optuna", "optuna"),
+        ("mlflow", "mlflow"),
+        ("fm_optuna", "fm-optuna"),
+    ):
+        try:
+            versions[package] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON without NaN/Infinity (which strict readers reject): non-finite floats become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _numeric_leaves(value: Any, prefix: str) -> Iterator[tuple[str, float]]:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _numeric_leaves(item, f"{prefix}/{metric_key(str(key))}")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield prefix, float(value)
+
+
+def _never_raises(hook: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """An observer hook that cannot stop training: any error (a bug here included) is reported
+    like a store failure, and tracking stops."""
+
+    @functools.wraps(hook)
+    def guarded(self: MlflowTracker, event: Any) -> None:
+        try:
+            hook(self, event)
+        except Exception as error:
+            self.unlogged["events"] += 1
+            self._failed(error)
+
+    return guarded
+
+
+@dataclass
+class _Batch:
+    metrics: list[Metric] = field(default_factory=list)
+    params: list[Param] = field(default_factory=list)
+    tags: list[RunTag] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.metrics) + len(self.params) + len(self.tags)
+
+    def counts(self) -> Counter[str]:
+        return Counter(metrics=len(self.metrics), params=len(self.params), tags=len(self.tags))
+
+
+@dataclass
+class _Run:
+    """One top-level run of the invocation (a method) and, for ForkMerge, its branch runs."""
+
+    event_name: str
+    name: str
+    run_id: str | None
+    params: Mapping[str, Any]
+    branches: tuple[str, ...] = ()
+    children: dict[str, str | None] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+    merges: list[MergeRecord] = field(default_factory=list)
+    summary: Mapping[str, Any] | None = None
+    status: str | None = None  # None while running
+
+    @property
+    def is_forkmerge(self) -> bool:
+        return bool(self.branches)
+
+    def run_ids(self) -> list[str | None]:
+        return [*self.children.values(), self.run_id]
+
+
+class MlflowTracker(Observer):
+    """Logs the event stream of one invocation to an MLflow experiment.
+
+    Args:
+        store: An opened store (:func:`fm_optuna.tracking.open_store`); its experiment gets the
+            runs.
+        tags: Extra tags on every run (e.g. an outer-study trial number).
+        run_prefix: Prefix of run names (run names are ``<prefix><method>-seed<seed>``).
+        higher_is_better: Direction of the target's primary metric, for the transfer gain in the
+            summary (``None``: inferred from the branch scores, else TG is left out).
+        flush_every: Progress reports buffered before a write when no merge comes first.
+
+    Example:
+        >>> store = open_store(experiment="fm-optuna/toy")  # doctest: +SKIP
+        >>> tracker = MlflowTracker(store, higher_is_better=False)  # doctest: +SKIP
+        >>> run_methods(problem, config, events=EventStream([tracker]))  # doctest: +SKIP
+        >>> tracker.close()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        store: TrackingStore,
+        *,
+        tags: Mapping[str, str] | None = None,
+        run_prefix: str = "",
+        higher_is_better: bool | None = None,
+        flush_every: int = 50,
+    ) -> None:
+        self.store = store
+        self.invocation = uuid.uuid4().hex[:12]
+        self._tags = {"fm_optuna.invocation": self.invocation, **(tags or {})}
+        self._prefix = run_prefix
+        self._higher_is_better = higher_is_better
+        self._flush_every = max(1, flush_every)
+        self._runs: dict[str, _Run] = {}  # by event name, the run now open under that name
+        self._done: list[_Run] = []
+        self._pending: dict[str, _Batch] = {}
+        self._progress_since_flush = 0
+        self._direction_hint: tuple[float, Mapping[str, float]] | None = None
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self._closed = False
+        #: First store error (redacted), ``None`` while everything is logged.
+        self.error: str | None = None
+        #: What could not be logged after :attr:`error`, by kind (metrics, params, runs, ...).
+        self.unlogged: Counter[str] = Counter()
+        self._figure_warned = False
+
+    # --- events ---------------------------------------------------------------------------
+
+    @_never_raises
+    def on_run_started(self, event: RunStarted) -> None:
+        previous = self._runs.pop(event.run, None)
+        if previous is not None:  # restarted without finishing (e.g. a resumed trial)
+            self._finish(previous, "KILLED")
+        params = event.params
+        seed = params.get("seed", "")
+        name = f"{self._prefix}{event.run}-seed{seed}" if seed != "" else self._prefix + event.run
+        tags = {
+            **self._tags,
+            "method": event.run,
+            "seed": str(seed),
+            "benchmark": str(params.get("benchmark", "")),
+            "target": str(params.get("target", "")),
+            "fm_optuna.role": "forkmerge" if event.branches else "baseline",
+        }
+        if event.branches:
+            tags[MLFLOW_RUN_NOTE] = (
+                f"ForkMerge with {len(event.branches)} branches (child runs: training losses and "
+                "validation per branch). Here: `lambda/<branch>` at every merge, merged-model "
+                "validation `val/*`, `merge/*`; artifacts `merges/round_NNN.json` (every inner "
+                "trial), `lambda_trajectory.png/.csv`, `simplex_trials.png` (3 branches), "
+                "`summary.md`."
+            )
+        run_id = self._create_run(name, tags)
+        run = _Run(event.run, name, run_id, params, branches=tuple(event.branches))
+        self._runs[event.run] = run
+
+        batch = self._batch(run_id)
+        for key, value in params.items():
+            self._param(batch, param_key(str(key)), value)
+        for package, version in package_versions().items():
+            self._param(batch, f"version/{package}", version)
+        taken: set[str] = set()
+        for branch, weights in event.branches.items():
+            key = metric_key(branch)
+            while key in taken:  # two names that sanitise alike must not share a series
+                key += "_"
+            taken.add(key)
+            run.keys[branch] = key
+            self._param(batch, f"branch/{key}/weights", weights_text(weights))
+            child_tags = {
+                **tags,
+                MLFLOW_PARENT_RUN_ID: run_id or "",
+                "branch": branch,
+                "fm_optuna.role": "branch",
+            }
+            child_tags.pop(MLFLOW_RUN_NOTE, None)
+            if run_id is None:
+                child_id = None
+                self.unlogged["runs"] += 1
+            else:
+                child_id = self._create_run(f"{name}/{branch}", child_tags)
+            run.children[branch] = child_id
+            child = self._batch(child_id)
+            self._param(child, "weights", weights_text(weights))
+            self._param(child, "tasks", ",".join(t for t, w in weights.items() if w != 0.0))
+            self._param(child, "seed", seed)
+        self.flush()  # parameters visible in the UI from the start of the run
+
+    @_never_raises
+    def on_training_progress(self, event: TrainingProgress) -> None:
+        run = self._runs.get(event.run)
+        if run is None:
+            return
+        run_id = run.children.get(event.branch) if run.is_forkmerge else run.run_id
+        batch = self._batch(run_id)
+        stamp = _now_ms()
+        for task, loss in event.losses.items():
+            batch.metrics.append(
+                Metric(f"train/loss/{metric_key(task)}", float(loss), stamp, event.step)
+            )
+        self._progress_since_flush += 1
+        if self._progress_since_flush >= self._flush_every:
+            self.flush()
+
+    @_never_raises
+    def on_branches_evaluated(self, event: BranchesEvaluated) -> None:
+        run = self._runs.get(event.run)
+        if run is None:
+            return
+        stamp = _now_ms()
+        for branch, score in event.scores.items():
+            batch = self._batch(run.children.get(branch))
+            batch.metrics.append(Metric("val/score", float(score), stamp, event.step))
+            metrics = event.metrics.get(branch, {})
+            for name, value in metrics.items():
+                batch.metrics.append(
+                    Metric(f"val/{metric_key(name)}", float(value), stamp, event.step)
+                )
+            if self._direction_hint is None and math.isfinite(score) and metrics:
+                self._direction_hint = (float(score), dict(metrics))
+
+    @_never_raises
+    def on_merge_completed(self, event: MergeCompleted) -> None:
+        run = self._runs.get(event.run)
+        if run is None:
+            return
+        decision, step, stamp = event.decision, event.step, _now_ms()
+        batch = self._batch(run.run_id)
+        for branch, weight in zip(event.branches, decision.weights, strict=True):
+            key = run.keys.get(branch, metric_key(branch))
+            batch.metrics.append(Metric(f"lambda/{key}", float(weight), stamp, step))
+            self._batch(run.children.get(branch)).metrics.append(
+                Metric("merge/lambda", float(weight), stamp, step)
+            )
+        for name, value in (
+            ("merge/n_trials", decision.n_trials),
+            ("merge/search_seconds", decision.seconds),
+            ("merge/best_score", decision.score),
+            ("merge/gain", event.gain),
+            ("merge/best_branch_score", event.best_branch_score),
+            ("merge/round", event.round),
+            ("val/score", decision.score),
+        ):
+            batch.metrics.append(Metric(name, float(value), stamp, step))
+        for name, value in event.merged_metrics.items():
+            batch.metrics.append(Metric(f"val/{metric_key(name)}", float(value), stamp, step))
+
+        run.merges.append(
+            MergeRecord(
+                round=event.round,
+                step=step,
+                weights=tuple(decision.weights),
+                score=decision.score,
+                trials=tuple((t.weights, t.score, t.source) for t in decision.trials),
+            )
+        )
+        record = {
+            "round": event.round,
+            "step": step,
+            "branches": list(event.branches),
+            "lambda": dict(zip(event.branches, decision.weights, strict=True)),
+            "score": decision.score,
+            "merged_metrics": dict(event.merged_metrics),
+            "best_branch_score": event.best_branch_score,
+            "gain": event.gain,
+            "n_trials": decision.n_trials,
+            "decision": decision.to_dict(),
+        }
+        self._log_text(
+            run.run_id,
+            json.dumps(_finite_or_none(record), indent=1),
+            f"merges/round_{event.round:03d}.json",
+        )
+        self.flush()
+
+    @_never_raises
+    def on_run_finished(self, event: RunFinished) -> None:
+        run = self._runs.pop(event.run, None)
+        if run is None:
+            return
+        run.summary = dict(event.summary)
+        batch = self._batch(run.run_id)
+        stamp = _now_ms()
+        step = int(run.params.get("total_steps", 0) or 0)
+        for key, value in _numeric_leaves(event.summary, "final"):
+            batch.metrics.append(Metric(key, value, stamp, step))
+        if "seconds" not in event.summary:
+            batch.metrics.append(Metric("final/seconds", float(event.seconds), stamp, step))
+        if isinstance(event.summary.get("target_metric"), str):
+            batch.tags.append(RunTag("target_metric", event.summary["target_metric"]))
+        status = getattr(event, "status", "COMPLETE")
+        batch.tags.append(RunTag("fm_optuna.status", str(status)))
+        self._finish(run, _STATUS.get(str(status), "FINISHED"))
+
+    def close(self) -> None:
+        """Finish what is still open, write the summary, and say what could not be logged."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for run in list(self._runs.values()):  # training stopped without RunFinished
+                self._batch(run.run_id).tags.append(RunTag("fm_optuna.status", "UNFINISHED"))
+                self._finish(run, "KILLED")
+            self._runs.clear()
+            self._write_summary()
+            self.flush()
+        except Exception as error:  # close runs in a `finally`: it must not mask the result
+            self.unlogged["events"] += 1
+            self._failed(error)
+        finally:
+            if self._workdir is not None:
+                self._workdir.cleanup()
+        if self.error is not None:
+            lost = ", ".join(f"{n} {kind}" for kind, n in sorted(self.unlogged.items()) if n)
+            logger.warning(
+                "MLflow tracking to %s stopped after an error (%s); not logged: %s. "
+                "Training results are unaffected.",
+                self.store.display_uri,
+                self.error,
+                lost or "nothing",
+            )
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write every buffered metric, param and tag: one ``log_batch`` per run (chunked only
+        beyond MLflow's per-request limits)."""
+        pending, self._pending = self._pending, {}
+        self._progress_since_flush = 0
+        for run_id, batch in pending.items():
+            if run_id == _NO_RUN:
+                self.unlogged.update(batch.counts())
+                continue
+            for metrics, params, tags in _chunks(batch):
+                self._call(
+                    Counter(metrics=len(metrics), params=len(params), tags=len(tags)),
+                    self.store.client.log_batch,
+                    run_id,
+                    metrics=metrics,
+                    params=params,
+                    tags=tags,
+                    synchronous=True,
+                )
+
+    def _batch(self, run_id: str | None) -> _Batch:
+        """The buffer of a run. Runs that could not be created share the buffer under ``""``,
+        which :meth:`flush` only counts as not logged."""
+        return self._pending.setdefault(run_id or _NO_RUN, _Batch())
+
+    def _param(self, batch: _Batch, key: str, value: Any) -> None:
+        # Any URI in a value (an Optuna storage, a database) loses its password.
+        text = mask_uri("" if value is None else str(value))
+        if len(text) > _PARAM_LIMIT:
+            text = text[: _PARAM_LIMIT - 3] + "..."
+        batch.params.append(Param(key, text))
+
+    def _create_run(self, name: str, tags: Mapping[str, str]) -> str | None:
+        safe = {k: mask_uri(str(v)) for k, v in tags.items()}
+        run = self._call(
+            Counter(runs=1),
+            self.store.client.create_run,
+            self.store.experiment_id,
+            tags=safe,
+            run_name=name,
+        )
+        return None if run is None else run.info.run_id
+
+    def _finish(self, run: _Run, status: str) -> None:
+        run.status = status
+        if run.is_forkmerge and run.merges:
+            self._log_figures(run)
+        self.flush()
+        for run_id in run.run_ids():
+            if run_id is None:
+                continue
+            self._call(
+                Counter(**{"run statuses": 1}),
+                self.store.client.set_terminated,
+                run_id,
+                status=status,
+            )
+        self._done.append(run)
+
+    def _log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:
+        if run_id is None:
+            self.unlogged["artifacts"] += 1
+            return
+        self._call(Counter(artifacts=1), self.store.client.log_text, run_id, text, artifact_file)
+
+    def _log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None:
+        if run_id is None:
+            self.unlogged["artifacts"] += 1
+            return
+        self._call(
+            Counter(artifacts=1), self.store.client.log_artifact, run_id, str(path), artifact_path
+        )
+
+    def _scratch(self) -> Path:
+        if self._workdir is None:
+            self._workdir = tempfile.TemporaryDirectory(prefix="fm-optuna-tracking-")
+        return Path(self._workdir.name)
+
+    def _log_figures(self, run: _Run) -> None:
+        """Regenerate the Λ pictures from every merge so far and log them (overwriting)."""
+        folder = self._scratch() / (run.run_id or "lost")
+        folder.mkdir(exist_ok=True)
+        names = [run.keys.get(b, b) for b in run.branches]
+        self._log_text(run.run_id, lambda_csv(names, run.merges), "lambda_trajectory.csv")
+        figures: list[tuple[str, Callable[[Path], None]]] = [
+            (
+                "lambda_trajectory.png",
+                lambda p: plot_lambda_trajectory(run.branches, run.merges, p, title=run.name),
+            )
+        ]
+        if len(run.branches) == 3:
+            figures.append(
+                ("simplex_trials.png", lambda p: plot_simplex_trials(run.branches, run.merges, p))
+            )
+        for filename, draw in figures:
+            path = folder / filename
+            try:
+                draw(path)
+            except Exception as error:  # a plotting bug must not cost the rest of the logging
+                self.unlogged["artifacts"] += 1
+                if not self._figure_warned:
+                    self._figure_warned = True
+                    logger.warning("fm-optuna: could not draw %s (%s)", filename, error)
+                continue
+            self._log_file(run.run_id, path)
+
+    def _write_summary(self) -> None:
+        """The comparison table of this invocation, attached to every method's run."""
+        rows = [r for r in self._done if r.summary and "target_test" in r.summary]
+        if not rows:
+            return
+        higher = self._direction(rows)
+        stl = next((r for r in rows if r.event_name == "stl"), None)
+        table = []
+        for run in rows:
+            summary = run.summary or {}
+            tg = summary.get("tg")
+            if tg is None and stl is not None and higher is not None:
+                sign = 1.0 if higher else -1.0
+                tg = sign * (float(summary["target_test"]) - float(stl.summary["target_test"]))  # type: ignore[index]
+            table.append(
+                {
+                    "method": run.event_name,
+                    "run_name": run.name,
+                    "run_id": run.run_id,
+                    "status": run.status,
+                    "target_metric": summary.get("target_metric"),
+                    "target_val": summary.get("target_val"),
+                    "target_test": summary.get("target_test"),
+                    "tg": tg,
+                    "seconds": summary.get("seconds"),
+                }
+            )
+        first = rows[0].params
+        payload = {
+            "experiment": self.store.experiment_name,
+            "invocation": self.invocation,
+            "benchmark": first.get("benchmark"),
+            "target": first.get("target"),
+            "seed": first.get("seed"),
+            "higher_is_better": higher,
+            "tg": "target test metric minus STL's, + is better, in the metric's units",
+            "methods": table,
+        }
+        text_json = json.dumps(_finite_or_none(payload), indent=2)
+        text_md = _summary_markdown(payload)
+        stamp = _now_ms()
+        for run, row in zip(rows, table, strict=True):
+            self._log_text(run.run_id, text_json, "summary.json")
+            self._log_text(run.run_id, text_md, "summary.md")
+            if row["tg"] is not None:
+                step = int(run.params.get("total_steps", 0) or 0)
+                self._batch(run.run_id).metrics.append(
+                    Metric("final/tg", float(row["tg"]), stamp, step)
+                )
+
+    def _direction(self, rows: Sequence[_Run]) -> bool | None:
+        if self._higher_is_better is not None:
+            return self._higher_is_better
+        metric = (rows[0].summary or {}).get("target_metric")
+        if self._direction_hint is None or not isinstance(metric, str):
+            return None
+        score, metrics = self._direction_hint
+        value = metrics.get(metric)
+        if value is None or value == 0:
+            return None
+        if math.isclose(score, value):
+            return True
+        return False if math.isclose(score, -value) else None
+
+    def _call(
+        self, counts: Counter[str], function: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> T | None:
+        """One store operation. After the first failure the store is left alone (a dead server
+        would otherwise cost its full retry time at every call) and only counts are kept."""
+        if self.error is not None:
+            self.unlogged.update(counts)
+            return None
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            self.unlogged.update(counts)
+            self._failed(error)
+            return None
+
+    def _failed(self, error: Exception) -> None:
+        """Remember the first error and warn once; later errors only add to the counts."""
+        if self.error is not None:
+            return
+        lines = str(error).strip().splitlines()
+        self.error = self.store.redact(
+            f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        )
+        logger.warning(
+            "fm-optuna: MLflow tracking to %s failed (%s); training continues without "
+            "tracking, and what is not logged is reported at the end.",
+            self.store.display_uri,
+            self.error,
+        )
+
+
+def _chunks(batch: _Batch) -> Iterator[tuple[list[Metric], list[Param], list[RunTag]]]:
+    metrics, params, tags = batch.metrics, batch.params, batch.tags
+    # A param key may be logged once per run; keep the first value of a duplicated key.
+    unique: dict[str, Param] = {}
+    for param in params:
+        unique.setdefault(param.key, param)
+    params = list(unique.values())
+    while metrics or params or tags:
+        take_params = params[:MAX_PARAMS_TAGS_PER_BATCH]
+        take_tags = tags[: MAX_PARAMS_TAGS_PER_BATCH - len(take_params)]
+        yield metrics[:MAX_METRICS_PER_BATCH], take_params, take_tags
+        metrics = metrics[MAX_METRICS_PER_BATCH:]
+        params = params[len(take_params) :]
+        tags = tags[len(take_tags) :]
+
+
+def _summary_markdown(payload: Mapping[str, Any]) -> str:
+    def number(value: Any) -> str:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return "–"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    direction = {True: "higher is better", False: "lower is better", None: "direction unknown"}
+    methods = payload["methods"]
+    metric = methods[0].get("target_metric") or "score"
+    lines = [
+        f"# fm-optuna summary: {payload['experiment']}",
+        "",
+        f"benchmark `{payload['benchmark']}` · target `{payload['target']}` · seed "
+        f"{payload['seed']} · metric `{metric}` ({direction[payload['higher_is_better']]})",
+        "",
+        "| method | target val | target test | TG vs STL | seconds | run |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for row in methods:
+        lines.append(
+            f"| {row['method']} | {number(row['target_val'])} | {number(row['target_test'])} | "
+            f"{number(row['tg'])} | {number(row['seconds'])} | {row['run_name']} |"
+        )
+    lines += ["", f"TG: {payload['tg']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

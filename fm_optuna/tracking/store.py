@@ -1,0 +1,175 @@
+"""Opening an MLflow tracking store, checked up front so a bad store fails before any training."""
+
+from __future__ import annotations
+
+import logging
+import re
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fm_optuna.errors import ConfigError
+from fm_optuna.tracking.uris import (
+    absolute_uri,
+    artifact_root,
+    is_database,
+    is_server,
+    mask_uri,
+    redact,
+    resolve_tracking_uri,
+    scheme,
+    sqlite_path,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+logger = logging.getLogger("fm_optuna.tracking")
+
+#: Seconds to wait for a database or server when opening the store (MLflow itself would retry a
+#: dead database for minutes before giving up).
+CONNECT_TIMEOUT = 5
+
+
+@dataclass
+class TrackingStore:
+    """An opened store and the experiment runs go to.
+
+    Attributes:
+        uri: The tracking URI as given (may hold a password: show :attr:`display_uri` instead).
+        experiment_id: Id of the experiment, created on first use.
+        experiment_name: Its name, e.g. ``fm-optuna/digits-uci``.
+        artifact_location: Where the experiment's artifacts live.
+        client: The MLflow client every log call goes through.
+    """
+
+    uri: str
+    experiment_id: str
+    experiment_name: str
+    artifact_location: str
+    client: MlflowClient
+
+    @property
+    def display_uri(self) -> str:
+        return mask_uri(self.uri)
+
+    def redact(self, text: str) -> str:
+        return redact(text, self.uri)
+
+
+def default_experiment_name(benchmark: str, target: str) -> str:
+    return f"fm-optuna/{benchmark}-{target}"
+
+
+def _first_line(error: BaseException, uri: str) -> str:
+    lines = str(error).strip().splitlines()
+    message = lines[0] if lines else ""
+    return redact(f"{type(error).__name__}: {message}" if message else type(error).__name__, uri)
+
+
+def _fail(uri: str, why: str) -> ConfigError:
+    return ConfigError(f"Cannot open the MLflow tracking store `{mask_uri(uri)}`: {why}")
+
+
+def _check_database(uri: str) -> None:
+    """Connect once with a short timeout; SQLite gets its folder created."""
+    import sqlalchemy
+
+    path = sqlite_path(uri)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise _fail(uri, f"cannot create the folder {path.parent} ({error.strerror})") from None
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT} if scheme(uri) != "sqlite" else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as error:  # driver missing, refused, bad password, unwritable file, ...
+        raise _fail(uri, _first_line(error, uri)) from None
+
+
+def _check_server(uri: str) -> None:
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT) as response:
+            response.read(64)
+    except urllib.error.HTTPError as error:
+        raise _fail(uri, f"the server answered {error.code} {error.reason} on /health") from None
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise _fail(uri, f"no MLflow server answers ({reason})") from None
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "experiment"
+
+
+def open_store(uri: str | None = None, *, experiment: str) -> TrackingStore:
+    """Open (creating on first use) the store and the experiment; raise one-line errors.
+
+    Args:
+        uri: A tracking URI; ``None`` means ``MLFLOW_TRACKING_URI`` or the default
+            ``sqlite:///tracking/mlflow.db``.
+        experiment: The experiment's name; created when missing, with its artifacts beside a
+            SQLite database (or under ``FM_OPTUNA_ARTIFACT_ROOT``).
+
+    Raises:
+        ConfigError: The store cannot be reached or written, or the experiment is deleted.
+
+    Example:
+        >>> store = open_store("sqlite:///tmp/doc/mlflow.db", experiment="demo")  # doctest: +SKIP
+    """
+    uri = absolute_uri(resolve_tracking_uri(uri))
+    if is_server(uri):
+        _check_server(uri)
+    elif is_database(uri):
+        _check_database(uri)
+    else:
+        raise ConfigError(
+            f"Parameter `tracking_uri` should be a sqlite:///, postgresql://, mysql:// or "
+            f"http(s):// URI. Found `tracking_uri = {mask_uri(uri)}`."
+        )
+    if not experiment.strip():
+        raise ConfigError("Parameter `experiment` should be a non-empty name. Found `''`.")
+
+    from mlflow import MlflowClient
+
+    try:
+        with warnings.catch_warnings():
+            # mlflow 3.17's SQL store maps a relationship with SQLAlchemy 2's deprecated
+            # `noload`; the warning fires once per process, here, and no user can act on it.
+            warnings.filterwarnings("ignore", message="The ``noload`` loader strategy")
+            client = MlflowClient(tracking_uri=uri)
+            found = client.get_experiment_by_name(experiment)
+        if found is None:
+            root = artifact_root(uri)
+            location = None if root is None else f"{root.rstrip('/')}/{_slug(experiment)}"
+            experiment_id = client.create_experiment(
+                experiment,
+                artifact_location=location,
+                # The MLflow 3 UI then opens it as model training rather than GenAI.
+                tags={"mlflow.experimentKind": "custom_model_development"},
+            )
+            found = client.get_experiment(experiment_id)
+    except Exception as error:
+        raise _fail(uri, _first_line(error, uri)) from None
+    if found.lifecycle_stage != "active":
+        raise ConfigError(
+            f"Parameter `experiment` should name an active experiment; `{experiment}` is "
+            f"deleted in `{mask_uri(uri)}` (restore it in the MLflow UI or choose another name)."
+        )
+    logger.debug("tracking to %s, experiment %s", mask_uri(uri), experiment)
+    return TrackingStore(
+        uri=uri,
+        experiment_id=found.experiment_id,
+        experiment_name=experiment,
+        artifact_location=found.artifact_location,
+        client=client,
+    )

@@ -1,0 +1,229 @@
+"""``fm-optuna ui``: the MLflow UI for a tracking store, on 127.0.0.1 only.
+
+The server is MLflow's own (``python -m mlflow server``) in a child process of its own session,
+so stopping it reaches every worker it spawned. Its output is passed through with passwords
+masked, and the database URI travels in the environment rather than on the command line, where
+any user of the machine could read it with ``ps``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from fm_optuna.errors import ConfigError, invalid
+from fm_optuna.tracking.uris import (
+    absolute_uri,
+    artifact_root,
+    is_database,
+    is_server,
+    mask_uri,
+    redact,
+    resolve_tracking_uri,
+    sqlite_path,
+)
+
+HOST = "127.0.0.1"
+#: Seconds the server gets to come up (MLflow imports for seconds, and upgrades an old schema).
+START_TIMEOUT = 180.0
+#: Seconds between SIGINT and SIGTERM, then SIGTERM and SIGKILL, when stopping the server.
+STOP_GRACE = 10.0
+
+
+class _Stop(Exception):
+    """SIGTERM received: stop the server as Ctrl-C would."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def _check_port(port: int) -> int:
+    if not 0 <= port <= 65535:
+        raise invalid("port", port, "a TCP port from 1 to 65535 (0: any free port)")
+    if port == 0:
+        return free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As uvicorn binds: connections of a server stopped a moment ago (TIME_WAIT) are no
+        # obstacle, a listening server is.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            raise invalid(
+                "port", port, f"a free port on {HOST} (this one is in use; try --port 0)"
+            ) from None
+    return port
+
+
+def server_command(uri: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow server`` command line and the environment entries it needs."""
+    env = {
+        "MLFLOW_BACKEND_STORE_URI": uri,
+        # Nothing but loopback: no usage telemetry, no background job runner.
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    root = artifact_root(uri)
+    if root is not None:
+        # Runs logged by fm-optuna name their artifact folder explicitly; this root serves
+        # only experiments created from the UI itself.
+        env["MLFLOW_ARTIFACTS_DESTINATION"] = root
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    return command, env
+
+
+def _resolve(uri: str | None) -> str:
+    uri = absolute_uri(resolve_tracking_uri(uri))
+    if is_server(uri):
+        raise ConfigError(
+            f"Parameter `tracking_uri` should be a database store for `fm-optuna ui`; "
+            f"`{mask_uri(uri)}` is already an MLflow server: open it in a browser."
+        )
+    if not is_database(uri):
+        raise invalid("tracking_uri", mask_uri(uri), "a sqlite:///, postgresql:// or mysql:// URI")
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():
+        raise ConfigError(
+            f"Parameter `tracking_uri` should point to an existing store; {path} does not exist "
+            "yet (`fm-optuna run` creates it)."
+        )
+    return uri
+
+
+def _pump(stream: IO[str], sink: IO[str], uri: str) -> None:
+    for line in stream:
+        sink.write(redact(line, uri))
+        sink.flush()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as response:
+            return bool(response.status == 200)
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _sigterm_as_stop() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Stop
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(child: subprocess.Popen[str]) -> None:
+    """SIGINT (MLflow forwards it to its workers), then SIGTERM and SIGKILL to the group."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        if child.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if sig == signal.SIGINT:
+                child.send_signal(sig)
+            else:
+                os.killpg(child.pid, sig)  # the child leads its own session and group
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=STOP_GRACE)
+
+
+def run_ui(
+    uri: str | None = None,
+    *,
+    port: int = 5000,
+    announce: Callable[[str], None],
+    log: IO[str] | None = None,
+) -> int:
+    """Serve the MLflow UI for ``uri`` on 127.0.0.1 until Ctrl-C (or SIGTERM); return 0.
+
+    Args:
+        uri: Tracking store (``None``: ``MLFLOW_TRACKING_URI`` or ``sqlite:///tracking/mlflow.db``).
+        port: TCP port on 127.0.0.1 (0 picks a free one).
+        announce: Receives the one-line messages for the user (the URL once it answers).
+        log: Where the server's own output goes, passwords masked (default: stderr).
+
+    Raises:
+        ConfigError: Not a database store, no such SQLite file, or the port is taken.
+    """
+    uri = _resolve(uri)
+    port = _check_port(port)
+    command, extra_env = server_command(uri, port)
+    url = f"http://{HOST}:{port}"
+    root = artifact_root(uri)
+    if root is not None and root.startswith("file://"):
+        Path(urllib.request.url2pathname(root[len("file://") :])).mkdir(parents=True, exist_ok=True)
+    announce(f"fm-optuna ui: starting the MLflow UI for {mask_uri(uri)} ...")
+    child = subprocess.Popen(
+        command,
+        env={**os.environ, **extra_env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # our Ctrl-C is forwarded once, on purpose, by _stop
+    )
+    assert child.stdout is not None
+    pump = threading.Thread(target=_pump, args=(child.stdout, log or sys.stderr, uri), daemon=True)
+    pump.start()
+    with _sigterm_as_stop():
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while not _healthy(url):
+                if child.poll() is not None:
+                    pump.join(timeout=2)
+                    raise ConfigError(
+                        f"The MLflow server for `{mask_uri(uri)}` exited with code "
+                        f"{child.returncode} before answering on {url} (see its output above)."
+                    )
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"The MLflow server did not answer on {url} in time.")
+                time.sleep(0.25)
+            announce(f"fm-optuna ui: MLflow UI at {url}  (Ctrl-C stops it)")
+            code = child.wait()
+            pump.join(timeout=2)
+            if code != 0:
+                announce(f"fm-optuna ui: the MLflow server exited with code {code}")
+                return 1
+            return 0
+        except (KeyboardInterrupt, _Stop):
+            _stop(child)
+            pump.join(timeout=2)
+            announce("fm-optuna ui: stopped")
+            return 0
+        finally:
+            _stop(child)  # any other way out (an error above) must not leave a server behind
+            pump.join(timeout=2)
+            child.stdout.close()

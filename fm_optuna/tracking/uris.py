@@ -1,0 +1,123 @@
+"""Tracking URIs: which store to use, where its artifacts go, and how to show a URI safely.
+
+Nothing here imports MLflow, so the command line can resolve and mask URIs (``fm-optuna ui``)
+without paying for MLflow's import.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+#: The embedded store a newcomer gets: no server, created on first use, git-ignored.
+DEFAULT_TRACKING_URI = "sqlite:///tracking/mlflow.db"
+#: Where artifacts of experiments created against a database store go, unless overridden.
+DEFAULT_ARTIFACT_ROOT = Path("tracking") / "mlartifacts"
+#: Overrides the artifact root for database stores (a shared folder, an ``s3://`` bucket, ...).
+ARTIFACT_ROOT_ENV = "FM_OPTUNA_ARTIFACT_ROOT"
+
+# Up to the next blank or quote: a password may hold raw '/' or '@' that should be escaped.
+_URI = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)(?P<rest>[^\s'\"`]*)")
+_QUERY_SECRET = re.compile(r"(?i)\b(password|passwd|pwd|token)=[^&\s]*")
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri`` if given, else ``MLFLOW_TRACKING_URI``, else :data:`DEFAULT_TRACKING_URI`."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def scheme(uri: str) -> str:
+    """The URI's scheme without its driver (``postgresql+psycopg2`` → ``postgresql``)."""
+    return urlsplit(uri).scheme.split("+", 1)[0].lower()
+
+
+def is_server(uri: str) -> bool:
+    return scheme(uri) in ("http", "https")
+
+
+def is_database(uri: str) -> bool:
+    return scheme(uri) in ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative paths are relative to the cwd)."""
+    if scheme(uri) != "sqlite":
+        return None
+    # sqlite:///relative/path and sqlite:////absolute/path (SQLAlchemy's convention).
+    path = uri.split(":///", 1)[1] if ":///" in uri else ""
+    path = path.split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+def absolute_uri(uri: str) -> str:
+    """The same store with a relative SQLite path made absolute (immune to later ``chdir``)."""
+    path = sqlite_path(uri)
+    if path is None or path.is_absolute():
+        return uri
+    query = "?" + uri.split("?", 1)[1] if "?" in uri else ""
+    return f"sqlite:///{path.resolve()}{query}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where new experiments keep their artifacts (``None``: a server decides).
+
+    A SQLite store keeps them in ``mlartifacts/`` beside the database file, so the default store
+    puts everything under ``tracking/`` (MLflow would otherwise write to ``./mlruns``).
+    ``FM_OPTUNA_ARTIFACT_ROOT`` overrides it for any database store, e.g. a folder every
+    machine of a team mounts.
+    """
+    if is_server(uri):
+        return None
+    override = os.environ.get(ARTIFACT_ROOT_ENV)
+    if override:
+        return override if "://" in override else Path(override).resolve().as_uri()
+    path = sqlite_path(uri)
+    root = path.resolve().parent / "mlartifacts" if path is not None else DEFAULT_ARTIFACT_ROOT
+    return root.resolve().as_uri()
+
+
+def _password(uri: str) -> str | None:
+    try:
+        return urlsplit(uri).password
+    except ValueError:
+        return None
+
+
+def mask_uri(text: str) -> str:
+    """Replace the password of every URI in ``text``: ``user:secret@host`` → ``user:***@host``.
+
+    Example:
+        >>> mask_uri("postgresql://ana:s3cret@db:5432/mlflow")
+        'postgresql://ana:***@db:5432/mlflow'
+    """
+
+    def hide(match: re.Match[str]) -> str:
+        rest = match["rest"]
+        if "@" not in rest:
+            return match[0]
+        # The last '@' ends the user info; masking too much is harmless, too little is not.
+        userinfo, host = rest.rsplit("@", 1)
+        if ":" not in userinfo:
+            return match[0]
+        return f"{match['scheme']}{userinfo.split(':', 1)[0]}:***@{host}"
+
+    return _QUERY_SECRET.sub(r"\1=***", _URI.sub(hide, text))
+
+
+def redact(text: str, *uris: str) -> str:
+    """:func:`mask_uri`, and every password of ``uris`` removed wherever else it appears.
+
+    Error messages from database drivers may quote a password outside any URI.
+    """
+    text = mask_uri(text)
+    for uri in uris:
+        password = _password(uri)
+        if password:
+            for form in {password, unquote(password)}:
+                if len(form) >= 3:  # masking a 1-2 character password would shred the text
+                    text = text.replace(form, "***")
+    return text
