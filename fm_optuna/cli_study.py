@@ -71,8 +71,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
     def observers(trial: optuna.Trial, config: Any) -> list[Observer]:
         return [TrialProgress(bar, trial, config.rounds)]
 
+    def tracking(problem: Any) -> Any:
+        if args.no_tracking:
+            return None
+        from fm_optuna.tracking import StudyTracking, open_store
+
+        store = open_store(
+            args.tracking_uri or spec.study.tracking_uri,
+            experiment=f"fm-optuna/study/{spec.study.name}",
+        )
+        target = problem.task(problem.target)
+        return StudyTracking(store, spec.study.name, higher_is_better=target.higher_is_better)
+
     tuner = Tuner(
-        spec, storage=args.storage, n_trials=args.n_trials, observers=observers, device=device
+        spec,
+        storage=args.storage,
+        n_trials=args.n_trials,
+        observers=observers,
+        device=device,
+        tracking=tracking,
     )
 
     def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -209,6 +226,7 @@ def add_commands(sub: Any) -> None:
         default=None,
         help="total finished trials to reach (default: the spec's n_trials)",
     )
+    _add_tracking(tune)
     _add_runtime(tune)
     tune.set_defaults(handler=cmd_tune)
 
@@ -236,6 +254,16 @@ def add_commands(sub: Any) -> None:
     )
     _add_runtime(compare)
     compare.set_defaults(handler=cmd_compare)
+
+
+def _add_tracking(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default: the spec's tracking_uri, else $MLFLOW_TRACKING_URI, else "
+        "sqlite:///tracking/mlflow.db); one experiment per study, one parent run per study",
+    )
+    parser.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:

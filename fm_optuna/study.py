@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 import torch
@@ -38,6 +38,18 @@ from fm_optuna.spec import StudySpec, check_branches_fit
 from fm_optuna.tasks import Problem
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class StudyObserver(Protocol):
+    """What the outer study needs from experiment tracking (see fm_optuna.tracking.study)."""
+
+    def observers(self, trial: optuna.Trial, config: ForkMergeConfig) -> Sequence[Observer]: ...
+
+    def mark_dead(self, study: optuna.Study, trial: FrozenTrial) -> None: ...
+
+    def finish(self, best_trial: int | None, best_value: float | None, n_trials: int) -> None: ...
+
+    def browse(self) -> list[str]: ...
 
 
 def mask_password(url: str) -> str:
@@ -188,6 +200,7 @@ class Tuner:
         on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
         device: torch.device | None = None,
         problem: Problem | None = None,
+        tracking: Callable[[Problem], StudyObserver] | None = None,
     ) -> None:
         self.spec = spec
         self.storage_url = storage or spec.study.storage
@@ -197,13 +210,26 @@ class Tuner:
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.problem = problem or self._build_problem()
         check_branches_fit(spec, len(self.problem.tasks))
+        # Opened after every cheap check and before the Optuna storage: a mistake creates nothing.
+        self.tracking = tracking(self.problem) if tracking is not None else None
         self.storage = open_storage(
             self.storage_url,
             heartbeat_seconds=spec.study.heartbeat_seconds,
             max_retry=spec.study.max_retry,
-            on_stale=on_stale,
+            on_stale=self._on_stale(on_stale),
         )
         self.checkpoints = Path(spec.study.checkpoint_dir) / spec.study.name
+
+    def _on_stale(
+        self, on_stale: Callable[[optuna.Study, FrozenTrial], None] | None
+    ) -> Callable[[optuna.Study, FrozenTrial], None]:
+        def stale(study: optuna.Study, trial: FrozenTrial) -> None:
+            if self.tracking is not None:
+                self.tracking.mark_dead(study, trial)
+            if on_stale is not None:
+                on_stale(study, trial)
+
+        return stale
 
     def _build_problem(self) -> Problem:
         problem = self.spec.problem
@@ -269,7 +295,9 @@ class Tuner:
         trial.set_user_attr("resumed_from_round", 0 if resume is None else int(resume["round"]))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         # Checkpoint first (a merge is never lost), then tracking, then the pruning decision.
-        extra = list(self.observers(trial, config)) if self.observers is not None else []
+        extra = list(self.tracking.observers(trial, config)) if self.tracking is not None else []
+        if self.observers is not None:
+            extra += self.observers(trial, config)
         observers = [Checkpointer(checkpoint_path), *extra, PruningReporter(trial)]
         events = EventStream(observers)
         state = "FAIL"
@@ -320,7 +348,11 @@ class Tuner:
                     catch=(RuntimeError, FloatingPointError),
                     gc_after_trial=False,
                 )
-        return self.report(study)
+        report = self.report(study)
+        if self.tracking is not None:
+            self.tracking.finish(report.best_trial, report.best_value, len(report.trials))
+            report.tracking["browse"] = self.tracking.browse()
+        return report
 
     def report(self, study: optuna.Study) -> TuneReport:
         trials = study.get_trials(deepcopy=False)

@@ -22,6 +22,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 if TYPE_CHECKING:
     from fm_optuna.tracking.observer import MlflowTracker, metric_key
     from fm_optuna.tracking.store import TrackingStore, default_experiment_name, open_store
+    from fm_optuna.tracking.study import StudyTracking
     from fm_optuna.tracking.uris import DEFAULT_TRACKING_URI, mask_uri, resolve_tracking_uri
 
 _WHERE = {
@@ -33,6 +34,7 @@ _WHERE = {
     "DEFAULT_TRACKING_URI": "uris",
     "mask_uri": "uris",
     "resolve_tracking_uri": "uris",
+    "StudyTracking": "study",
 }
 
 
@@ -45,6 +47,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "MlflowTracker",
+    "StudyTracking",
     "TrackingStore",
     "default_experiment_name",
     "mask_uri",

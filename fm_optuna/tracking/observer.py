@@ -214,6 +214,11 @@ class MlflowTracker(Observer):
         self.unlogged: Counter[str] = Counter()
         self._figure_warned = False
 
+    def run_id(self, run: str) -> str | None:
+        """The MLflow run id of the event stream's run ``run`` (e.g. "forkmerge"), if open."""
+        record = self._runs.get(run)
+        return None if record is None else record.run_id
+
     # --- events ---------------------------------------------------------------------------
 
     @_never_raises

@@ -18,6 +18,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tests.integration.test_tracking import tracking_database
+
 ROOT = Path(__file__).resolve().parents[2]
 URL = os.environ.get("FM_OPTUNA_TEST_POSTGRES_URL")
 N_TRIALS = 5
@@ -58,8 +60,14 @@ import sys
 sys.path.insert(0, {root!r})
 from fm_optuna.spec import load_spec
 from fm_optuna.study import Tuner
+from fm_optuna.tracking import StudyTracking, open_store
 from tests.conftest import ToyProblem
-Tuner(load_spec({spec!r}), problem=ToyProblem()).run()
+
+def tracking(problem):
+    store = open_store({mlflow!r}, experiment={name!r})
+    return StudyTracking(store, {name!r}, higher_is_better=False)
+
+Tuner(load_spec({spec!r}), problem=ToyProblem(), tracking=tracking).run()
 """
 
 
@@ -70,14 +78,19 @@ def start_worker(script: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def test_two_workers_share_the_study_and_a_killed_trial_is_retried(tmp_path: Path) -> None:
+def test_two_workers_share_the_study_and_a_killed_trial_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert URL is not None
     name = f"many-workers-{uuid.uuid4().hex[:8]}"
+    mlflow_uri = tracking_database(URL)  # MLflow in its own database on the same server
+    monkeypatch.setenv("FM_OPTUNA_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
     spec = tmp_path / "spec.toml"
     spec.write_text(
         SPEC.format(name=name, n_trials=N_TRIALS, url=URL, checkpoints=tmp_path / "ckpt")
     )
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT), spec=str(spec)))
+    script.write_text(WORKER.format(root=str(ROOT), spec=str(spec), mlflow=mlflow_uri, name=name))
     storage = optuna.storages.RDBStorage(URL)  # one engine for all polling, disposed at the end
     victim = start_worker(script, tmp_path / "victim.log")
     survivor = start_worker(script, tmp_path / "survivor.log")
@@ -107,7 +120,6 @@ def test_two_workers_share_the_study_and_a_killed_trial_is_retried(tmp_path: Pat
                 process.kill()
 
     trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    storage.engine.dispose()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     # The study reaches its total; two workers may each start a last trial (at most one extra).
     assert N_TRIALS <= len(finished) <= N_TRIALS + 1
@@ -123,3 +135,24 @@ def test_two_workers_share_the_study_and_a_killed_trial_is_retried(tmp_path: Pat
     assert [t.number for t in trials if t.state == TrialState.FAIL] == [killed_number]
     assert all(t.state != TrialState.RUNNING for t in trials)
     assert len({t.number for t in trials}) == len(trials)
+
+    # The MLflow runs match the trials: one run per trial under the study's run, same state.
+    from fm_optuna.tracking import open_store
+
+    client = open_store(mlflow_uri, experiment=name).client
+    study_run = optuna.load_study(study_name=name, storage=storage).user_attrs[
+        "mlflow_study_run_id"
+    ]
+    expected_status = {
+        TrialState.COMPLETE: "FINISHED",
+        TrialState.PRUNED: "KILLED",
+        TrialState.FAIL: "FAILED",
+    }
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in trials]
+    assert len(set(run_ids)) == len(trials)
+    for trial, run_id in zip(trials, run_ids, strict=True):
+        run = client.get_run(run_id)
+        assert run.data.tags["optuna.trial"] == str(trial.number)
+        assert run.data.tags["mlflow.parentRunId"] == study_run
+        assert run.info.status == expected_status[trial.state], trial.number
+    storage.engine.dispose()

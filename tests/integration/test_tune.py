@@ -160,3 +160,25 @@ def test_a_dead_workers_trial_fails_is_retried_and_resumes_from_its_last_merge(
     uninterrupted = run_forkmerge(ToyProblem(), config)
     assert retry.user_attrs["lambda_history"] == [list(w) for w in uninterrupted.lambda_history]
     json.dumps(retry.user_attrs)  # user attributes stay JSON
+
+
+def test_each_outer_trial_is_an_mlflow_run_under_the_study_run(tmp_path: Path) -> None:
+    from fm_optuna.tracking import StudyTracking, open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="fm-optuna/study/toy")
+    report = tuner(
+        spec_file(tmp_path, n_trials=2),
+        tracking=lambda problem: StudyTracking(store, "toy", higher_is_better=False),
+    ).run()
+    study = optuna.load_study(study_name="toy", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study_run = study.user_attrs["mlflow_study_run_id"]
+    assert store.client.get_run(study_run).data.tags["best_trial"] == str(report.best_trial)
+    for trial in study.trials:
+        run = store.client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == study_run
+        assert run.data.tags["optuna.trial"] == str(trial.number)
+        assert run.data.tags["optuna.study"] == "toy"
+        assert run.info.status == "FINISHED"
+        history = store.client.get_metric_history(run.info.run_id, "lambda/target")
+        assert len(history) == len(trial.intermediate_values)
+    assert any("MLflow study run" in line for line in report.tracking["browse"])
