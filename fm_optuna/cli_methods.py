@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fm_optuna.cli_study import _add_runtime, _torch_setup
+from fm_optuna.cli_study import _add_runtime, _add_tracking, _torch_setup, comparison_tracking
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -93,6 +93,7 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
     if "forkmerge" in methods:
         check_branches_fit(spec, len(problems[0].tasks))
     seeds = [spec.study.seed + i for i in range(args.seeds)]
+    observers = comparison_tracking(args, spec, problems[0], "compare-methods", "target")
     bar = tqdm(
         total=len(problems) * len(seeds) * len(methods),
         desc="compare-methods",
@@ -107,7 +108,13 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
 
     try:
         report = compare_methods(
-            problems, config, methods, seeds, references=args.references, on_method=done
+            problems,
+            config,
+            methods,
+            seeds,
+            references=args.references,
+            observers=observers,
+            on_method=done,
         )
     finally:
         bar.close()
@@ -327,6 +334,7 @@ def add_commands(sub: Any) -> None:
     compare.add_argument(
         "--out", default=None, help="output folder (default: tracking/compare-methods/<study>)"
     )
+    _add_tracking(compare)
     _add_runtime(compare)
     compare.set_defaults(handler=cmd_compare_methods)
 

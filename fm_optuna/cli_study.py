@@ -159,6 +159,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"{spec.path}: {error}") from None
     check_branches_fit(spec, len(problem.tasks))
     seeds = [spec.study.seed + i for i in range(args.seeds)]
+    observers = comparison_tracking(args, spec, problem, "compare", "strategy")
     bar = tqdm(
         total=len(strategies) * len(seeds),
         desc="compare",
@@ -172,7 +173,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{run.strategy} seed {run.seed}: test {run.test:.2f}")
 
     try:
-        comparison = compare_strategies(problem, config, strategies, seeds, on_run=done)
+        comparison = compare_strategies(
+            problem, config, strategies, seeds, observers=observers, on_run=done
+        )
     finally:
         bar.close()
     out = Path(args.out or Path("tracking") / "compare" / spec.study.name)
@@ -252,8 +255,35 @@ def add_commands(sub: Any) -> None:
     compare.add_argument(
         "--out", default=None, help="output folder (default: tracking/compare/<study name>)"
     )
+    _add_tracking(compare)
     _add_runtime(compare)
     compare.set_defaults(handler=cmd_compare)
+
+
+def comparison_tracking(
+    args: argparse.Namespace, spec: Any, problem: Any, kind: str, tag: str
+) -> Any:
+    """An observer factory logging each compared run to MLflow, tagged ``tag=<value>``.
+
+    One experiment per comparison and spec (``fm-optuna/<kind>/<study name>``); the store is
+    opened here, before any training, so an unreachable store is one line and no lost work.
+    """
+    if args.no_tracking:
+        return None
+    from fm_optuna.tracking import MlflowTracker, open_store
+
+    store = open_store(
+        args.tracking_uri or spec.study.tracking_uri,
+        experiment=f"fm-optuna/{kind}/{spec.study.name}",
+    )
+    higher = problem.task(problem.target).higher_is_better
+
+    def observers(value: str, seed: int) -> list[Observer]:
+        return [
+            MlflowTracker(store, tags={tag: value}, run_prefix=f"{value}-", higher_is_better=higher)
+        ]
+
+    return observers
 
 
 def _add_tracking(parser: argparse.ArgumentParser) -> None:

@@ -193,6 +193,8 @@ def test_cli_prints_json_and_saves_the_tables(
             "--json",
             "--out",
             str(out),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
         ]
     )
     captured = capsys.readouterr()
@@ -213,6 +215,18 @@ def test_cli_prints_json_and_saves_the_tables(
     assert payload["table"][0]["tg_mean"] == 0.0
     assert set(payload["snt"]["uci"]) == {"uci", "mnist", "synfont", "mnistm"}
     assert Path(payload["files"]["csv"]).is_file() and Path(payload["files"]["json"]).is_file()
+
+    # Every method's run is in MLflow, tagged with the target it was compared on.
+    from fm_optuna.tracking import open_store
+
+    store = open_store(
+        f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="fm-optuna/compare-methods/tiny-digits"
+    )
+    runs = store.client.search_runs([store.experiment_id], "tags.`fm_optuna.role` != 'branch'")
+    assert sorted(r.data.tags["method"] for r in runs) == sorted(
+        ["stl", "ew", "pcgrad", "ptft", "forkmerge"]
+    )
+    assert {r.data.tags["target"] for r in runs} == {"uci"}
 
 
 def test_cli_unknown_method_exits_2_before_training(

@@ -1,0 +1,75 @@
+"""``fm-optuna compare``: the same training once per strategy; table, files and MLflow runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fm_optuna.cli import main
+from fm_optuna.compare import compare_strategies
+from fm_optuna.forkmerge import ForkMergeConfig
+from tests.conftest import ToyProblem
+
+SPEC = """
+[study]
+name = "tiny"
+seed = 0
+[problem]
+benchmark = "digits"
+target = "uci"
+[training]
+steps = 40
+dt = 20
+branches = 3
+ranking = "given"
+"""
+
+
+def test_strategies_share_everything_but_the_search() -> None:
+    config = ForkMergeConfig(dt=10, total_steps=30, branches=3, merge_trials=5, ranking_steps=5)
+    comparison = compare_strategies(ToyProblem(), config, ["grid", "greedy", "random"], [0, 1])
+    rows = {row["strategy"]: row for row in comparison.rows()}
+    assert set(rows) == {"grid", "greedy", "random"} and rows["grid"]["seeds"] == 2
+    assert rows["grid"]["l1_from_grid"] == 0.0 and rows["random"]["l1_from_grid"] >= 0.0
+    assert rows["greedy"]["evaluations_per_merge"] == 6 * 2  # Alg. 3: 6 alphas × (L − 1)
+    assert rows["grid"]["evaluations_per_merge"] == 66
+    assert rows["random"]["evaluations_per_merge"] == 5
+    for run in comparison.runs:
+        assert len(run.lambdas) == 3
+
+
+def test_cli_prints_the_table_saves_files_and_tags_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(SPEC)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = main(
+        [
+            "compare",
+            str(spec),
+            "--strategies",
+            "grid,tpe",
+            "--seeds",
+            "1",
+            "--json",
+            "--out",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            uri,
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    payload = json.loads(captured.out)
+    assert [row["strategy"] for row in payload["table"]] == ["grid", "tpe"]
+    for kind in ("csv", "json", "plot"):
+        assert Path(payload["files"][kind]).stat().st_size > 0
+
+    from fm_optuna.tracking import open_store
+
+    store = open_store(uri, experiment="fm-optuna/compare/tiny")
+    runs = store.client.search_runs([store.experiment_id], "tags.`fm_optuna.role` = 'forkmerge'")
+    assert sorted(r.data.tags["strategy"] for r in runs) == ["grid", "tpe"]
