@@ -176,11 +176,13 @@ def _problem(args: argparse.Namespace) -> Any:
 def _check_plan(problem: Any, config: Any) -> None:
     """Validate L against the problem's tasks before any training starts."""
     from fm_optuna.branches import make_plan
+    from fm_optuna.tasks import for_plan
 
+    planned = for_plan(problem, config.plan)
     make_plan(
         "pruned" if config.plan == "joint" else config.plan,
-        target=problem.target,
-        ranked_auxiliaries=problem.auxiliaries,
+        target=planned.target,
+        ranked_auxiliaries=planned.auxiliaries,
         n_branches=config.branches,
     )
 

@@ -40,7 +40,7 @@ from fm_optuna.baselines import BASELINES, SingleTask, make_baseline, run_baseli
 from fm_optuna.errors import one_of
 from fm_optuna.events import EventStream, RunFinished
 from fm_optuna.forkmerge import ForkMergeConfig, ForkMergeResult, run_forkmerge
-from fm_optuna.tasks import Problem, Split, TaskMetrics
+from fm_optuna.tasks import Problem, Split, TaskMetrics, for_plan
 
 if TYPE_CHECKING:
     import torch
@@ -255,6 +255,7 @@ def run_methods(
             raise one_of("method", method, METHODS)
     if references not in REFERENCES:
         raise one_of("references", references, REFERENCES)
+    problem = for_plan(problem, config.plan)  # every method is judged on the same target
     events = events or EventStream()
     comparison = Comparison(problem=problem.describe(), config=config, references=references)
     target = problem.task(problem.target)

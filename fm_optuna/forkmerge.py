@@ -32,7 +32,7 @@ from fm_optuna.events import (
 from fm_optuna.merging import BranchStack
 from fm_optuna.search import MergeDecision, search_merge
 from fm_optuna.strategies import STRATEGIES, make_strategy
-from fm_optuna.tasks import Problem, Split
+from fm_optuna.tasks import Problem, Split, for_plan
 from fm_optuna.training import WeightedSum, make_optimizer, train
 
 OPTIMIZER_POLICIES = ("keep", "reset", "average")
@@ -350,6 +350,7 @@ def run_forkmerge(
     """
     events = events or EventStream()
     started = time.perf_counter()
+    problem = for_plan(problem, config.plan)
     strategy = make_strategy(config.strategy, resolution=config.grid_resolution)
     shared = seeded_model(problem, config.seed)
     progress = _Progress()

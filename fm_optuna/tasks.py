@@ -103,3 +103,66 @@ class Problem(abc.ABC):
     def describe(self) -> dict[str, object]:
         """Flat, loggable description of the problem's options (sizes, target, ...)."""
         return {"benchmark": self.name, "target": self.target}
+
+
+JOINT_TARGET = "all_tasks"
+
+
+class JointTarget(Problem):
+    """App. A.4: one model for all tasks through a pseudo-target task.
+
+    The pseudo-target ``all_tasks`` has loss L_0 = (1/K) Σ_j L_j and score P_0 = Σ_j P_j (each
+    P_j oriented so that larger is better); every original task is one of its auxiliaries, so
+    Alg. 4 (ν^1 = pseudo-target only, ..., ν^K = everything) searches for the model that is good
+    on all tasks at once.
+    """
+
+    def __init__(self, base: Problem) -> None:
+        self.base = base
+        self.name = base.name
+        self.device = base.device
+        self.target = JOINT_TARGET
+        self.tasks = (Task(JOINT_TARGET, metric="score_sum"), *base.tasks)
+
+    def make_model(self) -> nn.Module:
+        return self.base.make_model()
+
+    def shared_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return self.base.shared_parameters(model)
+
+    def task_losses(
+        self, model: nn.Module, tasks: Sequence[str], generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        wanted = [task for task in tasks if task != JOINT_TARGET]
+        needed = self.base.task_names if JOINT_TARGET in tasks else wanted
+        losses = self.base.task_losses(model, needed, generator)
+        out = {task: losses[task] for task in wanted}
+        if JOINT_TARGET in tasks:
+            out[JOINT_TARGET] = sum(losses.values()) / len(losses)  # type: ignore[assignment]
+        return out
+
+    def evaluate(
+        self, model: nn.Module, split: Split, tasks: Sequence[str] | None = None
+    ) -> dict[str, TaskMetrics]:
+        wanted = list(tasks or self.task_names)
+        needed = self.base.task_names if JOINT_TARGET in wanted else wanted
+        metrics = self.base.evaluate(model, split, needed)
+        out = {task: metrics[task] for task in wanted if task != JOINT_TARGET}
+        if JOINT_TARGET in wanted:
+            total = sum(self.base.task(task).score(metrics[task]) for task in self.base.task_names)
+            out[JOINT_TARGET] = {"score_sum": total}
+        return out
+
+    def describe(self) -> dict[str, object]:
+        return {
+            **self.base.describe(),
+            "target": JOINT_TARGET,
+            "joint_over": ",".join(self.base.task_names),
+        }
+
+
+def for_plan(problem: Problem, plan: str) -> Problem:
+    """The problem a plan trains on: the joint plan wraps it in the pseudo-target (App. A.4)."""
+    if plan == "joint" and not isinstance(problem, JointTarget):
+        return JointTarget(problem)
+    return problem

@@ -152,3 +152,24 @@ def test_affinity_ranking_is_selectable() -> None:
     assert result.ranking.method == "affinity"
     assert sorted(result.ranking.order) == ["t1", "t2", "t3"]
     assert result.ranking.relevance is not None
+
+
+def test_joint_plan_uses_the_pseudo_target_of_appendix_a4() -> None:
+    from fm_optuna.tasks import JOINT_TARGET, JointTarget
+
+    problem = ToyProblem()
+    joint = JointTarget(problem)
+    model = joint.make_model()
+    generator = torch.Generator().manual_seed(0)
+    losses = joint.task_losses(model, [JOINT_TARGET, "t1"], generator)
+    base = problem.task_losses(model, problem.task_names, torch.Generator().manual_seed(0))
+    assert losses[JOINT_TARGET].item() == pytest.approx(sum(v.item() for v in base.values()) / 4)
+    assert losses["t1"].item() == pytest.approx(base["t1"].item())
+    metrics = joint.evaluate(model, "val")
+    assert metrics[JOINT_TARGET]["score_sum"] == pytest.approx(
+        -sum(metrics[t]["mse"] for t in problem.task_names)
+    )
+
+    result = run_forkmerge(problem, config(plan="joint", branches=3))
+    assert result.branches[0].tasks == (JOINT_TARGET,)
+    assert set(result.branches[-1].tasks) == {JOINT_TARGET, *problem.task_names}
