@@ -149,12 +149,14 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
             "forkmerge / branches alone": {
                 "value": fm_seconds / alone,
                 "goal": 1.10,
-                "what": "ForkMerge wall time (pre-pass excluded) over training its L branches T steps alone",
+                "what": "ForkMerge wall time (pre-pass excluded) over its L branches trained "
+                "T steps alone",
             },
             "merge-search share": {
                 "value": t["search"] / fm_seconds,
                 "goal": 0.05,
-                "what": "share of the ForkMerge run spent in the inner studies (evaluations included)",
+                "what": "share of the ForkMerge run spent in the inner studies (evaluations "
+                "included)",
             },
             "forkmerge / ew": {
                 "value": fm_seconds / ew,
