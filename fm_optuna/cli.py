@@ -12,6 +12,7 @@ import math
 import statistics
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from fm_optuna.errors import ConfigError
@@ -247,6 +248,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from fm_optuna.errors import invalid
 
         raise invalid("seeds", args.seeds, "a positive integer")
+    if args.checkpoint and args.seeds > 1:
+        from fm_optuna.errors import invalid
+
+        raise invalid("checkpoint", args.checkpoint, "used with a single seed (--seeds 1)")
     problem = _problem(args)
     _check_plan(problem, config)
     # tracking (issue #3): after the cheap checks (no store for a mistyped command), before any
@@ -261,8 +266,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             higher = problem.task(problem.target).higher_is_better
             events.observers.append(MlflowTracker(store, higher_is_better=higher))
         try:
+            seed = args.seed + offset
+            checkpoint = Path(
+                args.checkpoint
+                or f"tracking/checkpoints/run/{args.benchmark}-{problem.target}-seed{seed}.ckpt"
+            )
             comparisons.append(
-                run_methods(problem, _config(args, seed=args.seed + offset), methods, events)
+                run_methods(
+                    problem,
+                    _config(args, seed=seed),
+                    methods,
+                    events,
+                    checkpoint=checkpoint if "forkmerge" in methods else None,
+                    resume=args.resume,
+                )
             )
         finally:
             events.close()
@@ -373,6 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--json", action="store_true", help="print the results as JSON instead of a table"
+    )
+    run.add_argument(
+        "--checkpoint",
+        default=None,
+        help="ForkMerge checkpoint written at every merge (default: "
+        "tracking/checkpoints/run/<benchmark>-<target>-seed<seed>.ckpt)",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue ForkMerge after the last merge of its checkpoint (same configuration "
+        "required); the baselines are retrained, which is deterministic for a seed",
     )
     # tracking (issue #3)
     g = run.add_argument_group("tracking (MLflow)")

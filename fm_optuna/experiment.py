@@ -28,19 +28,24 @@ every other task, so that S covers every task a method's model serves:
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from fm_optuna.baselines import BASELINES, SingleTask, make_baseline, run_baseline
+from fm_optuna.checkpoints import Checkpointer, load_checkpoint
 from fm_optuna.errors import one_of
 from fm_optuna.events import EventStream, RunFinished
 from fm_optuna.forkmerge import ForkMergeConfig, ForkMergeResult, run_forkmerge
 from fm_optuna.tasks import Problem, Split, TaskMetrics, for_plan
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -236,6 +241,23 @@ def strong_negative_transfer(
     return flags
 
 
+def _run_forkmerge(
+    problem: Problem,
+    config: ForkMergeConfig,
+    events: EventStream,
+    checkpoint: Path | None,
+    resume: bool,
+) -> ForkMergeResult:
+    """ForkMerge, checkpointed at every merge to ``checkpoint`` and resumed from it if asked."""
+    if checkpoint is None:
+        return run_forkmerge(problem, config, events)
+    snapshot = load_checkpoint(checkpoint) if resume else None
+    if resume and snapshot is None:
+        logger.warning("no checkpoint at %s yet: ForkMerge starts from the beginning", checkpoint)
+    stream = EventStream([Checkpointer(checkpoint), *events.observers])
+    return run_forkmerge(problem, config, stream, resume_from=snapshot)
+
+
 def run_methods(
     problem: Problem,
     config: ForkMergeConfig,
@@ -243,6 +265,8 @@ def run_methods(
     events: EventStream | None = None,
     *,
     references: str = "target",
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> Comparison:
     """Train every method with the same seed and budget T; TG and Δm are measured against STL.
 
@@ -270,7 +294,7 @@ def run_methods(
     for method in sorted(methods, key=lambda m: m != "stl"):
         started = time.perf_counter()
         if method == "forkmerge":
-            fm = run_forkmerge(problem, config, events)
+            fm = _run_forkmerge(problem, config, events, checkpoint, resume)
             comparison.forkmerge, model = fm, fm.model
         else:
             model = run_baseline(make_baseline(method), problem, config, events).model

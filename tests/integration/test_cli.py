@@ -95,3 +95,56 @@ def test_every_command_has_help(tmp_path: Path) -> None:
     for command in ("run", "bench", "tune", "compare"):
         result = fm(command, "--help", cwd=tmp_path)
         assert result.returncode == 0 and "usage: fm-optuna " + command in result.stdout
+
+
+def test_run_resume_continues_forkmerge_after_its_last_merge(tmp_path: Path) -> None:
+    """A run killed after its second merge, resumed with --resume, ends as if uninterrupted."""
+    import torch
+
+    from fm_optuna import cli
+    from fm_optuna.checkpoints import Checkpointer, load_checkpoint
+    from fm_optuna.events import EventStream, MergeCompleted, Observer
+    from fm_optuna.forkmerge import run_forkmerge
+
+    common = [
+        "run",
+        "--methods",
+        "forkmerge",
+        "--dt",
+        "10",
+        "--steps",
+        "40",
+        "--branches",
+        "3",
+        "--strategy",
+        "tpe",
+        "--merge-trials",
+        "4",
+        "--no-tracking",
+        "--json",
+    ]
+    full = fm(*common, "--checkpoint", str(tmp_path / "full.ckpt"), cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    expected = [m["lambda"] for m in json.loads(full.stdout)["forkmerge"]["merges"]]
+
+    class Killed(Exception):
+        pass
+
+    class KillAfterSecondMerge(Observer):
+        def on_merge_completed(self, event: MergeCompleted) -> None:
+            if event.round == 2:
+                raise Killed
+
+    # The same ForkMerge the command builds, interrupted after round 2 with its checkpoint.
+    args = cli.build_parser().parse_args(common)
+    torch.set_num_threads(1)
+    problem, config = cli._problem(args), cli._config(args)
+    partial = tmp_path / "partial.ckpt"
+    with pytest.raises(Killed):
+        run_forkmerge(problem, config, EventStream([Checkpointer(partial), KillAfterSecondMerge()]))
+    assert load_checkpoint(partial)["round"] == 2
+
+    resumed = fm(*common, "--checkpoint", str(partial), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [m["lambda"] for m in json.loads(resumed.stdout)["forkmerge"]["merges"]] == expected
+    assert load_checkpoint(partial)["round"] == 4
