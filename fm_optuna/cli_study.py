@@ -141,6 +141,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise invalid("seeds", args.seeds, "a positive integer")
     device = _torch_setup(args)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    from fm_optuna.strategies import STRATEGIES
+
+    for strategy in strategies or [""]:  # before anything is built or opened
+        if strategy not in STRATEGIES:
+            raise invalid(
+                "strategies", strategy, "a comma-separated list of " + ", ".join(STRATEGIES)
+            )
     overrides: dict[str, Any] = {}
     if args.dt is not None:
         overrides["dt"] = args.dt
