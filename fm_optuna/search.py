@@ -256,10 +256,13 @@ class DesignSampler(BaseSampler):
 
 
 @contextlib.contextmanager
-def _quiet_optuna() -> Iterator[None]:
-    """Inner studies print nothing: no per-trial INFO lines, no warnings for NaN trials."""
+def quiet_optuna(level: int = optuna.logging.ERROR) -> Iterator[None]:
+    """Optuna logs only at ``level`` and above, and no ExperimentalWarning, inside the block.
+
+    Inner studies use ERROR: they print nothing, not even the warning for a NaN trial.
+    """
     previous = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    optuna.logging.set_verbosity(level)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -345,7 +348,7 @@ def search_merge(
         # A non-finite value makes Optuna mark the trial FAIL, so samplers never learn from it.
         return score if finite else math.nan
 
-    with _quiet_optuna():
+    with quiet_optuna():
         study = optuna.create_study(direction="maximize", sampler=strategy.sampler(context))
         if strategy.uses_warm_start:
             _add_known_branches(study, strategy, context, records)

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import socket
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from fm_optuna.checkpoints import Checkpointer, load_checkpoint
 from fm_optuna.errors import ConfigError
 from fm_optuna.events import EventStream, MergeCompleted, Observer, RunFinished
 from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge, target_score
+from fm_optuna.search import quiet_optuna
 from fm_optuna.spec import StudySpec, check_branches_fit
 from fm_optuna.tasks import Problem
 
@@ -337,7 +337,8 @@ class Tuner:
     def run(
         self, callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()
     ) -> TuneReport:
-        with _quiet_trial_logs():
+        # The progress bar says what Optuna's per-trial INFO lines would, without the flood.
+        with quiet_optuna(optuna.logging.WARNING):
             study = self.create_study()
             done = len(study.get_trials(deepcopy=False, states=FINISHED))
             if done < self.n_trials:
@@ -385,17 +386,3 @@ class Tuner:
         model = self.problem.make_model().to(self.device)
         model.load_state_dict(saved["state_dict"])
         return self.problem.evaluate(model, "test", [self.problem.target])[self.problem.target]
-
-
-@contextlib.contextmanager
-def _quiet_trial_logs() -> Iterator[None]:
-    """The progress bar says what Optuna's per-trial INFO lines would, without the flood."""
-    previous = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            yield
-    finally:
-        optuna.logging.set_verbosity(previous)
-        sys.stderr.flush()
