@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from fm_optuna.errors import invalid
 
@@ -132,6 +133,35 @@ class ConvTrunk(nn.Sequential):
         )
 
 
+def inference_trunk(trunk: nn.Sequential) -> nn.Sequential:
+    """The same function as ``trunk`` in eval mode, cheaper: BatchNorm folded into the preceding
+    convolution, and ReLU moved after max-pooling (they commute; ReLU then touches 4x fewer
+    values). Evaluating a merge candidate is this forward pass, so it is worth the rebuild
+    (~0.1 ms) on every call: BatchNorm alone was a quarter of the evaluation time.
+    """
+    layers, fast = list(trunk), []
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if (
+            isinstance(layer, nn.Conv2d)
+            and i + 1 < len(layers)
+            and isinstance(layers[i + 1], nn.BatchNorm2d)
+        ):
+            layer, i = fuse_conv_bn_eval(layer, layers[i + 1]), i + 1
+        if (
+            isinstance(layer, nn.ReLU)
+            and i + 1 < len(layers)
+            and isinstance(layers[i + 1], nn.MaxPool2d)
+        ):
+            fast += [layers[i + 1], layer]
+            i += 2
+            continue
+        fast.append(layer)
+        i += 1
+    return nn.Sequential(*fast)
+
+
 class MultiHeadNet(nn.Module):
     """A shared trunk and one linear classifier per head; tasks may be routed to another's head.
 
@@ -179,10 +209,11 @@ def classify(
     forward. Sums stay on the device until the end: one synchronisation per call. The caller
     sets eval mode.
     """
+    trunk = inference_trunk(model.trunk)
     correct = torch.zeros(len(targets), dtype=torch.long, device=images.device)
     loss = torch.zeros(len(targets), dtype=torch.float64, device=images.device)
     for start in range(0, len(images), EVAL_BATCH):
-        features = model.trunk(images[start : start + EVAL_BATCH])
+        features = trunk(images[start : start + EVAL_BATCH])
         for k, (head, labels) in enumerate(targets):
             logits = model.heads[head](features)
             chunk = labels[start : start + EVAL_BATCH]

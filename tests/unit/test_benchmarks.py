@@ -370,3 +370,32 @@ class TestCache:
     def test_default_cache_dir(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv("FM_OPTUNA_CACHE", raising=False)
         assert _images.cache_dir() == Path.home() / ".cache" / "fm_optuna"
+
+
+@pytest.mark.parametrize("benchmark", IMAGE_BENCHMARKS)
+def test_inference_trunk_computes_the_same_function_in_eval_mode(
+    benchmark: str, cache: Path
+) -> None:
+    problem = small(benchmark)
+    torch.manual_seed(0)
+    model = problem.make_model()
+    with torch.no_grad():  # move BatchNorm statistics and affine parameters off their defaults
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    images = torch.randn(8, *model_input_shape(problem)).contiguous(
+        memory_format=torch.channels_last
+    )
+    fast = _images.inference_trunk(model.trunk)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fast(images), model.trunk(images), rtol=1e-4, atol=1e-5)
+
+
+def model_input_shape(problem: Problem) -> tuple[int, ...]:
+    first = next(m for m in problem.make_model().modules() if isinstance(m, nn.Conv2d))
+    return (first.in_channels, 28, 28)
