@@ -203,6 +203,14 @@ def cmd_task_affinity(args: argparse.Namespace) -> int:
     steps = args.affinity_steps or config.ranking_steps or config.dt
     seeds = [spec.study.seed + i for i in range(args.seeds)]
     out = Path(args.out or Path("tracking") / "task-affinity" / spec.study.name)
+    store = None
+    if not args.no_tracking:  # opened before any training: a bad store costs nothing
+        from fm_optuna.tracking import open_store
+
+        store = open_store(
+            args.tracking_uri or spec.study.tracking_uri,
+            experiment=f"fm-optuna/task-affinity/{spec.study.name}",
+        )
     records = []
     for seed in tqdm(seeds, desc="task-affinity", unit="seed", disable=None, file=sys.stderr):
         seeded = dataclasses.replace(config, seed=seed)
@@ -262,6 +270,35 @@ def cmd_task_affinity(args: argparse.Namespace) -> int:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "affinity.json").write_text(json.dumps(finite(summary), indent=2))
+    if store is not None:  # the heat map as an MLflow artifact (the paper's Fig. 8/14)
+        from fm_optuna.tracking.files import log_result_run
+
+        log_result_run(
+            store,
+            f"task-affinity-{problem.target}",
+            params={
+                "benchmark": spec.problem.benchmark,
+                "target": problem.target,
+                "steps": steps,
+                "seeds": len(seeds),
+                "lookahead": args.lookahead,
+            },
+            metrics={
+                key: summary[key]
+                for key in (
+                    "prepass_seconds_mean",
+                    "affinity_seconds_mean",
+                    "kendall_tau_mean",
+                    "same_first_rate",
+                    "identical_rate",
+                )
+            },
+            files=[
+                out / "affinity.png",
+                out / "affinity.json",
+                *(out / f"affinity_seed{seed}.png" for seed in seeds),
+            ],
+        )
     if args.json:
         print(json.dumps(finite(summary), indent=2))
         return 0
@@ -360,5 +397,6 @@ def add_commands(sub: Any) -> None:
     affinity.add_argument(
         "--out", default=None, help="output folder (default: tracking/task-affinity/<study>)"
     )
+    _add_tracking(affinity)
     _add_runtime(affinity)
     affinity.set_defaults(handler=cmd_task_affinity)

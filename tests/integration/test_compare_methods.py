@@ -240,3 +240,40 @@ def test_cli_unknown_method_exits_2_before_training(
     assert "Parameter `methods` should be one of" in captured.err
     assert "Found `methods = nope`" in captured.err
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_task_affinity_cli_saves_and_logs_the_heat_map(
+    main: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(SPEC)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = main(
+        [
+            "task-affinity",
+            str(spec),
+            "--seeds",
+            "1",
+            "--affinity-steps",
+            "3",
+            "--json",
+            "--out",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            uri,
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    payload = json.loads(captured.out)
+    n = len(payload["tasks"])
+    assert len(payload["mean_matrix"]) == n and all(len(row) == n for row in payload["mean_matrix"])
+    assert Path(payload["files"]["heatmap"]).stat().st_size > 0
+
+    from fm_optuna.tracking import open_store
+
+    store = open_store(uri, experiment="fm-optuna/task-affinity/tiny-digits")
+    (run,) = store.client.search_runs([store.experiment_id])
+    names = {a.path for a in store.client.list_artifacts(run.info.run_id)}
+    assert {"affinity.png", "affinity.json"} <= names
+    assert "kendall_tau_mean" in run.data.metrics
