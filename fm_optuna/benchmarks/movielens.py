@@ -290,6 +290,14 @@ class MovieLensProblem(Problem):
             raise one_of("task", task, self.task_names)
         return group, kind
 
+    def shared_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Embeddings and the bottom MLP; each task's tower is its own (the ``heads`` here)."""
+        return [
+            parameter
+            for name, parameter in model.named_parameters()
+            if parameter.requires_grad and not name.startswith("towers.")
+        ]
+
     def make_model(self) -> SharedBottom:
         """Shared embeddings and bottom, one tower per task (ESMM pairs with ``model="esmm"``)."""
         esmm = (

@@ -201,3 +201,12 @@ class TestProblem:
     def test_bad_options(self, options: dict[str, object], parameter: str) -> None:
         with pytest.raises(ConfigError, match=parameter):
             problem_of(**options)
+
+
+def test_towers_are_task_specific_for_the_gradient_methods() -> None:
+    problem = build_problem("movielens", batch_size=64)
+    model = problem.make_model()
+    shared = {id(p) for p in problem.shared_parameters(model)}
+    towers = {id(p) for p in model.towers.parameters()}
+    assert shared and towers and not shared & towers
+    assert {id(p) for p in model.embedding.parameters()} <= shared
