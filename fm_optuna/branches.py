@@ -36,10 +36,6 @@ def default_branch_count(n_tasks: int) -> int:
     return max(2, math.ceil(math.log2(n_tasks)))
 
 
-def max_branches(plan: str, n_tasks: int) -> int:
-    return n_tasks
-
-
 def pairwise_plan(target: str, auxiliaries: Sequence[str]) -> list[Branch]:
     branches = [Branch("target", {target: 1.0})]
     branches += [Branch(f"target+{aux}", {target: 1.0, aux: 1.0}) for aux in auxiliaries]

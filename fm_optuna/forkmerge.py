@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fm_optuna.branches import PLANS, Branch, make_plan
+from fm_optuna.branches import PLANS, Branch, default_branch_count, make_plan
 from fm_optuna.errors import invalid, one_of
 from fm_optuna.events import (
     BranchesEvaluated,
@@ -208,8 +208,6 @@ def _needs_order(config: ForkMergeConfig, n_aux: int) -> bool:
     if config.plan == "pairwise" or n_aux < 2:
         return False
     if n_branches is None:
-        from fm_optuna.branches import default_branch_count
-
         n_branches = default_branch_count(n_aux + 1)
     return n_branches > 2
 
