@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -111,6 +112,31 @@ def _slug(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "experiment"
 
 
+def _client(uri: str, attempts: int = 5) -> MlflowClient:
+    """An MLflow client whose store is ready, even if another worker is creating its tables.
+
+    Several workers of one shared study may open a brand-new database at the same moment; all
+    but one then fail on MLflow's table creation (unique violations) while the first is still
+    migrating. They wait and try again instead of giving up.
+    """
+    from mlflow import MlflowClient
+
+    for attempt in range(attempts):
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # forces the store (and its tables) now
+            return client
+        except Exception as error:
+            racing = any(
+                sign in str(error)
+                for sign in ("already exists", "UniqueViolation", "IntegrityError")
+            )
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
 def open_store(uri: str | None = None, *, experiment: str) -> TrackingStore:
     """Open (creating on first use) the store and the experiment; raise one-line errors.
 
@@ -139,25 +165,30 @@ def open_store(uri: str | None = None, *, experiment: str) -> TrackingStore:
     if not experiment.strip():
         raise ConfigError("Parameter `experiment` should be a non-empty name. Found `''`.")
 
-    from mlflow import MlflowClient
-
     try:
         with warnings.catch_warnings():
             # mlflow 3.17's SQL store maps a relationship with SQLAlchemy 2's deprecated
             # `noload`; the warning fires once per process, here, and no user can act on it.
             warnings.filterwarnings("ignore", message="The ``noload`` loader strategy")
-            client = MlflowClient(tracking_uri=uri)
+            client = _client(uri)
             found = client.get_experiment_by_name(experiment)
         if found is None:
             root = artifact_root(uri)
             location = None if root is None else f"{root.rstrip('/')}/{_slug(experiment)}"
-            experiment_id = client.create_experiment(
-                experiment,
-                artifact_location=location,
-                # The MLflow 3 UI then opens it as model training rather than GenAI.
-                tags={"mlflow.experimentKind": "custom_model_development"},
-            )
-            found = client.get_experiment(experiment_id)
+            try:
+                experiment_id = client.create_experiment(
+                    experiment,
+                    artifact_location=location,
+                    # The MLflow 3 UI then opens it as model training rather than GenAI.
+                    tags={"mlflow.experimentKind": "custom_model_development"},
+                )
+                found = client.get_experiment(experiment_id)
+            except Exception:
+                # Workers of one shared study start together: another may have created it
+                # between our look-up and our create. Only a still-missing experiment is an error.
+                found = client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
     except Exception as error:
         raise _fail(uri, _first_line(error, uri)) from None
     if found.lifecycle_stage != "active":

@@ -49,18 +49,32 @@ class StudyTracking:
         self.study_run_id: str | None = None
 
     def _study_run(self, study: optuna.Study) -> str:
+        """The study's run, the same for every worker even when they start together.
+
+        The earliest run tagged as this study's wins: a worker that finds none creates one and
+        then adopts the earliest it can see, so two workers creating at once agree (a run that
+        lost such a race stays behind, empty; it is never deleted under another worker's feet).
+        """
         if self.study_run_id is None:
-            existing = study.user_attrs.get(STUDY_RUN_ATTR)
-            if existing is None:
-                run = self.store.client.create_run(
+            runs = self._study_runs()
+            if not runs:
+                self.store.client.create_run(
                     self.store.experiment_id,
                     run_name=f"study-{self.study_name}",
                     tags={"fm_optuna.role": "study", "optuna.study": self.study_name},
                 )
-                existing = run.info.run_id
-                study.set_user_attr(STUDY_RUN_ATTR, existing)
-            self.study_run_id = str(existing)
+                runs = self._study_runs()
+            self.study_run_id = runs[0].info.run_id
+            if study.user_attrs.get(STUDY_RUN_ATTR) != self.study_run_id:
+                study.set_user_attr(STUDY_RUN_ATTR, self.study_run_id)
         return self.study_run_id
+
+    def _study_runs(self) -> list[Any]:
+        runs = self.store.client.search_runs(
+            [self.store.experiment_id],
+            f"tags.`fm_optuna.role` = 'study' and tags.`optuna.study` = '{self.study_name}'",
+        )
+        return sorted(runs, key=lambda run: (run.info.start_time, run.info.run_id))
 
     def observers(self, trial: optuna.Trial, config: Any) -> Sequence[Observer]:
         tags = {

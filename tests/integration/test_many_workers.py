@@ -6,12 +6,14 @@ FM_OPTUNA_TEST_POSTGRES_URL. Without it the test is skipped with that reason.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -71,6 +73,30 @@ Tuner(load_spec({spec!r}), problem=ToyProblem(), tracking=tracking).run()
 """
 
 
+READ_RUNS = """
+import json, sys
+from fm_optuna.tracking import open_store
+store = open_store(sys.argv[1], experiment=sys.argv[2])
+runs = {{}}
+for run_id in sys.argv[3:]:
+    run = store.client.get_run(run_id)
+    runs[run_id] = [run.data.tags, run.info.status]
+print(json.dumps(runs))
+"""
+
+
+def mlflow_runs(uri: str, experiment: str, run_ids: list[str]) -> dict[str, list[object]]:
+    result = subprocess.run(
+        [sys.executable, "-c", READ_RUNS.format(), uri, experiment, *run_ids],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
 def start_worker(script: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as output:  # the child keeps its own descriptor
         return subprocess.Popen(
@@ -78,8 +104,17 @@ def start_worker(script: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+@pytest.fixture
+def storage() -> Iterator[optuna.storages.RDBStorage]:
+    """One engine for all polling, disposed even when the test fails (no leaked connections)."""
+    assert URL is not None
+    rdb = optuna.storages.RDBStorage(URL)
+    yield rdb
+    rdb.engine.dispose()
+
+
 def test_two_workers_share_the_study_and_a_killed_trial_is_retried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, storage: optuna.storages.RDBStorage
 ) -> None:
     assert URL is not None
     name = f"many-workers-{uuid.uuid4().hex[:8]}"
@@ -91,12 +126,11 @@ def test_two_workers_share_the_study_and_a_killed_trial_is_retried(
     )
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT), spec=str(spec), mlflow=mlflow_uri, name=name))
-    storage = optuna.storages.RDBStorage(URL)  # one engine for all polling, disposed at the end
     victim = start_worker(script, tmp_path / "victim.log")
     survivor = start_worker(script, tmp_path / "survivor.log")
     try:
         # Wait until the victim is in the middle of a trial: RUNNING, past its first merge.
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         killed_number = None
         while killed_number is None and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -137,22 +171,20 @@ def test_two_workers_share_the_study_and_a_killed_trial_is_retried(
     assert len({t.number for t in trials}) == len(trials)
 
     # The MLflow runs match the trials: one run per trial under the study's run, same state.
-    from fm_optuna.tracking import open_store
-
-    client = open_store(mlflow_uri, experiment=name).client
+    # Read in a child process: MLflow's engine would leave pooled connections to this one.
     study_run = optuna.load_study(study_name=name, storage=storage).user_attrs[
         "mlflow_study_run_id"
     ]
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in trials]
+    assert len(set(run_ids)) == len(trials)
+    runs = mlflow_runs(mlflow_uri, name, run_ids)
     expected_status = {
         TrialState.COMPLETE: "FINISHED",
         TrialState.PRUNED: "KILLED",
         TrialState.FAIL: "FAILED",
     }
-    run_ids = [t.user_attrs["mlflow_run_id"] for t in trials]
-    assert len(set(run_ids)) == len(trials)
     for trial, run_id in zip(trials, run_ids, strict=True):
-        run = client.get_run(run_id)
-        assert run.data.tags["optuna.trial"] == str(trial.number)
-        assert run.data.tags["mlflow.parentRunId"] == study_run
-        assert run.info.status == expected_status[trial.state], trial.number
-    storage.engine.dispose()
+        tags, status = runs[run_id]
+        assert tags["optuna.trial"] == str(trial.number)
+        assert tags["mlflow.parentRunId"] == study_run
+        assert status == expected_status[trial.state], trial.number
