@@ -29,7 +29,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from fm_optuna.benchmarks import build_problem
-from fm_optuna.checkpoints import Checkpointer, load_checkpoint
+from fm_optuna.checkpoints import Checkpointer, load_checkpoint, save_checkpoint
 from fm_optuna.errors import ConfigError
 from fm_optuna.events import EventStream, MergeCompleted, Observer, RunFinished
 from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge, target_score
@@ -196,7 +196,6 @@ class Tuner:
         storage: str | None = None,
         n_trials: int | None = None,
         observers: Callable[[optuna.Trial, ForkMergeConfig], Sequence[Observer]] | None = None,
-        on_trial_end: Callable[[optuna.Trial, str], None] | None = None,
         on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
         device: torch.device | None = None,
         problem: Problem | None = None,
@@ -206,7 +205,6 @@ class Tuner:
         self.storage_url = storage or spec.study.storage
         self.n_trials = n_trials or spec.study.n_trials
         self.observers = observers
-        self.on_trial_end = on_trial_end
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.problem = problem or self._build_problem()
         check_branches_fit(spec, len(self.problem.tasks))
@@ -300,12 +298,10 @@ class Tuner:
             extra += self.observers(trial, config)
         observers = [Checkpointer(checkpoint_path), *extra, PruningReporter(trial)]
         events = EventStream(observers)
-        state = "FAIL"
         try:
             result = run_forkmerge(self.problem, config, events, resume_from=resume)
             score, metrics = target_score(self.problem, result.model)
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-            torch.save(
+            save_checkpoint(  # atomic: a saved final model is always a whole one
                 {"state_dict": result.model.state_dict(), "config": config.as_params()},
                 self.model_path(trial.number),
             )
@@ -320,10 +316,8 @@ class Tuner:
                     status="COMPLETE",
                 )
             )
-            state = "COMPLETE"
             return score
         except optuna.TrialPruned:
-            state = "PRUNED"
             events.emit(RunFinished(run="forkmerge", summary={}, seconds=0.0, status="PRUNED"))
             raise
         except Exception:
@@ -331,8 +325,6 @@ class Tuner:
             raise
         finally:
             events.close()
-            if self.on_trial_end is not None:
-                self.on_trial_end(trial, state)
 
     def run(
         self, callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()
