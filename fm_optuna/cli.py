@@ -153,17 +153,11 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def _problem(args: argparse.Namespace) -> Any:
-    import torch
-
     from fm_optuna.benchmarks import build_problem
+    from fm_optuna.cli_study import _torch_setup
     from fm_optuna.errors import invalid
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads < 1:
-        raise invalid("threads", args.threads, "a positive integer")
-    torch.set_num_threads(args.threads)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise invalid("device", args.device, "cpu (no CUDA device is available)")
+    device = _torch_setup(args)
     options: dict[str, Any] = {"batch_size": args.batch_size}
     if args.harmful_aux:
         if args.benchmark != "digits":
