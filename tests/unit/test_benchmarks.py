@@ -391,9 +391,24 @@ def test_inference_trunk_computes_the_same_function_in_eval_mode(
         memory_format=torch.channels_last
     )
     fast = _images.inference_trunk(model.trunk)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d | nn.MaxPool2d) for m in fast.modules())
     with torch.no_grad():
         torch.testing.assert_close(fast(images), model.trunk(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 24, 24), (2, 5, 7, 9), (1, 1, 2, 2)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_max_pool_2x2_equals_torch_max_pool(
+    shape: tuple[int, ...], layout: torch.memory_format
+) -> None:
+    images = torch.randn(*shape).contiguous(memory_format=layout)
+    assert torch.equal(_images.MaxPool2x2()(images), nn.MaxPool2d(2)(images))
+
+
+def test_inference_trunk_keeps_pools_it_cannot_replace() -> None:
+    trunk = nn.Sequential(nn.MaxPool2d(3), nn.MaxPool2d(2, ceil_mode=True), nn.MaxPool2d(2))
+    kinds = [type(m) for m in _images.inference_trunk(trunk)]
+    assert kinds == [nn.MaxPool2d, nn.MaxPool2d, _images.MaxPool2x2]
 
 
 def model_input_shape(problem: Problem) -> tuple[int, ...]:
