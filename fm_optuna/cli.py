@@ -47,6 +47,21 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="digits: add MNIST with random labels sharing the target's head (a noisy source)",
     )
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="nyuv2, domainnet, aliexpress: the local folder holding the data set in its "
+        "published layout (nothing is ever downloaded)",
+    )
+    g.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other option of the benchmark, as under [problem] in a study file (values in "
+        "TOML syntax, bare words as text), e.g. --option image_size=32 --option "
+        "domains=clipart,sketch; repeatable",
+    )
     g.add_argument("--batch-size", type=int, default=32, help="per-task batch size (default: 32)")
     g.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
@@ -152,20 +167,50 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Any:
     return ForkMergeConfig(**values)
 
 
+def benchmark_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as benchmark options; values are read as TOML (``32``, ``0.1``,
+    ``true``, ``["a", "b"]``) and anything TOML cannot read is kept as text (``clipart,sketch``).
+
+    Example:
+        >>> benchmark_options(["image_size=32", "domains=clipart,sketch"])
+        {'image_size': 32, 'domains': 'clipart,sketch'}
+    """
+    import tomllib
+
+    from fm_optuna.errors import invalid
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise invalid("option", pair, "KEY=VALUE with KEY a benchmark option, e.g. limit=500")
+        try:
+            options[key] = tomllib.loads(f"value = {text.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            options[key] = text.strip()
+    return options
+
+
 def _problem(args: argparse.Namespace) -> Any:
-    from fm_optuna.benchmarks import build_problem
+    from fm_optuna.benchmarks import BENCHMARKS, build_problem, options
     from fm_optuna.cli_study import _torch_setup
     from fm_optuna.errors import invalid
 
     device = _torch_setup(args)
-    options: dict[str, Any] = {"batch_size": args.batch_size}
+    extra: dict[str, Any] = {"batch_size": args.batch_size}
     if args.harmful_aux:
         if args.benchmark != "digits":
             raise invalid("harmful_aux", True, "used only with --benchmark digits")
-        options["harmful_aux"] = True
-    return build_problem(
-        args.benchmark, target=args.target, seed=args.seed, device=device, **options
-    )
+        extra["harmful_aux"] = True
+    if args.data_dir is not None:
+        if "data_dir" not in options(args.benchmark):
+            readers = [name for name in BENCHMARKS if "data_dir" in options(name)]
+            allowed = f"used only with --benchmark {', '.join(readers)}"
+            raise invalid("data_dir", args.data_dir, allowed)
+        extra["data_dir"] = args.data_dir
+    extra.update(benchmark_options(args.option))
+    return build_problem(args.benchmark, target=args.target, seed=args.seed, device=device, **extra)
 
 
 def _check_plan(problem: Any, config: Any) -> None:

@@ -22,6 +22,10 @@ _MODULES = {
     "multimnist": "fm_optuna.benchmarks.multimnist",
     "qm9": "fm_optuna.benchmarks.qm9",
     "movielens": "fm_optuna.benchmarks.movielens",
+    # The paper's data sets, read from a local folder (option `data_dir`).
+    "nyuv2": "fm_optuna.benchmarks.nyuv2",
+    "domainnet": "fm_optuna.benchmarks.domainnet",
+    "aliexpress": "fm_optuna.benchmarks.aliexpress",
 }
 
 BENCHMARKS: tuple[str, ...] = tuple(_MODULES)

@@ -8,11 +8,11 @@ eV for energies; U0, U, H and G are atomisation energies, see :mod:`fm_optuna.da
 Lower MAE is better.
 
 Data. All 130,831 molecules of QM9 ship inside ``qm9pack``; they are turned into graphs once and
-cached on disk (:func:`fm_optuna.datasets.qm9.qm9pack_molecules`). With ``root`` the molecules come
-from PyG's raw QM9 files in that folder instead. A random permutation fixed by ``data_seed`` is
-laid out as ``[test | val | train]`` with ``subset_test``, ``subset_val`` and ``subset_train``
-molecules, so changing the training size never changes the evaluation sets. ``limit`` restricts
-the pool to the first molecules of the source (a small, fast cache for tests).
+cached on disk (:func:`fm_optuna.datasets.qm9.qm9pack_molecules`). With ``data_dir`` the
+molecules come from PyG's raw QM9 files in that folder instead. A random permutation fixed by
+``data_seed`` is laid out as ``[test | val | train]`` with ``subset_test``, ``subset_val`` and
+``subset_train`` molecules, so changing the training size never changes the evaluation sets.
+``limit`` restricts the pool to the first molecules of the source (a small, fast cache for tests).
 
 Model (:class:`MPNN`). Gilmer et al.'s MPNN as in PyG's ``examples/qm9_nn_conv.py``: an input
 layer, three rounds of an edge-network convolution (``NNConv`` with mean aggregation) whose output
@@ -217,7 +217,7 @@ class QM9Problem(Problem):
         subset_test: int,
         data_seed: int,
         limit: int | None,
-        root: str | None,
+        data_dir: str | None,
         hidden: int,
         edge_hidden: int,
     ) -> None:
@@ -233,11 +233,11 @@ class QM9Problem(Problem):
             "subset_test": subset_test,
             "data_seed": data_seed,
             "limit": limit if limit is not None else "all",
-            "source": "qm9pack" if root is None else "pyg_raw",
+            "source": "qm9pack" if data_dir is None else "pyg_raw",
         }
         self.tasks = tuple(Task(name, metric="mae", higher_is_better=False) for name in TARGETS)
 
-        store = molecules(limit=limit, root=root)
+        store = molecules(limit=limit, root=data_dir)
         needed = subset_train + subset_val + subset_test
         if needed > len(store):
             raise invalid(
@@ -348,7 +348,7 @@ def build(
     subset_test: int = 2_000,
     data_seed: int = 0,
     limit: int | None = None,
-    root: str | None = None,
+    data_dir: str | None = None,
     hidden: int = 64,
     edge_hidden: int = 8,
 ) -> QM9Problem:
@@ -367,7 +367,7 @@ def build(
         data_seed: Seed of the random split.
         limit: Use only the first ``limit`` molecules of the source (processed into a separate,
             fast cache); ``None`` for all 130,831.
-        root: A folder with PyG's raw QM9 files (``raw/gdb9.sdf`` ...) to use instead of
+        data_dir: A folder with PyG's raw QM9 files (``raw/gdb9.sdf`` ...) to use instead of
             qm9pack's copy.
         hidden: The MPNN's node state size.
         edge_hidden: Hidden units of the edge network.
@@ -389,8 +389,8 @@ def build(
     check_non_negative(data_seed=data_seed)
     if limit is not None:
         check_positive(limit=limit)
-    if root is not None and not isinstance(root, str):
-        raise invalid("root", root, "a folder path (a string) or absent")
+    if data_dir is not None and not isinstance(data_dir, str):
+        raise invalid("data_dir", data_dir, "a folder path (a string) or absent")
     return QM9Problem(
         target=target,
         seed=seed,
@@ -401,7 +401,7 @@ def build(
         subset_test=subset_test,
         data_seed=data_seed,
         limit=limit,
-        root=root,
+        data_dir=data_dir,
         hidden=hidden,
         edge_hidden=edge_hidden,
     )

@@ -6,7 +6,7 @@ Nothing here downloads: each loader checks its folder first and raises one
 - :mod:`~fm_optuna.datasets.qm9`: QM9 graphs from qm9pack's bundled CSVs or PyG's raw files.
 - :mod:`~fm_optuna.datasets.nyuv2`: NYUv2 in MTAN's ``.npy`` layout, and a DeepLab-style net.
 - :mod:`~fm_optuna.datasets.domainnet`: DomainNet image folders and lists, and a ResNet-18.
-- :mod:`~fm_optuna.datasets.aliexpress`: AliExpress CSVs (MTReclib layout), shared-bottom model.
+- :mod:`~fm_optuna.datasets.aliexpress`: AliExpress CSVs (MTReclib layout).
 - :mod:`~fm_optuna.datasets.ctr`: the shared-bottom/ESMM model and a rank-based AUC.
 
 Model code imports torchvision lazily, so importing this package stays cheap.
@@ -17,7 +17,6 @@ from __future__ import annotations
 from fm_optuna.datasets.aliexpress import (
     COUNTRIES,
     CTRTable,
-    aliexpress_model,
     field_dims,
     load_aliexpress,
 )
@@ -44,7 +43,6 @@ __all__ = [
     "NYUv2",
     "NYUv2Net",
     "SharedBottom",
-    "aliexpress_model",
     "auc",
     "field_dims",
     "load_aliexpress",

@@ -19,13 +19,17 @@ SHOWN = 5
 def folder_error(
     dataset: str, root: Path, expected: Sequence[str], missing: Sequence[str]
 ) -> ConfigError:
-    """The one error every loader raises: what was expected under ``root`` and what is missing."""
+    """The one error every loader raises: what was expected under ``root`` and what is missing.
+
+    It names ``data_dir``, the option through which users give the folder (CLI ``--data-dir``,
+    ``[problem] data_dir`` in a study file), rather than the loaders' argument ``root``.
+    """
     shown = ", ".join(missing[:SHOWN])
     if len(missing) > SHOWN:
         shown += f", … ({len(missing)} in all)"
     return ConfigError(
-        f"Parameter `root` should be a folder with the {dataset} layout: "
-        f"{'; '.join(expected)}. Found `root = {root}` (missing: {shown})."
+        f"Parameter `data_dir` should be a folder with the {dataset} layout: "
+        f"{'; '.join(expected)}. Found `data_dir = {root}` (missing: {shown})."
     )
 
 
@@ -46,7 +50,7 @@ def require(
     Example:
         >>> require("QM9", "/nowhere", ["raw/gdb9.sdf"])  # doctest: +SKIP
         Traceback (most recent call last):
-        fm_optuna.errors.ConfigError: Parameter `root` should be a folder with the QM9 layout: ...
+        fm_optuna.errors.ConfigError: Parameter `data_dir` should be a folder with the QM9 ...
     """
     path = Path(root).expanduser()
     described = list(layout) or list(expected)

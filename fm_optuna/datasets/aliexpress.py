@@ -12,17 +12,15 @@ found by name, so the counts may differ (the test fixtures use fewer).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fm_optuna.datasets._folder import require
-from fm_optuna.datasets.ctr import SharedBottom
 from fm_optuna.errors import ConfigError, one_of
 
-__all__ = ["COUNTRIES", "CTRTable", "aliexpress_model", "field_dims", "load_aliexpress"]
+__all__ = ["COUNTRIES", "CTRTable", "field_dims", "load_aliexpress"]
 
 COUNTRIES: tuple[str, ...] = ("ES", "FR", "NL", "US")
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -43,8 +41,11 @@ class CTRTable:
         return len(self.click)
 
 
-def load_aliexpress(root: str | Path, country: str, split: str = "train") -> CTRTable:
-    """Read ``root/AliExpress_<country>/<split>.csv``.
+def load_aliexpress(
+    root: str | Path, country: str, split: str = "train", *, rows: int | None = None
+) -> CTRTable:
+    """Read ``root/AliExpress_<country>/<split>.csv``, or only its first ``rows`` rows (the full
+    files have millions; a CPU try reads a head).
 
     Raises:
         ConfigError: When the file is missing or lacks the expected columns.
@@ -61,7 +62,7 @@ def load_aliexpress(root: str | Path, country: str, split: str = "train") -> CTR
     relative = f"AliExpress_{country}/{split}.csv"
     layout = [f"AliExpress_<country>/{s}.csv" for s in SPLITS]
     path = require("AliExpress", root, [relative], layout=layout) / relative
-    frame = pd.read_csv(path)
+    frame = pd.read_csv(path, nrows=rows)
     categorical = [c for c in frame.columns if str(c).startswith("categorical_")]
     numerical = [c for c in frame.columns if str(c).startswith("numerical_")]
     if not categorical or "click" not in frame.columns or "conversion" not in frame.columns:
@@ -80,12 +81,3 @@ def field_dims(*tables: CTRTable) -> list[int]:
     """Embedding sizes per categorical field: the largest code in any table, plus one."""
     largest = torch.stack([table.categorical.max(dim=0).values for table in tables])
     return [int(value) + 1 for value in largest.max(dim=0).values]
-
-
-def aliexpress_model(
-    dims: Sequence[int], numerical: int, countries: Sequence[str] = COUNTRIES, *, esmm: bool = False
-) -> SharedBottom:
-    """The shared-bottom model over ``<country>_click`` and ``<country>_conversion`` tasks."""
-    tasks = [f"{country}_{kind}" for country in countries for kind in ("click", "conversion")]
-    pairs = {f"{c}_conversion": f"{c}_click" for c in countries} if esmm else None
-    return SharedBottom(dims, numerical, tasks, esmm=pairs)

@@ -27,18 +27,27 @@ def fm(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(
-    ("benchmark", "extra"),
+    ("benchmark", "extra", "problem"),
     [
-        ("digits", ["--target", "mnistm", "--branches", "3", "--strategy", "tpe", "--harmful-aux"]),
-        ("multimnist", ["--strategy", "binary", "--plan", "pairwise"]),
+        (
+            "digits",
+            ["--target", "mnistm", "--branches", "3", "--strategy", "tpe", "--harmful-aux"],
+            {"target": "mnistm", "harmful_aux": True},
+        ),
+        (
+            "multimnist",
+            ["--strategy", "binary", "--plan", "pairwise", "--option", "n_train=600"],
+            {"target": "left", "n_train": 600},
+        ),
     ],
 )
 def test_a_small_run_on_each_benchmark_prints_well_formed_json(
-    tmp_path: Path, benchmark: str, extra: list[str]
+    tmp_path: Path, benchmark: str, extra: list[str], problem: dict[str, object]
 ) -> None:
     result = fm("run", "--benchmark", benchmark, *SMALL, *extra, "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     payload = json.loads(result.stdout)
+    assert problem.items() <= payload["problem"].items()
     assert [r["method"] for r in payload["results"]] == ["stl", "ew", "forkmerge"]
     stl, ew, _ = payload["results"]
     assert stl["tg"] == 0.0 and isinstance(ew["tg"], float)
@@ -61,7 +70,7 @@ def test_the_table_names_every_method_and_the_lambda_of_each_merge(tmp_path: Pat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", "--benchmark", "svhn"], "Parameter `benchmark` should be one of digits"),
+        (["run", "--benchmark", "svhn"], "Parameter `benchmark` should be one of aliexpress, dig"),
         (
             ["run", "--target", "kanji"],
             "Parameter `target` should be one of mnist, mnistm, synfont, uci",
@@ -77,6 +86,18 @@ def test_the_table_names_every_method_and_the_lambda_of_each_merge(tmp_path: Pat
         (["run", "--dt", "abc"], "invalid int value: 'abc'"),
         (["tune", "studies/missing.toml"], "Parameter `spec` should be an existing TOML file"),
         (["compare", "studies/digits.toml", "--strategies", "grid,nope"], "Parameter `strategies`"),
+        (
+            ["run", "--data-dir", "somewhere"],
+            "Parameter `data_dir` should be used only with --benchmark qm9, nyuv2, domainnet",
+        ),
+        (
+            ["run", "--benchmark", "nyuv2", "--data-dir", "no/such/folder"],
+            "Parameter `data_dir` should be a folder with the NYUv2",
+        ),
+        (["run", "--benchmark", "aliexpress"], "Parameter `data_dir`"),
+        (["run", "--option", "image_size"], "Parameter `option` should be KEY=VALUE"),
+        (["run", "--option", "colour=red"], "Parameter `colour` is not an option of the digits"),
+        (["run", "--option", "target_train=-3"], "Parameter `target_train` should be a positive"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(

@@ -118,7 +118,7 @@ class TestQm9Raw:
         problem = build_problem(
             "qm9",
             target="alpha",
-            root=str(tmp_path),
+            data_dir=str(tmp_path),
             subset_train=7,
             subset_val=2,
             subset_test=2,
@@ -322,12 +322,21 @@ class TestAliExpress:
         dims = aliexpress.field_dims(train, test)
         assert all(d <= limit for d, limit in zip(dims, [5, 7, 3], strict=True))
         torch.manual_seed(0)
-        model = aliexpress.aliexpress_model(dims, 2, ["NL"], esmm=True).eval()
+        tasks = ["NL_click", "NL_conversion"]
+        model = ctr.SharedBottom(dims, 2, tasks, esmm={"NL_conversion": "NL_click"}).eval()
         with torch.no_grad():
             logits = model(test.categorical, test.numerical, ["NL_click", "NL_conversion"])
         assert logits.shape == (30, 2)
         # ESMM: p(click and conversion) = p(click) × p(conversion | click) ≤ p(click).
         assert (logits[:, 1] <= logits[:, 0] + 1e-6).all()
+
+    def test_rows_reads_only_the_head(self, tmp_path: Path) -> None:
+        write_aliexpress(tmp_path)
+        full = aliexpress.load_aliexpress(tmp_path, "NL", "train")
+        head = aliexpress.load_aliexpress(tmp_path, "NL", "train", rows=7)
+        assert len(head) == 7
+        assert torch.equal(head.categorical, full.categorical[:7])
+        assert torch.equal(head.click, full.click[:7])
 
     def test_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=r"AliExpress_<country>/train\.csv"):

@@ -289,7 +289,7 @@ class TestProblem:
             ({"subset_val": 0}, "subset_val"),
             ({"subset_train": 650}, "subset_train"),
             ({"limit": 0}, "limit"),
-            ({"root": 3}, "root"),
+            ({"data_dir": 3}, "data_dir"),
             ({"target": "gap"}, "target"),
         ],
     )
