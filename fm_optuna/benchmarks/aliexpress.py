@@ -36,21 +36,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from fm_optuna.benchmarks._images import check_non_negative, check_positive, eval_mode
+from fm_optuna.benchmarks._images import check_non_negative, check_positive
+from fm_optuna.benchmarks._scenarios import Rows, ScenarioCTRProblem
 from fm_optuna.datasets._folder import require
 from fm_optuna.datasets.aliexpress import COUNTRIES, SPLITS, CTRTable, field_dims, load_aliexpress
-from fm_optuna.datasets.ctr import SharedBottom, auc
 from fm_optuna.errors import ConfigError, invalid, one_of
-from fm_optuna.tasks import Problem, Split, Task, TaskMetrics
-
-if TYPE_CHECKING:
-    from torch import nn
 
 __all__ = [
     "COUNTRIES",
@@ -63,14 +57,13 @@ __all__ = [
     "read_table",
 ]
 
-KINDS: tuple[str, ...] = ("ctr", "ctcvr")
+KINDS: tuple[str, str] = ("ctr", "ctcvr")
 TARGETS: tuple[str, ...] = tuple(f"{country}_{kind}" for country in COUNTRIES for kind in KINDS)
 DEFAULT_TARGET = "NL_ctcvr"
 MODELS: tuple[str, ...] = ("shared_bottom", "esmm")
 # MTReclib's sizes for every model it trains on AliExpress (main.py's get_model).
 BOTTOM: tuple[int, ...] = (512, 256)
 TOWER: tuple[int, ...] = (128, 64)
-EVAL_CHUNK = 16_384
 LAYOUT = "AliExpress_<country>/train.csv; AliExpress_<country>/test.csv"
 
 
@@ -156,13 +149,15 @@ def _country_of(task: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-class AliExpressProblem(Problem):
+class AliExpressProblem(ScenarioCTRProblem):
     """CTR and CTCVR tasks per country on a shared-bottom (or ESMM) model.
 
     Use :func:`build` (or ``build_problem("aliexpress", ...)``) rather than the constructor.
     """
 
     name = "aliexpress"
+    kinds = KINDS
+    bottom, tower = BOTTOM, TOWER
 
     def __init__(
         self,
@@ -182,7 +177,7 @@ class AliExpressProblem(Problem):
         self.target = target
         self.seed = seed
         self.device = device
-        self.countries = countries
+        self.scenarios = countries
         self.batch_size = batch_size
         self.model_kind = model
         self.embed_dim = embed_dim
@@ -195,9 +190,7 @@ class AliExpressProblem(Problem):
             "model": model,
             "embed_dim": embed_dim,
         }
-        self.tasks = tuple(
-            Task(f"{country}_{kind}", metric="auc") for country in countries for kind in KINDS
-        )
+        self._make_tasks()
 
         tables = {
             (country, split): read_table(root, country, split, limit)
@@ -208,7 +201,7 @@ class AliExpressProblem(Problem):
         self.field_dims = field_dims(*tables.values())
         self.numerical = int(tables[(countries[0], "train")].numerical.shape[1])
 
-        self._rows: dict[str, dict[str, dict[str, torch.Tensor]]] = {
+        self._rows: Rows = {
             "train": {},
             "val": {},
             "test": {},
@@ -250,108 +243,10 @@ class AliExpressProblem(Problem):
                 "`val_fraction`, or choose another target."
             )
 
-    def _group(self, task: str) -> tuple[str, str]:
-        country, kind = _country_of(task)
-        if country not in self.countries or kind not in KINDS:
-            raise one_of("task", task, self.task_names)
-        return country, kind
-
-    def _by_country(self, tasks: Sequence[str]) -> dict[str, list[str]]:
-        grouped: dict[str, list[str]] = {}
-        for task in tasks:
-            grouped.setdefault(self._group(task)[0], []).append(task)
-        return grouped
-
-    def shared_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        """Embeddings and the bottom MLP; each task's tower is its own (the ``heads`` here)."""
-        return [
-            parameter
-            for name, parameter in model.named_parameters()
-            if parameter.requires_grad and not name.startswith("towers.")
-        ]
-
-    def make_model(self) -> SharedBottom:
-        """Shared embeddings and bottom, one tower per task (ESMM pairs with ``model="esmm"``)."""
-        esmm = (
-            {f"{country}_ctcvr": f"{country}_ctr" for country in self.countries}
-            if self.model_kind == "esmm"
-            else None
-        )
-        return SharedBottom(
-            self.field_dims,
-            self.numerical,
-            self.task_names,
-            embed_dim=self.embed_dim,
-            bottom=BOTTOM,
-            tower=TOWER,
-            esmm=esmm,
-        )
-
-    def task_losses(
-        self, model: nn.Module, tasks: Sequence[str], generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
-        """One batch per country, shared by that country's tasks; binary cross-entropy each."""
-        losses: dict[str, torch.Tensor] = {}
-        for country, names in self._by_country(tasks).items():
-            rows = self._rows["train"][country]
-            index = torch.randint(
-                len(rows["ctr"]), (self.batch_size,), generator=generator, device=self.device
-            )
-            logits = model(rows["categorical"][index], rows["numerical"][index], names)
-            for k, task in enumerate(names):
-                label = rows[_country_of(task)[1]][index]
-                losses[task] = F.binary_cross_entropy_with_logits(logits[:, k], label)
-        return {task: losses[task] for task in tasks}
-
-    @torch.no_grad()
-    def evaluate(
-        self, model: nn.Module, split: Split, tasks: Sequence[str] | None = None
-    ) -> dict[str, TaskMetrics]:
-        """AUC and mean binary cross-entropy of each task on its country's ``split`` rows.
-
-        The AUC is NaN when a task's labels on ``split`` are all of one class.
-        """
-        if split not in ("val", "test"):
-            raise one_of("split", split, ("val", "test"))
-        names = self.task_names if tasks is None else tuple(tasks)
-        results: dict[str, TaskMetrics] = {}
-        with eval_mode(model):
-            for country, members in self._by_country(names).items():
-                rows = self._rows[split][country]
-                logits = torch.cat(
-                    [
-                        model(
-                            rows["categorical"][start : start + EVAL_CHUNK],
-                            rows["numerical"][start : start + EVAL_CHUNK],
-                            members,
-                        )
-                        for start in range(0, len(rows["ctr"]), EVAL_CHUNK)
-                    ]
-                )
-                for k, task in enumerate(members):
-                    label = rows[_country_of(task)[1]]
-                    loss = F.binary_cross_entropy_with_logits(logits[:, k], label)
-                    results[task] = {"auc": auc(logits[:, k], label), "loss": loss.item()}
-        return {task: results[task] for task in names}
-
-    def split_sizes(self) -> dict[str, dict[str, int]]:
-        """Rows per country and split."""
-        return {
-            country: {split: len(self._rows[split][country]["ctr"]) for split in self._rows}
-            for country in self.countries
-        }
-
-    def describe(self) -> dict[str, object]:
-        description: dict[str, object] = {
-            "benchmark": self.name,
-            "target": self.target,
-            "batch_size": self.batch_size,
-            **self.options,
-        }
-        for country, sizes in self.split_sizes().items():
-            for split, size in sizes.items():
-                description[f"{country}_{split}"] = size
-        return description
+    @property
+    def countries(self) -> tuple[str, ...]:
+        """The selected countries (the scenarios), in :data:`COUNTRIES` order."""
+        return self.scenarios
 
 
 def _countries(value: Sequence[str] | str | None, target: str) -> tuple[str, ...]:

@@ -34,26 +34,18 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from fm_optuna.benchmarks._images import (
     check_non_negative,
     check_positive,
-    eval_mode,
     load_or_build,
 )
-from fm_optuna.datasets.ctr import SharedBottom, auc
+from fm_optuna.benchmarks._scenarios import Rows, ScenarioCTRProblem
 from fm_optuna.errors import ConfigError, invalid, one_of
-from fm_optuna.tasks import Problem, Split, Task, TaskMetrics
-
-if TYPE_CHECKING:
-    from torch import nn
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -66,7 +58,7 @@ __all__ = [
 ]
 
 VERSION = "movielens-v1"
-KINDS: tuple[str, ...] = ("click", "conversion")
+KINDS: tuple[str, str] = ("click", "conversion")
 AGE_BANDS: tuple[tuple[str, int, int], ...] = (
     ("lt25", 0, 25),
     ("25to34", 25, 35),
@@ -85,7 +77,6 @@ TARGETS: tuple[str, ...] = tuple(
 DEFAULT_TARGET = "ge45_conversion"
 CONVERSION_RATING = 4
 MODELS = ("shared_bottom", "esmm")
-EVAL_CHUNK = 16_384
 # MovieLens-1M's age buckets (under 18, 18–24, 25–34, 35–44, 45–49, 50–55, 56+).
 AGE_BUCKETS = (18, 25, 35, 45, 50, 56)
 CATEGORICAL = ("user", "movie", "gender", "age_bucket", "occupation", "zip", "decade")
@@ -219,13 +210,14 @@ def _scenario_rows(data: dict[str, torch.Tensor], grouping: str) -> dict[str, to
 # --------------------------------------------------------------------------------------------
 
 
-class MovieLensProblem(Problem):
+class MovieLensProblem(ScenarioCTRProblem):
     """Click and conversion tasks per scenario on a shared-bottom (or ESMM) model.
 
     Use :func:`build` (or ``build_problem("movielens", ...)``) rather than the constructor.
     """
 
     name = "movielens"
+    kinds = KINDS
 
     def __init__(
         self,
@@ -257,10 +249,8 @@ class MovieLensProblem(Problem):
             "model": model,
             "embed_dim": embed_dim,
         }
-        self.groups = GROUPINGS[self.grouping]
-        self.tasks = tuple(
-            Task(f"{group}_{kind}", metric="auc") for group in self.groups for kind in KINDS
-        )
+        self.scenarios = GROUPINGS[self.grouping]
+        self._make_tasks()
 
         data = impressions(negatives, data_seed)
         self.field_dims = [int(d) for d in data["field_dims"]]
@@ -272,10 +262,10 @@ class MovieLensProblem(Problem):
         split_of[order[n_test : n_test + n_val]] = 1
         split_of[order[n_test + n_val :]] = 2
         masks = _scenario_rows(data, self.grouping)
-        self._rows: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        self._rows: Rows = {}
         for split, code in (("test", 0), ("val", 1), ("train", 2)):
             self._rows[split] = {}
-            for group in self.groups:
+            for group in self.scenarios:
                 rows = torch.nonzero(masks[group] & (split_of == code)).squeeze(1)
                 self._rows[split][group] = {
                     "categorical": data["categorical"][rows].to(device),
@@ -283,104 +273,12 @@ class MovieLensProblem(Problem):
                     "click": data["click"][rows].to(device),
                     "conversion": data["conversion"][rows].to(device),
                 }
+        self.numerical = int(self._rows["train"][self.scenarios[0]]["numerical"].shape[1])
 
-    def _group(self, task: str) -> tuple[str, str]:
-        group, _, kind = task.rpartition("_")
-        if group not in self.groups or kind not in KINDS:
-            raise one_of("task", task, self.task_names)
-        return group, kind
-
-    def shared_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        """Embeddings and the bottom MLP; each task's tower is its own (the ``heads`` here)."""
-        return [
-            parameter
-            for name, parameter in model.named_parameters()
-            if parameter.requires_grad and not name.startswith("towers.")
-        ]
-
-    def make_model(self) -> SharedBottom:
-        """Shared embeddings and bottom, one tower per task (ESMM pairs with ``model="esmm"``)."""
-        esmm = (
-            {f"{group}_conversion": f"{group}_click" for group in self.groups}
-            if self.model_kind == "esmm"
-            else None
-        )
-        return SharedBottom(
-            self.field_dims,
-            int(self._rows["train"][self.groups[0]]["numerical"].shape[1]),
-            self.task_names,
-            embed_dim=self.embed_dim,
-            esmm=esmm,
-        )
-
-    def _by_group(self, tasks: Sequence[str]) -> dict[str, list[str]]:
-        grouped: dict[str, list[str]] = {}
-        for task in tasks:
-            grouped.setdefault(self._group(task)[0], []).append(task)
-        return grouped
-
-    def task_losses(
-        self, model: nn.Module, tasks: Sequence[str], generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
-        """One batch per scenario, shared by that scenario's tasks; binary cross-entropy each."""
-        losses: dict[str, torch.Tensor] = {}
-        for group, names in self._by_group(tasks).items():
-            rows = self._rows["train"][group]
-            index = torch.randint(
-                len(rows["click"]), (self.batch_size,), generator=generator, device=self.device
-            )
-            logits = model(rows["categorical"][index], rows["numerical"][index], names)
-            for k, task in enumerate(names):
-                label = rows[self._group(task)[1]][index]
-                losses[task] = F.binary_cross_entropy_with_logits(logits[:, k], label)
-        return {task: losses[task] for task in tasks}
-
-    @torch.no_grad()
-    def evaluate(
-        self, model: nn.Module, split: Split, tasks: Sequence[str] | None = None
-    ) -> dict[str, TaskMetrics]:
-        """AUC and mean binary cross-entropy of each task on its scenario's ``split`` rows."""
-        if split not in ("val", "test"):
-            raise one_of("split", split, ("val", "test"))
-        names = self.task_names if tasks is None else tuple(tasks)
-        results: dict[str, TaskMetrics] = {}
-        with eval_mode(model):
-            for group, members in self._by_group(names).items():
-                rows = self._rows[split][group]
-                logits = torch.cat(
-                    [
-                        model(
-                            rows["categorical"][start : start + EVAL_CHUNK],
-                            rows["numerical"][start : start + EVAL_CHUNK],
-                            members,
-                        )
-                        for start in range(0, len(rows["click"]), EVAL_CHUNK)
-                    ]
-                )
-                for k, task in enumerate(members):
-                    label = rows[self._group(task)[1]]
-                    loss = F.binary_cross_entropy_with_logits(logits[:, k], label)
-                    results[task] = {"auc": auc(logits[:, k], label), "loss": loss.item()}
-        return {task: results[task] for task in names}
-
-    def split_sizes(self) -> dict[str, dict[str, int]]:
-        """Impressions per scenario and split."""
-        return {
-            group: {split: len(self._rows[split][group]["click"]) for split in self._rows}
-            for group in self.groups
-        }
-
-    def describe(self) -> dict[str, object]:
-        description: dict[str, object] = {
-            "benchmark": self.name,
-            "target": self.target,
-            "batch_size": self.batch_size,
-            **self.options,
-        }
-        for group, sizes in self.split_sizes().items():
-            for split, size in sizes.items():
-                description[f"{group}_{split}"] = size
-        return description
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The user groups (scenarios) of the target's grouping."""
+        return self.scenarios
 
 
 def build(
