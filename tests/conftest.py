@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import pytest
 import torch
 from torch import nn
 
+from fm_optuna.forkmerge import ForkMergeConfig, ForkMergeResult, run_forkmerge
 from fm_optuna.tasks import Problem, Split, Task, TaskMetrics
 
 # Small models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waiting,
@@ -98,3 +100,17 @@ class ToyProblem(Problem):
 @pytest.fixture
 def toy_problem() -> ToyProblem:
     return ToyProblem()
+
+
+def run_tiny_forkmerge(problem: Problem) -> ForkMergeResult:
+    """Four steps of ForkMerge with two branches and two merges on ``problem``: the end-to-end
+    check every benchmark gets. Each merge's Λ must lie on the simplex with a finite score."""
+    config = ForkMergeConfig(
+        total_steps=4, dt=2, branches=2, strategy="grid", grid_resolution=0.5, ranking="given"
+    )
+    result = run_forkmerge(problem, config)
+    assert result.steps == [2, 4] and len(result.decisions) == 2
+    for decision in result.decisions:
+        assert len(decision.weights) == 2 and min(decision.weights) >= 0
+        assert sum(decision.weights) == pytest.approx(1.0) and math.isfinite(decision.score)
+    return result

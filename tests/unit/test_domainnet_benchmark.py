@@ -11,7 +11,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,7 +20,7 @@ from fm_optuna.benchmarks import build_problem, default_target, options, targets
 from fm_optuna.benchmarks import domainnet as bench
 from fm_optuna.cli import main
 from fm_optuna.errors import ConfigError
-from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge
+from tests.conftest import run_tiny_forkmerge
 from tests.unit.test_datasets import write_domainnet
 
 TWO = ("clipart", "sketch")
@@ -331,14 +330,7 @@ def test_bad_options_are_config_errors(
 
 def test_forkmerge_runs_end_to_end(root: Path) -> None:
     problem = make(root, target="sketch")
-    config = ForkMergeConfig(
-        total_steps=4, dt=2, branches=2, strategy="grid", grid_resolution=0.5, ranking="given"
-    )
-    result = run_forkmerge(problem, config)
-    assert len(result.decisions) == 2
-    for decision in result.decisions:
-        assert len(decision.weights) == 2 and sum(decision.weights) == pytest.approx(1.0)
-        assert all(w >= 0 for w in decision.weights) and np.isfinite(decision.score)
+    result = run_tiny_forkmerge(problem)
     metrics = problem.evaluate(result.model, "test", ["sketch"])["sketch"]
     assert 0 <= metrics["accuracy"] <= 100
 

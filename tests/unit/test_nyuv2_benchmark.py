@@ -14,7 +14,7 @@ from torch import nn
 from fm_optuna.benchmarks import build_problem, nyuv2
 from fm_optuna.datasets.nyuv2 import NUM_CLASSES
 from fm_optuna.errors import ConfigError
-from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge
+from tests.conftest import run_tiny_forkmerge
 from tests.unit.test_datasets import write_nyuv2
 
 TRAIN, TEST = 6, 3
@@ -263,19 +263,7 @@ class TestErrors:
 class TestEndToEnd:
     def test_forkmerge(self, root: Path) -> None:
         problem = problem_of(root, image_size=[32, 32])
-        config = ForkMergeConfig(
-            total_steps=4,
-            dt=2,
-            branches=2,
-            strategy="grid",
-            grid_resolution=0.5,
-            ranking="given",
-            seed=0,
-        )
-        result = run_forkmerge(problem, config)
-        assert len(result.decisions) == 2
-        for decision in result.decisions:
-            assert sum(decision.weights) == pytest.approx(1.0)
+        result = run_tiny_forkmerge(problem)
         metrics = problem.evaluate(result.model, "test", [problem.target])
         assert math.isfinite(metrics["segmentation"]["miou"])
 
