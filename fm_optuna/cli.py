@@ -50,8 +50,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--data-dir",
         default=None,
-        help="nyuv2, domainnet, aliexpress: the local folder holding the data set in its "
-        "published layout (nothing is ever downloaded)",
+        help="nyuv2, domainnet, aliexpress (required) and qm9 (PyG's raw files instead of "
+        "qm9pack's): the local folder holding the data set in its published layout (nothing "
+        "is ever downloaded)",
     )
     g.add_argument(
         "--option",
