@@ -107,6 +107,13 @@ def check_non_negative(**options: int) -> None:
             raise invalid(name, value, "a non-negative integer")
 
 
+def check_fraction(*, below: float, **options: float) -> None:
+    """Raise a ConfigError for the first option that is not a number in (0, ``below``)."""
+    for name, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < below:
+            raise invalid(name, value, f"a number in (0, {below:g})")
+
+
 class ConvTrunk(nn.Sequential):
     """Two conv-BN-ReLU-pool blocks and a 128-unit layer (LeNet-sized).
 

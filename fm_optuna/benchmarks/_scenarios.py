@@ -20,6 +20,7 @@ from fm_optuna.datasets.ctr import SharedBottom, auc
 from fm_optuna.errors import one_of
 from fm_optuna.tasks import Problem, Split, Task, TaskMetrics
 
+MODELS: tuple[str, ...] = ("shared_bottom", "esmm")
 EVAL_CHUNK = 16_384  # rows per evaluation forward: bounds memory, not a tuning knob
 
 #: ``rows[split][scenario]``: ``categorical`` (long), ``numerical`` (float) and one float 0/1

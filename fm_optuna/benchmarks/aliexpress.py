@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fm_optuna.benchmarks._images import check_non_negative, check_positive
-from fm_optuna.benchmarks._scenarios import Rows, ScenarioCTRProblem
+from fm_optuna.benchmarks._images import check_fraction, check_non_negative, check_positive
+from fm_optuna.benchmarks._scenarios import MODELS, Rows, ScenarioCTRProblem
 from fm_optuna.datasets._folder import require
 from fm_optuna.datasets.aliexpress import COUNTRIES, SPLITS, CTRTable, field_dims, load_aliexpress
 from fm_optuna.errors import ConfigError, invalid, one_of
@@ -60,7 +60,6 @@ __all__ = [
 KINDS: tuple[str, str] = ("ctr", "ctcvr")
 TARGETS: tuple[str, ...] = tuple(f"{country}_{kind}" for country in COUNTRIES for kind in KINDS)
 DEFAULT_TARGET = "NL_ctcvr"
-MODELS: tuple[str, ...] = ("shared_bottom", "esmm")
 # MTReclib's sizes for every model it trains on AliExpress (main.py's get_model).
 BOTTOM: tuple[int, ...] = (512, 256)
 TOWER: tuple[int, ...] = (128, 64)
@@ -319,10 +318,7 @@ def build(
     if limit is not None:
         check_positive(limit=limit)
     check_non_negative(data_seed=data_seed)
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float):
-        raise invalid("val_fraction", val_fraction, "a number in (0, 0.5)")
-    if not 0 < val_fraction < 0.5:
-        raise invalid("val_fraction", val_fraction, "a number in (0, 0.5)")
+    check_fraction(val_fraction=val_fraction, below=0.5)
     root = _check_folder(str(data_dir), selected)
     return AliExpressProblem(
         target=target,

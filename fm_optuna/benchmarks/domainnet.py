@@ -47,7 +47,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fm_optuna.benchmarks._images import check_non_negative, check_positive, eval_mode
+from fm_optuna.benchmarks._images import (
+    check_fraction,
+    check_non_negative,
+    check_positive,
+    eval_mode,
+)
 from fm_optuna.datasets._folder import folder_error
 from fm_optuna.datasets.domainnet import DOMAINS, NUM_CLASSES, DomainNet, DomainNetNet
 from fm_optuna.errors import ConfigError, invalid, one_of
@@ -423,8 +428,7 @@ def build(
     if val_size is not None:
         check_positive(val_size=val_size)
     fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1:
-        raise invalid("val_fraction", fraction, "a number in (0, 1)")
+    check_fraction(val_fraction=fraction, below=1)
     check_non_negative(data_seed=data_seed)
     for name, flag in (("augment", augment), ("cache_val", cache_val)):
         if not isinstance(flag, bool):

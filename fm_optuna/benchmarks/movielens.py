@@ -40,12 +40,13 @@ import numpy as np
 import torch
 
 from fm_optuna.benchmarks._images import (
+    check_fraction,
     check_non_negative,
     check_positive,
     load_or_build,
 )
-from fm_optuna.benchmarks._scenarios import Rows, ScenarioCTRProblem
-from fm_optuna.errors import ConfigError, invalid, one_of
+from fm_optuna.benchmarks._scenarios import MODELS, Rows, ScenarioCTRProblem
+from fm_optuna.errors import ConfigError, one_of
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -76,7 +77,6 @@ TARGETS: tuple[str, ...] = tuple(
 )
 DEFAULT_TARGET = "ge45_conversion"
 CONVERSION_RATING = 4
-MODELS = ("shared_bottom", "esmm")
 # MovieLens-1M's age buckets (under 18, 18–24, 25–34, 35–44, 45–49, 50–55, 56+).
 AGE_BUCKETS = (18, 25, 35, 45, 50, 56)
 CATEGORICAL = ("user", "movie", "gender", "age_bucket", "occupation", "zip", "decade")
@@ -319,11 +319,7 @@ def build(
         raise one_of("model", model, MODELS)
     check_positive(negatives=negatives, batch_size=batch_size, embed_dim=embed_dim)
     check_non_negative(data_seed=data_seed)
-    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
-            raise invalid(name, fraction, "a number in (0, 0.5)")
-        if not 0 < fraction < 0.5:
-            raise invalid(name, fraction, "a number in (0, 0.5)")
+    check_fraction(val_fraction=val_fraction, test_fraction=test_fraction, below=0.5)
     return MovieLensProblem(
         target=target,
         seed=seed,

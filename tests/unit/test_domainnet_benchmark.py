@@ -6,7 +6,6 @@ The fixture (``write_domainnet``) holds 4 training and 2 test images per domain 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -338,13 +337,8 @@ def test_forkmerge_runs_end_to_end(root: Path) -> None:
 def test_cli_run_smoke(
     root: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # The CLI has no --image-size flag: run it at 32 px and on the two domains of the fixture.
-    monkeypatch.setattr(
-        bench, "build", functools.partial(bench.build, image_size=32, domains="clipart,sketch")
-    )
     code = main(
         [
             "run",
@@ -352,6 +346,10 @@ def test_cli_run_smoke(
             "domainnet",
             "--data-dir",
             str(root),
+            "--option",
+            "image_size=32",
+            "--option",
+            "domains=clipart,sketch",
             "--steps",
             "4",
             "--dt",
@@ -377,6 +375,7 @@ def test_cli_run_smoke(
     payload = json.loads(captured.out)
     assert payload["problem"]["benchmark"] == "domainnet"
     assert payload["problem"]["target"] == "clipart"
+    assert payload["problem"]["image_size"] == 32  # --option reached the benchmark
     assert {r["method"] for r in payload["results"]} == {"stl", "ew", "forkmerge"}
     assert len(payload["forkmerge"]["merges"]) == 2
     for merge in payload["forkmerge"]["merges"]:

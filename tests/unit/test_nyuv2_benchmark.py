@@ -275,10 +275,8 @@ class TestEndToEnd:
     ) -> None:
         from fm_optuna.cli import main
 
-        # The CLI passes only --data-dir and --batch-size: the default carve of 80 validation
-        # images needs a training folder larger than that.
         data = tmp_path / "nyuv2"
-        write_nyuv2(data, {"train": 82, "val": 2})
+        write_nyuv2(data, {"train": 8, "val": 2})
         monkeypatch.chdir(tmp_path)  # the run's checkpoint goes under ./tracking
         code = main(
             [
@@ -287,6 +285,10 @@ class TestEndToEnd:
                 "nyuv2",
                 "--data-dir",
                 str(data),
+                "--option",
+                "val_size=3",
+                "--option",
+                "image_size=[32, 32]",
                 "--steps",
                 "4",
                 "--dt",
@@ -310,7 +312,8 @@ class TestEndToEnd:
         assert code == 0
         report = json.loads(capsys.readouterr().out)
         assert report["problem"]["benchmark"] == "nyuv2"
-        assert report["problem"]["val_images"] == 80
+        assert report["problem"]["val_images"] == 3  # both --option values reached the benchmark
+        assert report["problem"]["image_size"] == "32x32"
         assert [r["method"] for r in report["results"]] == ["forkmerge"]
         assert report["results"][0]["target_metric"] == "miou"
         merges = report["forkmerge"]["merges"]
