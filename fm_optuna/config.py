@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fm_optuna.branches import PLANS
+from fm_optuna.branches import CUT_RULES, PLANS, check_keep
 from fm_optuna.errors import invalid, one_of
 from fm_optuna.strategies import STRATEGIES, make_strategy
 
@@ -36,6 +36,12 @@ class ForkMergeConfig:
             code) or ``given`` (the order of ``aux_order``, else the benchmark's task order).
         ranking_steps: Steps of each pre-pass run (``None``: Δt).
         aux_order: Explicit best-first order of the auxiliaries for ``ranking="given"``.
+        cut: Which intermediate ν^k a pruned plan keeps: ``auto`` (relevance drops that stand
+            out of the noise, else evenly spread), ``spread`` or ``gaps`` (the largest drops);
+            see :mod:`fm_optuna.branches`.
+        keep: Explicit top-k counts of the kept branches, from 0 (target only) to n (all), as
+            the official code's lists, e.g. ``(0, 1, 3)``; fixes L = len(keep) and overrides
+            ``cut``.
         optimizer_policy: What happens to optimizer state at a merge: ``keep`` (each branch keeps
             its moments, as the official code), ``reset`` or ``average`` (moments averaged by Λ).
         final: ``last`` merge or ``best``-validated merge is the final model.
@@ -54,6 +60,8 @@ class ForkMergeConfig:
     ranking: str = "prepass"
     ranking_steps: int | None = None
     aux_order: tuple[str, ...] | None = None
+    cut: str = "auto"
+    keep: tuple[int, ...] | None = None
     optimizer_policy: str = "keep"
     final: str = "last"
     lr: float = 1e-3
@@ -75,6 +83,10 @@ class ForkMergeConfig:
             raise one_of("ranking", self.ranking, RANKINGS)
         if self.ranking_steps is not None and self.ranking_steps < 1:
             raise invalid("ranking_steps", self.ranking_steps, "a positive integer")
+        if self.cut not in CUT_RULES:
+            raise one_of("cut", self.cut, CUT_RULES)
+        if self.keep is not None:
+            self._check_keep()
         if self.optimizer_policy not in OPTIMIZER_POLICIES:
             raise one_of("optimizer_policy", self.optimizer_policy, OPTIMIZER_POLICIES)
         if self.final not in FINAL_MODELS:
@@ -85,6 +97,13 @@ class ForkMergeConfig:
             raise invalid("log_every", self.log_every, "a positive integer")
         make_strategy(self.strategy, resolution=self.grid_resolution)  # validates its options
 
+    def _check_keep(self) -> None:
+        check_keep(self.keep)
+        if self.plan == "pairwise":
+            raise invalid("keep", _joined(self.keep), "used only with the pruned or joint plan")
+        if self.branches is not None and self.branches != len(self.keep):
+            raise invalid("branches", self.branches, f"{len(self.keep)} (the length of keep)")
+
     @property
     def rounds(self) -> int:
         return math.ceil(self.total_steps / self.dt)
@@ -92,4 +111,9 @@ class ForkMergeConfig:
     def as_params(self) -> dict[str, Any]:
         params = asdict(self)
         params["aux_order"] = ",".join(self.aux_order) if self.aux_order else None
+        params["keep"] = _joined(self.keep) if self.keep else None
         return params
+
+
+def _joined(values: tuple[int, ...]) -> str:
+    return ",".join(str(value) for value in values)

@@ -116,7 +116,7 @@ def prepass_ranking(
 
 def _needs_order(config: ForkMergeConfig, n_aux: int) -> bool:
     """Only a pruned plan with intermediate branches depends on the auxiliaries' order."""
-    n_branches = config.branches
+    n_branches = len(config.keep) if config.keep else config.branches
     if config.plan == "pairwise" or n_aux < 2:
         return False
     if n_branches is None:
@@ -139,6 +139,8 @@ def plan_branches(
         ranked_auxiliaries=ranking.order,
         n_branches=config.branches,
         relevance=ranking.relevance,
+        cut=config.cut,
+        keep=config.keep,
     )
     return branches, ranking
 

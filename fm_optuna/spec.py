@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fm_optuna.benchmarks import BENCHMARKS, targets
-from fm_optuna.branches import PLANS
+from fm_optuna.branches import CUT_RULES, PLANS, check_keep
 from fm_optuna.config import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS, ForkMergeConfig
 from fm_optuna.errors import ConfigError
 from fm_optuna.strategies import STRATEGIES
@@ -72,6 +72,8 @@ class TrainingSection:
     lr: float = 1e-3
     plan: str = "pruned"
     ranking: str = "prepass"
+    cut: str = "auto"  # which intermediate ν^k a pruned plan keeps (fm_optuna.branches)
+    keep: tuple[int, ...] | None = None  # explicit top-k counts, e.g. [0, 1, 3]
     optimizer_policy: str = "keep"
     final: str = "last"
 
@@ -109,6 +111,8 @@ class StudySpec:
             "lr": self.training.lr,
             "plan": self.training.plan,
             "ranking": self.training.ranking,
+            "cut": self.training.cut,
+            "keep": self.training.keep,
             "optimizer_policy": self.training.optimizer_policy,
             "final": self.training.final,
             "strategy": self.search.strategy,
@@ -205,6 +209,17 @@ def _int_range(reader: _Reader, key: str, *, minimum: int) -> IntRange | None:
     return IntRange(low, high, table.bool("log", False))
 
 
+def _int_list(reader: _Reader, key: str) -> tuple[int, ...] | None:
+    value = reader.table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(item, int) and not isinstance(item, bool) for item in value
+    ):
+        raise reader.error(key, value, "a list of integers, e.g. [0, 1, 3]")
+    return tuple(value)
+
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study specification; every mistake is a one-line ConfigError."""
     path = Path(path)
@@ -250,6 +265,8 @@ def load_spec(path: str | Path) -> StudySpec:
         lr=t.float("lr", 1e-3, positive=True),
         plan=t.str("plan", "pruned", PLANS),
         ranking=t.str("ranking", "prepass", RANKINGS),
+        cut=t.str("cut", "auto", CUT_RULES),
+        keep=_int_list(t, "keep"),
         optimizer_policy=t.str("optimizer_policy", "keep", OPTIMIZER_POLICIES),
         final=t.str("final", "last", FINAL_MODELS),
     )
@@ -291,6 +308,8 @@ def load_spec(path: str | Path) -> StudySpec:
             "optimizer_policy", policies, "a non-empty list of " + ", ".join(OPTIMIZER_POLICIES)
         )
     space = SpaceSection(dt, branches, lr, tuple(policies) if policies else None)
+    if training.keep is not None and branches is not None:
+        raise r.error("branches", r.table["branches"], "absent when training.keep fixes L")
     spec = StudySpec(path, study, problem, training, search, space)
     try:
         spec.config()  # the fixed part must be a valid configuration on its own
@@ -301,6 +320,13 @@ def load_spec(path: str | Path) -> StudySpec:
 
 def check_branches_fit(spec: StudySpec, n_tasks: int) -> None:
     """L (fixed or its searched range) must be makeable from the problem's K tasks."""
+    keep = spec.training.keep
+    if keep is not None:
+        n_aux = n_tasks if spec.training.plan == "joint" else n_tasks - 1
+        try:
+            check_keep(keep, n_aux, name="training.keep")
+        except ConfigError as error:
+            raise ConfigError(f"{spec.path}: {error}") from None
     highest = spec.space.branches.high if spec.space.branches else spec.training.branches
     if highest is not None and highest > n_tasks:
         key = "space.branches.high" if spec.space.branches else "training.branches"
