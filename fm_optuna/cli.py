@@ -30,6 +30,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     from fm_optuna.benchmarks import BENCHMARKS
     from fm_optuna.branches import PLANS
+    from fm_optuna.cli_study import _add_plan_choice
     from fm_optuna.config import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS
     from fm_optuna.strategies import STRATEGIES
 
@@ -113,6 +114,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated best-first auxiliaries for --ranking given",
     )
+    _add_plan_choice(g)
     g.add_argument(
         "--optimizer-policy",
         default="keep",
@@ -146,6 +148,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> Any:
+    from fm_optuna.cli_study import plan_choice
     from fm_optuna.config import ForkMergeConfig
 
     values = dict(
@@ -164,6 +167,7 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Any:
         lr=args.lr,
         seed=args.seed,
     )
+    values.update(plan_choice(args))
     values.update(overrides)
     return ForkMergeConfig(**values)
 
@@ -225,6 +229,7 @@ def _check_plan(problem: Any, config: Any) -> None:
         target=planned.target,
         ranked_auxiliaries=planned.auxiliaries,
         n_branches=config.branches,
+        keep=config.keep,
     )
 
 

@@ -19,7 +19,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fm_optuna.cli_study import _add_runtime, _add_tracking, _torch_setup, comparison_tracking
+from fm_optuna.cli_study import (
+    _add_plan_choice,
+    _add_runtime,
+    _add_tracking,
+    _torch_setup,
+    comparison_tracking,
+    plan_choice,
+)
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -37,6 +44,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             overrides["dt"] = args.steps
     if args.dt is not None:
         overrides["dt"] = args.dt
+    if "keep" in args:  # compare-methods chooses the branches; task-affinity has none
+        overrides.update(plan_choice(args))
     config = spec.config(**overrides)
     return spec, config, _torch_setup(args)
 
@@ -91,7 +100,7 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
     spec, config, device = _load(args)
     problems = [_build(spec, target, device) for target in _targets(spec, args.targets)]
     if "forkmerge" in methods:
-        check_branches_fit(spec, len(problems[0].tasks))
+        check_branches_fit(spec, len(problems[0].tasks), config.keep)
     seeds = [spec.study.seed + i for i in range(args.seeds)]
     observers = comparison_tracking(args, spec, problems[0], "compare-methods", "target")
     bar = tqdm(
@@ -346,6 +355,7 @@ def add_commands(sub: Any) -> None:
         "transfer per task; save CSV and JSON.",
     )
     _add_budget(compare)
+    _add_plan_choice(compare)
     compare.add_argument(
         "--methods",
         default="all",

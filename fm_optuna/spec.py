@@ -318,13 +318,13 @@ def load_spec(path: str | Path) -> StudySpec:
     return spec
 
 
-def check_branches_fit(spec: StudySpec, n_tasks: int) -> None:
-    """L (fixed or its searched range) must be makeable from the problem's K tasks."""
-    keep = spec.training.keep
+def check_branches_fit(spec: StudySpec, n_tasks: int, keep: tuple[int, ...] | None = None) -> None:
+    """L (fixed or its searched range) and ``keep`` (else the spec's) must fit the K tasks."""
+    keep = keep or spec.training.keep
     if keep is not None:
         n_aux = n_tasks if spec.training.plan == "joint" else n_tasks - 1
         try:
-            check_keep(keep, n_aux, name="training.keep")
+            check_keep(keep, n_aux, name="keep" if keep != spec.training.keep else "training.keep")
         except ConfigError as error:
             raise ConfigError(f"{spec.path}: {error}") from None
     highest = spec.space.branches.high if spec.space.branches else spec.training.branches
