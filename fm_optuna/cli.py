@@ -101,7 +101,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "prepass (default) trains "
         "target+aux for --ranking-steps from the initial model and ranks by target validation, "
         "as the official code; affinity ranks by the lookahead inter-task affinity of Fifty et al. "
-        "(a short joint run); given uses --aux-order, else the benchmark's task order",
+        "(a short joint run); merge ranks by the weight Λ_k one Alg. 2 merge of the pairwise "
+        "branches gives each auxiliary (the paper's Alg. 4); given uses --aux-order, else the "
+        "benchmark's task order",
     )
     g.add_argument(
         "--ranking-steps",

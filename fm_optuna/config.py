@@ -16,7 +16,7 @@ from fm_optuna.strategies import STRATEGIES, make_strategy
 
 OPTIMIZER_POLICIES = ("keep", "reset", "average")
 FINAL_MODELS = ("last", "best")
-RANKINGS = ("prepass", "given", "affinity")
+RANKINGS = ("prepass", "given", "affinity", "merge")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,9 @@ class ForkMergeConfig:
         plan: ``pruned`` (Alg. 4), ``pairwise`` (Alg. 1/2) or ``joint`` (App. A.4).
         branches: L, the number of branches (``None``: the plan's default).
         ranking: ``prepass`` (short target+aux runs ranked by target validation, the official
-            code) or ``given`` (the order of ``aux_order``, else the benchmark's task order).
+            code), ``affinity`` (lookahead inter-task affinity), ``merge`` (the Λ_k one Alg. 2
+            merge gives each auxiliary, the paper's Alg. 4) or ``given`` (the order of
+            ``aux_order``, else the benchmark's task order).
         ranking_steps: Steps of each pre-pass run (``None``: Δt).
         aux_order: Explicit best-first order of the auxiliaries for ``ranking="given"``.
         cut: Which intermediate ν^k a pruned plan keeps: ``auto`` (relevance drops that stand

@@ -1,8 +1,9 @@
 """Δm over STL of ForkMerge with two cut rules on QM9, from `compare-methods` outputs.
 
-Reads measure/<rule>-<target>/methods.json: the `gaps` runs hold STL and ForkMerge with the older
-rule, the `auto` runs ForkMerge with the new default; the same seeds, so the same STL and the same
-pre-pass ranking. Δm per target and seed = (STL − ForkMerge) / STL on the test MAE (Appendix C.1,
+Reads measure/<rule>-<target>-s<seed>/methods.json (one `compare-methods --seeds 1` run per seed,
+from a copy of studies/qm9.toml with `[study] seed` set, so the seeds run in parallel): the `gaps`
+runs hold STL and ForkMerge with the older rule, the `auto` runs ForkMerge with the new default;
+the same seeds, so the same STL and the same pre-pass ranking. Δm per target and seed = (STL − ForkMerge) / STL on the test MAE (Appendix C.1,
 lower is better), averaged over seeds, then over targets (as `compare-methods` does).
 """
 
@@ -18,8 +19,11 @@ TARGETS = [t for t in sys.argv[1:]] or ["mu", "homo", "lumo"]
 
 
 def runs(rule: str, target: str) -> dict[int, dict]:
-    payload = json.loads((HERE / f"{rule}-{target}" / "methods.json").read_text())
-    return {run["seed"]: run for run in payload["runs"]}
+    found = {}
+    for path in sorted(HERE.glob(f"{rule}-{target}-s*/methods.json")):
+        for run in json.loads(path.read_text())["runs"]:
+            found[run["seed"]] = run
+    return found
 
 
 def test_mae(run: dict, method: str) -> float:
@@ -35,7 +39,7 @@ def main() -> None:
     delta: dict[str, list[float]] = {"gaps": [], "auto": []}
     for target in TARGETS:
         gaps, auto = runs("gaps", target), runs("auto", target)
-        seeds = sorted(gaps)
+        seeds = sorted(set(gaps) & set(auto))
         stl = [test_mae(gaps[s], "stl") for s in seeds]
         rows["STL"][target] = stl
         for rule, by_seed in (("gaps", gaps), ("auto", auto)):
