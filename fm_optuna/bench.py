@@ -70,6 +70,9 @@ class _Timed(Observer):
     def on_training_progress(self, event: Any) -> None:
         self._timed("on_training_progress", event)
 
+    def on_branch_diverged(self, event: Any) -> None:
+        self._timed("on_branch_diverged", event)
+
     def on_branches_evaluated(self, event: Any) -> None:
         self._timed("on_branches_evaluated", event)
 
