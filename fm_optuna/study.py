@@ -197,9 +197,14 @@ def root_trial_number(trial: FrozenTrial | optuna.Trial) -> int:
     return history[0] if history else frozen.number
 
 
-def _one_line(error: BaseException) -> str:
+def _failed(trial: optuna.Trial, events: EventStream, error: Exception) -> None:
+    """Keep why the trial failed (user attribute ``fail_reason``); its run ends FAILED."""
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    trial.set_user_attr(FAIL_REASON, reason)
+    events.emit(
+        RunFinished(run="forkmerge", summary={FAIL_REASON: reason}, seconds=0, status="FAIL")
+    )
 
 
 @dataclass
@@ -379,17 +384,14 @@ class Tuner:
                 )
             )
             return value
+        except NonFiniteTraining as error:
+            _failed(trial, events, error)
+            return math.nan  # FAIL, logged by Optuna as one line rather than a traceback
         except optuna.TrialPruned:
             events.emit(RunFinished(run="forkmerge", summary={}, seconds=0.0, status="PRUNED"))
             raise
         except Exception as error:
-            reason = _one_line(error)
-            trial.set_user_attr(FAIL_REASON, reason)
-            events.emit(
-                RunFinished(
-                    run="forkmerge", summary={FAIL_REASON: reason}, seconds=0.0, status="FAIL"
-                )
-            )
+            _failed(trial, events, error)
             raise
         finally:
             events.close()
@@ -405,7 +407,7 @@ class Tuner:
                     self.objective,
                     n_trials=None,
                     callbacks=[self._stop_at_total, *callbacks],
-                    catch=(RuntimeError, FloatingPointError, NonFiniteTraining),
+                    catch=(RuntimeError, FloatingPointError),
                     gc_after_trial=False,
                 )
         report = self.report(study)
