@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -27,18 +28,20 @@ from typing import TYPE_CHECKING
 
 from fm_optuna.affinity import task_affinity
 from fm_optuna.branches import Branch, default_branch_count, make_plan, pairwise_plan
-from fm_optuna.errors import invalid
+from fm_optuna.errors import NonFiniteTraining, invalid
 from fm_optuna.merging import BranchStack
 from fm_optuna.search import search_merge
 from fm_optuna.strategies import make_strategy
 from fm_optuna.training import (
     WeightedSum,
     data_generator,
-    make_optimizer,
+    make_optimization,
     seeded_model,
     target_score,
     train,
 )
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -77,9 +80,10 @@ def rank_auxiliaries(
     scores: dict[str, float] = {}
     model = seeded_model(problem, config.seed)
     for index, aux in enumerate(auxiliaries):
-        _train_from(
-            model, initial, problem, config, {problem.target: 1.0, aux: 1.0}, 10_000 + index
-        )
+        weights = {problem.target: 1.0, aux: 1.0}
+        if not _train_from(model, initial, problem, config, weights, 10_000 + index):
+            scores[aux] = -math.inf  # ranked last; the branches report their own divergence
+            continue
         score, _ = target_score(problem, model)
         scores[aux] = score if math.isfinite(score) else -math.inf
     order = tuple(sorted(auxiliaries, key=lambda a: (-scores[a], auxiliaries.index(a))))
@@ -93,13 +97,22 @@ def _train_from(
     config: ForkMergeConfig,
     weights: Mapping[str, float],
     stream: int,
-) -> None:
-    """``model`` ← the initial model trained ``ranking_steps`` (else Δt) on ``weights``."""
+) -> bool:
+    """``model`` ← the initial model trained ``ranking_steps`` (else Δt) on ``weights``.
+
+    Returns ``False`` (with a warning) when the training turned non-finite.
+    """
     model.load_state_dict(initial)
-    optimizer = make_optimizer(model, config.lr)
+    optimization = make_optimization(model, config)
     generator = data_generator(problem, config.seed, stream)
     steps = config.ranking_steps or config.dt
-    train(model, optimizer, problem, WeightedSum(weights), steps=steps, generator=generator)
+    try:
+        train(model, optimization, problem, WeightedSum(weights), steps=steps, generator=generator)
+    except NonFiniteTraining as error:
+        name = "+".join(weights)
+        logger.warning("fm-optuna: ranking run %s: %s", name, error.located(run="ranking"))
+        return False
+    return True
 
 
 def rank_by_merge_weights(
@@ -115,11 +128,15 @@ def rank_by_merge_weights(
     started = time.perf_counter()
     auxiliaries = problem.auxiliaries
     model = seeded_model(problem, config.seed)
+    merged: list[str | None] = []  # the auxiliary of each merged branch (None: target only)
     states, scores = [], []
     for index, branch in enumerate(pairwise_plan(problem.target, auxiliaries)):
-        _train_from(model, initial, problem, config, branch.weights, 20_000 + index)
-        states.append(copy.deepcopy(model.state_dict()))
-        scores.append(target_score(problem, model)[0])
+        if _train_from(model, initial, problem, config, branch.weights, 20_000 + index):
+            merged.append(auxiliaries[index - 1] if index else None)
+            states.append(copy.deepcopy(model.state_dict()))
+            scores.append(target_score(problem, model)[0])
+    if not states:  # every branch diverged: nothing to rank by
+        return Ranking(tuple(auxiliaries), None, time.perf_counter() - started, "merge")
     stack = BranchStack(states)
 
     def evaluate(weights: Sequence[float]) -> float:
@@ -134,7 +151,9 @@ def rank_by_merge_weights(
         seed=config.seed * 7919,
         branch_scores=scores,
     )
-    weight = dict(zip(auxiliaries, decision.weights[1:], strict=True))
+    weight = dict.fromkeys(auxiliaries, -math.inf)  # a diverged pairwise branch ranks last
+    chosen = zip(merged, decision.weights, strict=True)
+    weight.update((aux, float(w)) for aux, w in chosen if aux is not None)
     order = tuple(sorted(auxiliaries, key=lambda a: (-weight[a], auxiliaries.index(a))))
     relevance = tuple(float(weight[a]) for a in order)
     return Ranking(order, relevance, time.perf_counter() - started, "merge")
@@ -155,6 +174,8 @@ def rank_by_affinity(
         config,
         initial_state,
         steps=config.ranking_steps or config.dt,
+        # Adam's lookahead is simulated exactly; any other optimizer is looked ahead as SGD.
+        lookahead="adam" if config.optimizer in ("adam", "adamw") else "sgd",
         onto=(problem.target,),
     )
     relevance = result.onto(problem.target)
