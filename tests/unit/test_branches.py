@@ -50,9 +50,9 @@ def test_gaps_rule_cuts_at_the_largest_relevance_drops() -> None:
 
 
 TEN = [f"a{i}" for i in range(10)]
-# Noisy scores over the range issue 12 reports for QM9's pre-pass (−1.2637 … −1.2874), with the
-# largest drops next to `all` as there.
-NOISY = [-1.2637, -1.2651, -1.2668, -1.2690, -1.2712, -1.2740, -1.2751, -1.2779, -1.2820, -1.2874]
+# The pre-pass scores of QM9's ten auxiliaries for target μ (seed 0, Δt = 100; measure/ in
+# issue 12): the drops are noise, and with L = 4 the largest two sit side by side near `all`.
+NOISY = [-0.8421, -0.8422, -0.8512, -0.857, -0.8661, -0.8667, -0.8715, -0.8866, -0.9003, -0.9033]
 
 
 def kept(relevance: list[float] | None, n_branches: int, cut: str = "auto") -> list[int]:
@@ -85,7 +85,7 @@ def test_default_rule_spreads_branches_when_no_drop_stands_out(
 
 
 def test_noisy_drops_make_the_gaps_rule_keep_near_duplicates_but_not_the_default() -> None:
-    assert kept(NOISY, 4, cut="gaps") == [0, 8, 9, 10]  # the plan the issue reports
+    assert kept(NOISY, 4, cut="gaps") == [0, 7, 8, 10]  # top-7, top-8 and all: near-duplicates
     assert kept(NOISY, 4) == [0, 3, 7, 10]
 
 
