@@ -23,6 +23,7 @@ import platform
 import re
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -71,6 +72,11 @@ _NO_RUN = ""  # buffer key of runs whose creation failed
 def metric_key(name: str) -> str:
     """A branch or task name made safe inside an MLflow key (``target+top1`` → ``target_top1``)."""
     return re.sub(r"[^\w.\- ]", "_", name) or "_"
+
+
+def artifact_url(run_id: str, path: str) -> str:
+    """A run's artifact as the MLflow UI serves it, relative to the UI's root (for a note)."""
+    return f"get-artifact?path={urllib.parse.quote(path)}&run_uuid={run_id}"
 
 
 def param_key(name: str) -> str:
@@ -529,6 +535,9 @@ class MlflowTracker(Observer):
             run.rows,
             rounds=run.rounds,
             figures=self._figure_names(run),
+            images=[("Λ per merge (stacked)", artifact_url(run.run_id, "lambda_trajectory.png"))]
+            if run.rows and run.run_id
+            else [],
         )
         self._batch(run.run_id).tags.append(RunTag(MLFLOW_RUN_NOTE, text))
 
