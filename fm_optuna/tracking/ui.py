@@ -164,7 +164,7 @@ def _links(url: str, experiment: str | None, announce: Callable[[str], None]) ->
     if not lines:
         announce("fm-optuna ui: no experiment yet (`fm-optuna run` or `tune` creates one)")
         return []
-    announce("fm-optuna ui: runs tables (model-training view) and latest ForkMerge runs:")
+    announce("fm-optuna ui: open in a browser (runs tables, in the model-training view):")
     for line in lines:
         announce(line)
     return [line.rsplit(" ", 1)[1] for line in lines if "/runs?" in line]
