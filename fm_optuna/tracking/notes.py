@@ -51,8 +51,9 @@ def lambda_note(
     """Markdown: a headline, the Λ table (one row per merge) and what the figures show.
 
     ``images`` are (caption, URL) pairs shown under the table (the UI serves a run's artifacts
-    at a relative ``get-artifact`` URL). Longer than ``limit`` characters (MLflow's tag limit), the table keeps its latest rows and
-    says how many earlier ones ``lambda_trajectory.csv`` holds.
+    at a relative ``get-artifact`` URL). Longer than ``limit`` characters (MLflow's tag limit),
+    the table keeps its latest rows and says how many earlier ones ``lambda_trajectory.csv``
+    holds.
 
     Example:
         >>> row = MergeRow(1, 100, (0.7, 0.3), 81.0, "target", 80.0)
