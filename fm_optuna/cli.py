@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     from fm_optuna.benchmarks import BENCHMARKS
     from fm_optuna.branches import PLANS
-    from fm_optuna.forkmerge import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS
+    from fm_optuna.config import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS
     from fm_optuna.strategies import STRATEGIES
 
     g = parser.add_argument_group("problem")
@@ -146,7 +146,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> Any:
-    from fm_optuna.forkmerge import ForkMergeConfig
+    from fm_optuna.config import ForkMergeConfig
 
     values = dict(
         dt=args.dt,

@@ -40,9 +40,10 @@ from torch import nn
 
 from fm_optuna.baselines import BASELINES, SingleTask, make_baseline, run_baseline
 from fm_optuna.checkpoints import Checkpointer, load_checkpoint
+from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import one_of
 from fm_optuna.events import EventStream, RunFinished
-from fm_optuna.forkmerge import ForkMergeConfig, ForkMergeResult, run_forkmerge
+from fm_optuna.forkmerge import ForkMergeResult, run_forkmerge
 from fm_optuna.tasks import Problem, Split, TaskMetrics, for_plan
 
 logger = logging.getLogger(__name__)

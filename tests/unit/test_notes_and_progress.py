@@ -6,7 +6,8 @@ import io
 import re
 
 from fm_optuna.events import EventStream
-from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge
+from fm_optuna.config import ForkMergeConfig
+from fm_optuna.forkmerge import run_forkmerge
 from fm_optuna.progress import ProgressLines
 from fm_optuna.tracking.notes import MergeRow, lambda_note
 from tests.conftest import ToyProblem
