@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import re
 
-from fm_optuna.events import EventStream
 from fm_optuna.config import ForkMergeConfig
+from fm_optuna.events import EventStream
 from fm_optuna.forkmerge import run_forkmerge
 from fm_optuna.progress import ProgressLines
 from fm_optuna.tracking.notes import MergeRow, lambda_note
