@@ -71,17 +71,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     def observers(trial: optuna.Trial, config: Any) -> list[Observer]:
         return [TrialProgress(bar, trial, config.rounds)]
 
-    def tracking(problem: Any) -> Any:
-        if args.no_tracking:
-            return None
-        from fm_optuna.tracking import StudyTracking, open_store
+    tracking = None
+    if not args.no_tracking:
+        from fm_optuna.tracking import study_tracking
 
-        store = open_store(
-            args.tracking_uri or spec.study.tracking_uri,
-            experiment=f"fm-optuna/study/{spec.study.name}",
-        )
-        target = problem.task(problem.target)
-        return StudyTracking(store, spec.study.name, higher_is_better=target.higher_is_better)
+        tracking = study_tracking(args.tracking_uri or spec.study.tracking_uri, spec.study.name)
 
     tuner = Tuner(
         spec,
@@ -131,9 +125,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fm_optuna.benchmarks import build_problem
     from fm_optuna.compare import compare_strategies
-    from fm_optuna.errors import ConfigError, invalid
+    from fm_optuna.errors import invalid
     from fm_optuna.spec import check_branches_fit, load_spec
 
     spec = load_spec(args.spec)
@@ -154,17 +147,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.branches is not None:
         overrides["branches"] = args.branches
     config = spec.config(**overrides)
-    try:
-        problem = build_problem(
-            spec.problem.benchmark,
-            target=spec.problem.target,
-            seed=spec.study.seed,
-            device=device,
-            **spec.problem.options,
-        )
-    except ConfigError as error:
-        raise ConfigError(f"{spec.path}: {error}") from None
-    check_branches_fit(spec, len(problem.tasks))
+    problem = spec.build_problem(device=device)
+    check_branches_fit(spec, problem)
     seeds = [spec.study.seed + i for i in range(args.seeds)]
     observers = comparison_tracking(args, spec, problem, "compare", "strategy")
     bar = tqdm(
@@ -277,20 +261,14 @@ def comparison_tracking(
     """
     if args.no_tracking:
         return None
-    from fm_optuna.tracking import MlflowTracker, open_store
+    from fm_optuna.tracking import comparison_observers
 
-    store = open_store(
+    return comparison_observers(
         args.tracking_uri or spec.study.tracking_uri,
-        experiment=f"fm-optuna/{kind}/{spec.study.name}",
+        f"fm-optuna/{kind}/{spec.study.name}",
+        problem,
+        tag,
     )
-    higher = problem.task(problem.target).higher_is_better
-
-    def observers(value: str, seed: int) -> list[Observer]:
-        return [
-            MlflowTracker(store, tags={tag: value}, run_prefix=f"{value}-", higher_is_better=higher)
-        ]
-
-    return observers
 
 
 def _add_tracking(parser: argparse.ArgumentParser) -> None:

@@ -9,6 +9,10 @@ class ConfigError(ValueError):
     """A user mistake in configuration; the CLI prints it as one line and exits with code 2."""
 
 
+class ProblemWarning(UserWarning):
+    """A problem that runs, but probably not as its author meant (e.g. no task heads found)."""
+
+
 def invalid(parameter: str, value: object, allowed: str) -> ConfigError:
     """Build the house-format error: "Parameter `dt` should be ... Found `dt = 0`."."""
     return ConfigError(
