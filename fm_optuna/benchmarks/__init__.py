@@ -127,7 +127,8 @@ def _source(name: str, module: Any, factory: Any, *, shipped: bool = False) -> P
     if not callable(factory):
         raise invalid("benchmark", name, "a callable factory returning a fm_optuna.Problem")
     parameters = inspect.signature(factory).parameters.values()
-    any_option = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    # The shipped modules take **unknown only to reject typos in their own words.
+    any_option = not shipped and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
     options = tuple(
         p.name
         for p in parameters

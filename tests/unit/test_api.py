@@ -20,9 +20,9 @@ SMALL = fm_optuna.ForkMergeConfig(
 
 
 def _runs(uri: str) -> list[object]:
-    from mlflow import MlflowClient
+    from fm_optuna.tracking import open_store
 
-    client = MlflowClient(tracking_uri=uri)
+    client = open_store(uri, experiment="Default").client  # open_store: SQLAlchemy's warning muted
     experiments = client.search_experiments()
     return client.search_runs([e.experiment_id for e in experiments])
 
