@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from fm_optuna.events import EventStream, RunStarted, TrainingProgress
+from fm_optuna.tasks import describe_problem
 from fm_optuna.training import (
     UpdateRule,
     data_generator,
@@ -95,7 +96,7 @@ def run_baseline(
             run=baseline.name,
             params={
                 **config.as_params(),
-                **problem.describe(),
+                **describe_problem(problem),
                 "method": baseline.name,
                 **baseline.params(),
             },

@@ -43,6 +43,15 @@ def build_any(*, target="t0", seed=0, device=None, **options):
 
 def not_a_problem(*, target="t0", seed=0, device=None):
     return 42
+
+
+class AllShared(Six):
+    def shared_parameters(self, model):
+        return list(model.parameters())
+
+
+def build_all_shared(*, target="t0", seed=0, device=None):
+    return AllShared(target=target, seed=seed, device=device)
 """
 
 
@@ -173,3 +182,25 @@ def test_an_entry_point_plugin_is_resolved_and_listed_by_help(
     )
     assert result.returncode == 0, result.stderr
     assert "installed plugins: six" in " ".join(result.stdout.split())
+
+
+def test_tune_refuses_a_broken_problem_before_any_study_or_store(
+    user_module: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (user_module / "study.toml").write_text(
+        '[study]\nname = "six"\n[problem]\nbenchmark = "userprob:build"\ntarget = "t9"\n'
+    )
+    assert cli.main(["tune", "study.toml"]) == 2
+    err = capsys.readouterr().err
+    assert "study.toml: Problem `toy`: the target should be one of its tasks" in err
+    assert not (user_module / "tracking").exists()  # no Optuna study, no MLflow store
+
+
+def test_cli_prints_the_heads_warning_as_one_line(
+    user_module: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["run", "--benchmark", "userprob:build_all_shared", "--steps", "2", "--dt", "2"]
+    assert cli.main([*args, "--methods", "stl", "--no-tracking"]) == 0
+    err = capsys.readouterr().err
+    line = "fm-optuna run: warning: Problem `toy`: shared_parameters(model) returns every"
+    assert line in err and "treat the task heads as trunk" in err and "Traceback" not in err
