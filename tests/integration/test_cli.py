@@ -70,7 +70,10 @@ def test_the_table_names_every_method_and_the_lambda_of_each_merge(tmp_path: Pat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", "--benchmark", "svhn"], "Parameter `benchmark` should be one of aliexpress, dig"),
+        (
+            ["run", "--benchmark", "svhn"],
+            "Parameter `benchmark` should be a shipped benchmark (digits, multimnist,",
+        ),
         (
             ["run", "--target", "kanji"],
             "Parameter `target` should be one of mnist, mnistm, synfont, uci",
