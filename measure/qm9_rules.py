@@ -1,10 +1,11 @@
 """Δm over STL of ForkMerge with two cut rules on QM9, from `compare-methods` outputs.
 
-Reads measure/<rule>-<target>-s<seed>/methods.json (one `compare-methods --seeds 1` run per seed,
-from a copy of studies/qm9.toml with `[study] seed` set, so the seeds run in parallel): the `gaps`
-runs hold STL and ForkMerge with the older rule, the `auto` runs ForkMerge with the new default;
-the same seeds, so the same STL and the same pre-pass ranking. Δm per target and seed = (STL − ForkMerge) / STL on the test MAE (Appendix C.1,
-lower is better), averaged over seeds, then over targets (as `compare-methods` does).
+Reads measure/<rule>-<target>-s<seed>/methods.json (one `compare-methods --seeds 1` run per
+seed, from a copy of studies/qm9.toml with `[study] seed` set, so the seeds run in parallel): the
+`gaps` runs hold STL and ForkMerge with the older rule, the `auto` runs ForkMerge with the new
+default; the same seeds, so the same STL and the same pre-pass ranking. Δm per target and seed =
+(STL − ForkMerge) / STL on the test MAE (Appendix C.1, lower is better), averaged over seeds,
+then over targets (as `compare-methods` does).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from fm_optuna.cli import main
 from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import ConfigError
 from fm_optuna.spec import check_branches_fit, load_spec
+from tests.conftest import ToyProblem
 
 SPEC = """
 [study]
@@ -56,11 +57,11 @@ def test_spec_reads_cut_and_keep(tmp_path: Path) -> None:
     spec = load_spec(spec_file(tmp_path, 'cut = "gaps"\nkeep = [0, 2, 3]'))
     config = spec.config()
     assert (config.cut, config.keep) == ("gaps", (0, 2, 3))
-    check_branches_fit(spec, n_tasks=4)
+    check_branches_fit(spec, ToyProblem(n_tasks=4))
     with pytest.raises(
         ConfigError, match=r"`training\.keep` should be increasing integers from 0 to 4"
     ):
-        check_branches_fit(spec, n_tasks=5)
+        check_branches_fit(spec, ToyProblem(n_tasks=5))
 
 
 @pytest.mark.parametrize(
