@@ -27,6 +27,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def finite_float(text: str) -> float:
+    """argparse type of every real-valued option: ``inf`` and ``nan`` are refused as in specs."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"should be a finite number. Found `{text}`") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"should be a finite number. Found `{text}`")
+    return value
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     from fm_optuna.benchmarks import BENCHMARKS
     from fm_optuna.branches import PLANS
@@ -63,7 +74,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "TOML syntax, bare words as text), e.g. --option image_size=32 --option "
         "domains=clipart,sketch; repeatable",
     )
-    g.add_argument("--batch-size", type=int, default=32, help="per-task batch size (default: 32)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="per-task batch size (default: the benchmark's, e.g. digits 32, qm9 64)",
+    )
     g.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
     )
@@ -123,7 +139,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default="last",
         help=f"final model: {', '.join(FINAL_MODELS)} merge (default: last)",
     )
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    g.add_argument(
+        "--lr", type=finite_float, default=1e-3, help="Adam learning rate (default: 1e-3)"
+    )
     g.add_argument(
         "--seed", type=int, default=0, help="seed of initialisation, data order and inner studies"
     )
@@ -141,7 +159,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="inner-study budget for binary, tpe, cmaes, random (default: 20)",
     )
     g.add_argument(
-        "--grid-resolution", type=float, default=0.1, help="lattice step for grid (default: 0.1)"
+        "--grid-resolution",
+        type=finite_float,
+        default=0.1,
+        help="lattice step for grid (default: 0.1)",
     )
 
 
@@ -199,7 +220,9 @@ def _problem(args: argparse.Namespace) -> Any:
     from fm_optuna.errors import invalid
 
     device = _torch_setup(args)
-    extra: dict[str, Any] = {"batch_size": args.batch_size}
+    extra: dict[str, Any] = {}
+    if args.batch_size is not None:  # else the benchmark's own default (qm9: 64)
+        extra["batch_size"] = args.batch_size
     if args.harmful_aux:
         if args.benchmark != "digits":
             raise invalid("harmful_aux", True, "used only with --benchmark digits")
@@ -294,11 +317,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise invalid("checkpoint", args.checkpoint, "used with a single seed (--seeds 1)")
     problem = _problem(args)
     _check_plan(problem, config)
-    # tracking (issue #3): after the cheap checks (no store for a mistyped command), before any
+    seeds = [args.seed + offset for offset in range(args.seeds)]
+    checkpoints = {seed: _checkpoint_path(args, problem, seed) for seed in seeds}
+    # Every checkpoint is read and checked before any store is opened: a corrupt or mismatched
+    # one is one line and nothing is written.
+    snapshots = {
+        seed: _resume_snapshot(checkpoints[seed], _config(args, seed=seed)) if args.resume else None
+        for seed in seeds
+    }
+    # tracking (issue #3): after every check (no store for a mistyped command), before any
     # training (a store that cannot be opened is one line, not a lost run).
     store = _open_tracking(args, problem)
     comparisons = []
-    for offset in range(args.seeds):
+    for seed in seeds:
         events = EventStream([ProgressBars(disable=True if args.json else None)])
         if store is not None:  # tracking (issue #3)
             from fm_optuna.tracking import MlflowTracker
@@ -306,19 +337,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             higher = problem.task(problem.target).higher_is_better
             events.observers.append(MlflowTracker(store, higher_is_better=higher))
         try:
-            seed = args.seed + offset
-            checkpoint = Path(
-                args.checkpoint
-                or f"tracking/checkpoints/run/{args.benchmark}-{problem.target}-seed{seed}.ckpt"
-            )
             comparisons.append(
                 run_methods(
                     problem,
                     _config(args, seed=seed),
                     methods,
                     events,
-                    checkpoint=checkpoint if "forkmerge" in methods else None,
-                    resume=args.resume,
+                    checkpoint=checkpoints[seed] if "forkmerge" in methods else None,
+                    resume_from=snapshots[seed],
                 )
             )
         finally:
@@ -339,6 +365,30 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _checkpoint_path(args: argparse.Namespace, problem: Any, seed: int) -> Path:
+    default = f"tracking/checkpoints/run/{args.benchmark}-{problem.target}-seed{seed}.ckpt"
+    return Path(args.checkpoint or default)
+
+
+def _resume_snapshot(path: Path, config: Any) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` continues from, checked against this run's configuration."""
+    from fm_optuna.checkpoints import load_checkpoint
+    from fm_optuna.forkmerge import _check_resumable as check_resumable  # TODO after merge
+
+    snapshot = load_checkpoint(path)
+    if snapshot is None:
+        print(
+            f"fm-optuna run: no checkpoint at {path} yet: ForkMerge starts from the beginning",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        check_resumable(config, snapshot)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return snapshot
 
 
 # --- tracking (issue #3) ------------------------------------------------------------------------

@@ -28,7 +28,6 @@ every other task, so that S covers every task a method's model serves:
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -39,13 +38,11 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from fm_optuna.baselines import BASELINES, SingleTask, make_baseline, run_baseline
-from fm_optuna.checkpoints import Checkpointer, load_checkpoint
+from fm_optuna.checkpoints import Checkpointer
 from fm_optuna.errors import one_of
 from fm_optuna.events import EventStream, RunFinished
 from fm_optuna.forkmerge import ForkMergeConfig, ForkMergeResult, run_forkmerge
 from fm_optuna.tasks import Problem, Split, TaskMetrics, for_plan
-
-logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -246,16 +243,12 @@ def _run_forkmerge(
     config: ForkMergeConfig,
     events: EventStream,
     checkpoint: Path | None,
-    resume: bool,
+    resume_from: Mapping[str, Any] | None,
 ) -> ForkMergeResult:
-    """ForkMerge, checkpointed at every merge to ``checkpoint`` and resumed from it if asked."""
-    if checkpoint is None:
-        return run_forkmerge(problem, config, events)
-    snapshot = load_checkpoint(checkpoint) if resume else None
-    if resume and snapshot is None:
-        logger.warning("no checkpoint at %s yet: ForkMerge starts from the beginning", checkpoint)
-    stream = EventStream([Checkpointer(checkpoint), *events.observers])
-    return run_forkmerge(problem, config, stream, resume_from=snapshot)
+    """ForkMerge, checkpointed at every merge to ``checkpoint``, continuing ``resume_from``."""
+    if checkpoint is not None:
+        events = EventStream([Checkpointer(checkpoint), *events.observers])
+    return run_forkmerge(problem, config, events, resume_from=resume_from)
 
 
 def run_methods(
@@ -266,13 +259,15 @@ def run_methods(
     *,
     references: str = "target",
     checkpoint: Path | None = None,
-    resume: bool = False,
+    resume_from: Mapping[str, Any] | None = None,
 ) -> Comparison:
     """Train every method with the same seed and budget T; TG and Δm are measured against STL.
 
     STL trains first when it is among ``methods``, so every later method's ``RunFinished``
     summary already carries its TG and Δm. ``references="tasks"`` first trains STL for every other
     task (silently: no events) so that Δm covers every task; see the module docstring.
+    ForkMerge writes ``checkpoint`` at every merge and continues the snapshot ``resume_from``
+    (:func:`~fm_optuna.checkpoints.load_checkpoint`) when given.
     """
     for method in methods:
         if method not in METHODS:
@@ -294,7 +289,7 @@ def run_methods(
     for method in sorted(methods, key=lambda m: m != "stl"):
         started = time.perf_counter()
         if method == "forkmerge":
-            fm = _run_forkmerge(problem, config, events, checkpoint, resume)
+            fm = _run_forkmerge(problem, config, events, checkpoint, resume_from)
             comparison.forkmerge, model = fm, fm.model
         else:
             model = run_baseline(make_baseline(method), problem, config, events).model

@@ -49,8 +49,14 @@ def options(benchmark: str) -> tuple[str, ...]:
     """The benchmark-specific keyword options of its ``build`` (e.g. ``batch_size``)."""
     import inspect
 
-    parameters = inspect.signature(_module(benchmark).build).parameters
-    return tuple(name for name in parameters if name not in ("target", "seed", "device"))
+    parameters = inspect.signature(_module(benchmark).build).parameters.values()
+    return tuple(
+        p.name
+        for p in parameters
+        # ``**unknown`` catch-alls only exist to reject typos: they are not options.
+        if p.name not in ("target", "seed", "device")
+        and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    )
 
 
 def build_problem(
