@@ -1,16 +1,13 @@
-"""Task relevance for pruning (Alg. 4): the lookahead inter-task affinity of Fifty et al.
+"""The lookahead inter-task affinity of Fifty et al., a measurement of task relevance.
 
-Alg. 4 needs the auxiliaries ranked by relevance to the target. Two rankings exist:
+:mod:`fm_optuna.ranking` turns it into Alg. 4's order of the auxiliaries (beside the official
+pre-pass). Following "Measuring and Harnessing Transference" (Fifty et al.): *one* short joint
+run (all tasks, equal weights) in which, at every measured step t and for every source task i,
+the shared parameters θ_s take a lookahead step on task i alone and
 
-- the official pre-pass, :func:`fm_optuna.forkmerge.rank_auxiliaries` with ``ranking="prepass"``:
-  one short target+aux run per auxiliary, ranked by target validation score (K−1 runs);
-- the lookahead inter-task affinity ("Measuring and Harnessing Transference", Fifty et al.), here:
-  *one* short joint run (all tasks, equal weights) in which, at every measured step t and for every
-  source task i, the shared parameters θ_s take a lookahead step on task i alone and
+    Z^t_{i→j} = 1 − L_j(X_j^t, θ_s − Δ_i, θ_j) / L_j(X_j^t, θ_s, θ_j),
 
-      Z^t_{i→j} = 1 − L_j(X_j^t, θ_s − Δ_i, θ_j) / L_j(X_j^t, θ_s, θ_j),
-
-  averaged over the measured steps. Z_{i→j} > 0: a step on i lowers j's loss on the same batch.
+averaged over the measured steps. Z_{i→j} > 0: a step on i lowers j's loss on the same batch.
 
 Choices, all documented in the paper's own experiments:
 
@@ -30,31 +27,24 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from fm_optuna.baselines._jacobian import task_gradients
 from fm_optuna.errors import invalid, one_of
-from fm_optuna.forkmerge import (
-    ForkMergeConfig,
-    Ranking,
-    data_generator,
-    rank_auxiliaries,
-    seeded_model,
-)
-from fm_optuna.training import make_optimizer
+from fm_optuna.gradients import task_gradients
+from fm_optuna.training import data_generator, make_optimizer, seeded_model
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from fm_optuna.config import ForkMergeConfig
     from fm_optuna.tasks import Problem
 
 LOOKAHEADS = ("adam", "sgd")
@@ -225,76 +215,6 @@ def _lookahead_losses(
     return after
 
 
-def rank_by_affinity(
-    problem: Problem, config: ForkMergeConfig, initial_state: Mapping[str, torch.Tensor]
-) -> Ranking:
-    """Best-first auxiliaries by Z_{aux→target} over a joint run of ``ranking_steps`` (else Δt).
-
-    Only the target's column is measured, so each measured step costs K forwards and K backwards
-    for the joint step plus K lookahead forwards of the target.
-    """
-    started = time.perf_counter()
-    auxiliaries = problem.auxiliaries
-    result = task_affinity(
-        problem,
-        config,
-        initial_state,
-        steps=config.ranking_steps or config.dt,
-        onto=(problem.target,),
-    )
-    relevance = result.onto(problem.target)
-    order = tuple(sorted(auxiliaries, key=lambda a: (-relevance[a], auxiliaries.index(a))))
-    return Ranking(
-        order,
-        tuple(relevance[a] for a in order),
-        time.perf_counter() - started,
-        "affinity",
-    )
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """How far two best-first orders of the same auxiliaries agree."""
-
-    kendall_tau: float  # +1 same order, −1 reversed
-    top_k_overlap: float  # |top-k(a) ∩ top-k(b)| / k
-    k: int
-    same_first: bool
-
-
-def ranking_agreement(a: Sequence[str], b: Sequence[str], *, k: int | None = None) -> Agreement:
-    """Kendall's τ between two orders of the same items, the top-k overlap and the top-1 match.
-
-    ``k`` defaults to half the items, rounded up (the branches Alg. 4 keeps are top-k sets).
-
-    Example:
-        >>> ranking_agreement(["a", "b", "c"], ["a", "c", "b"]).kendall_tau
-        0.3333333333333333
-    """
-    if sorted(a) != sorted(b):
-        raise invalid("b", ",".join(b), "a permutation of " + ",".join(a))
-    n = len(a)
-    k = math.ceil(n / 2) if k is None else k
-    if not 1 <= k <= max(n, 1):
-        raise invalid("k", k, f"an integer from 1 to {n}")
-    if n < 2:
-        return Agreement(1.0, 1.0, k, True)
-    position = {item: index for index, item in enumerate(b)}
-    concordant = sum(
-        1 if position[x] < position[y] else -1 for x, y in itertools.combinations(a, 2)
-    )
-    tau = concordant / (n * (n - 1) / 2)
-    overlap = len(set(a[:k]) & set(b[:k])) / k
-    return Agreement(tau, overlap, k, a[0] == b[0])
-
-
-def prepass_ranking(
-    problem: Problem, config: ForkMergeConfig, initial_state: Mapping[str, torch.Tensor]
-) -> Ranking:
-    """The official pre-pass ranking, whatever ``config.ranking`` says."""
-    return rank_auxiliaries(problem, replace(config, ranking="prepass"), initial_state)
-
-
 def plot_affinity(
     matrix: np.ndarray | Sequence[Sequence[float]],
     names: Sequence[str],
@@ -355,10 +275,6 @@ def plot_affinity(
 __all__ = [
     "LOOKAHEADS",
     "AffinityResult",
-    "Agreement",
     "plot_affinity",
-    "prepass_ranking",
-    "rank_by_affinity",
-    "ranking_agreement",
     "task_affinity",
 ]

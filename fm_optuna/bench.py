@@ -12,16 +12,18 @@ from collections.abc import Callable
 from typing import Any
 
 from fm_optuna.baselines import make_baseline, run_baseline
+from fm_optuna.config import ForkMergeConfig
 from fm_optuna.events import Observer
-from fm_optuna.forkmerge import (
-    ForkMergeConfig,
-    data_generator,
-    plan_branches,
-    run_forkmerge,
-    seeded_model,
-)
+from fm_optuna.forkmerge import run_forkmerge
+from fm_optuna.ranking import plan_branches
 from fm_optuna.tasks import Problem
-from fm_optuna.training import WeightedSum, make_optimizer, train
+from fm_optuna.training import (
+    WeightedSum,
+    data_generator,
+    make_optimizer,
+    seeded_model,
+    train,
+)
 
 
 def train_branches_alone(problem: Problem, config: ForkMergeConfig) -> float:

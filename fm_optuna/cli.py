@@ -41,7 +41,7 @@ def finite_float(text: str) -> float:
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     from fm_optuna.benchmarks import BENCHMARKS
     from fm_optuna.branches import PLANS
-    from fm_optuna.forkmerge import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS
+    from fm_optuna.config import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS
     from fm_optuna.strategies import STRATEGIES
 
     g = parser.add_argument_group("problem")
@@ -167,7 +167,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> Any:
-    from fm_optuna.forkmerge import ForkMergeConfig
+    from fm_optuna.config import ForkMergeConfig
 
     values = dict(
         dt=args.dt,
@@ -289,6 +289,11 @@ def _print_table(comparisons: list[Any]) -> None:
             f"ranking {fm.ranking.method} ({', '.join(fm.ranking.order)}); "
             f"final round {fm.final_round}"
         )
+        if fm.resumed_from_round:
+            print(
+                f"  resumed after round {fm.resumed_from_round} (step {fm.resumed_at_step}); "
+                f"seconds include {fm.seconds_before_resume:.1f}s before the resume"
+            )
         for round_index, (step, decision) in enumerate(
             zip(fm.steps, fm.decisions, strict=True), start=1
         ):
@@ -375,7 +380,7 @@ def _checkpoint_path(args: argparse.Namespace, problem: Any, seed: int) -> Path:
 def _resume_snapshot(path: Path, config: Any) -> dict[str, Any] | None:
     """The checkpoint ``--resume`` continues from, checked against this run's configuration."""
     from fm_optuna.checkpoints import load_checkpoint
-    from fm_optuna.forkmerge import _check_resumable as check_resumable  # TODO after merge
+    from fm_optuna.forkmerge import check_resumable
 
     snapshot = load_checkpoint(path)
     if snapshot is None:

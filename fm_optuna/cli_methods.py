@@ -185,16 +185,11 @@ def _print_methods(
 
 
 def cmd_task_affinity(args: argparse.Namespace) -> int:
-    from fm_optuna.affinity import (
-        plot_affinity,
-        prepass_ranking,
-        rank_by_affinity,
-        ranking_agreement,
-        task_affinity,
-    )
+    from fm_optuna.affinity import plot_affinity, task_affinity
     from fm_optuna.errors import invalid
-    from fm_optuna.forkmerge import seeded_model
     from fm_optuna.methods import finite
+    from fm_optuna.ranking import prepass_ranking, rank_by_affinity, ranking_agreement
+    from fm_optuna.training import seeded_model
 
     spec, config, device = _load(args)
     problem = _build(spec, spec.problem.target, device)

@@ -19,17 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import invalid, one_of
 from fm_optuna.events import EventStream, Observer
-from fm_optuna.forkmerge import (
-    ForkMergeConfig,
-    plan_branches,
-    run_forkmerge,
-    seeded_model,
-    target_score,
-)
+from fm_optuna.forkmerge import run_forkmerge
+from fm_optuna.ranking import plan_branches
 from fm_optuna.strategies import STRATEGIES
 from fm_optuna.tasks import Problem
+from fm_optuna.training import seeded_model, target_score
 
 
 @dataclass

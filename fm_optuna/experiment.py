@@ -39,9 +39,10 @@ from torch import nn
 
 from fm_optuna.baselines import BASELINES, SingleTask, make_baseline, run_baseline
 from fm_optuna.checkpoints import Checkpointer
+from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import one_of
 from fm_optuna.events import EventStream, RunFinished
-from fm_optuna.forkmerge import ForkMergeConfig, ForkMergeResult, run_forkmerge
+from fm_optuna.forkmerge import ForkMergeResult, run_forkmerge
 from fm_optuna.tasks import Problem, Split, TaskMetrics, for_plan
 
 if TYPE_CHECKING:
@@ -130,6 +131,15 @@ class Comparison:
                     "seconds": fm.ranking.seconds,
                 },
                 "final_round": fm.final_round,
+                # Where a --resume continued (None: one uninterrupted run); the method's
+                # seconds include the time before the resume.
+                "resumed": None
+                if not fm.resumed_from_round
+                else {
+                    "after_round": fm.resumed_from_round,
+                    "at_step": fm.resumed_at_step,
+                    "seconds_before": fm.seconds_before_resume,
+                },
                 "timings": fm.timings,
                 "merges": [
                     {
@@ -287,14 +297,14 @@ def run_methods(
         comparison.reference_seconds = time.perf_counter() - started
     by_method: dict[str, MethodResult] = {}
     for method in sorted(methods, key=lambda m: m != "stl"):
-        started = time.perf_counter()
+        started, earlier = time.perf_counter(), 0.0  # earlier: seconds before a resume
         if method == "forkmerge":
             fm = _run_forkmerge(problem, config, events, checkpoint, resume_from)
-            comparison.forkmerge, model = fm, fm.model
+            comparison.forkmerge, model, earlier = fm, fm.model, fm.seconds_before_resume
         else:
             model = run_baseline(make_baseline(method), problem, config, events).model
         val, test = evaluate_all(problem, model)
-        seconds = time.perf_counter() - started
+        seconds = earlier + time.perf_counter() - started
         if method == "stl":
             reference_metrics[target.name] = test[target.name]
         result = MethodResult(

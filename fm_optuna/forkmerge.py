@@ -4,6 +4,9 @@ Every Δt optimizer steps the shared model θ* is forked into the plan's branche
 trained Δt steps on its task weights, and the branches are merged into θ* = Σ_b Λ_b θ_b with Λ
 chosen by an inner Optuna study on the target's validation score. Δt and T count optimizer steps
 of one branch.
+
+A round reads as its phases (:class:`_ForkMergeLoop`): train the branches, evaluate them, search
+Λ, merge and fork, record. Setting up (or resuming from a checkpoint) comes before the first.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fm_optuna.branches import PLANS, Branch, default_branch_count, make_plan
-from fm_optuna.errors import invalid, one_of
+from fm_optuna.branches import Branch
+from fm_optuna.config import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS, ForkMergeConfig
+from fm_optuna.errors import invalid
 from fm_optuna.events import (
     BranchesEvaluated,
     EventStream,
@@ -30,90 +34,30 @@ from fm_optuna.events import (
     TrainingProgress,
 )
 from fm_optuna.merging import BranchStack
-from fm_optuna.search import MergeDecision, search_merge
-from fm_optuna.strategies import STRATEGIES, make_strategy
-from fm_optuna.tasks import Problem, Split, for_plan
-from fm_optuna.training import WeightedSum, make_optimizer, train
+from fm_optuna.ranking import Ranking, plan_branches
+from fm_optuna.search import MergeDecision, MergeStrategy, search_merge
+from fm_optuna.strategies import make_strategy
+from fm_optuna.tasks import Problem, for_plan
+from fm_optuna.training import (
+    WeightedSum,
+    data_generator,
+    make_optimizer,
+    seeded_model,
+    target_score,
+    train,
+)
 
-OPTIMIZER_POLICIES = ("keep", "reset", "average")
-FINAL_MODELS = ("last", "best")
-RANKINGS = ("prepass", "given", "affinity")
-
-
-@dataclass(frozen=True)
-class ForkMergeConfig:
-    """Everything that defines a ForkMerge run; logged as run parameters and checkpointed.
-
-    Attributes:
-        dt: Merge interval Δt in optimizer steps.
-        total_steps: Training budget T in optimizer steps (per branch).
-        strategy: Merge-search strategy (``grid``, ``binary``, ``greedy``, ``tpe``, ``cmaes``,
-            ``random``).
-        merge_trials: Inner-study budget for the strategies that take one.
-        grid_resolution: Lattice step of ``grid``.
-        plan: ``pruned`` (Alg. 4), ``pairwise`` (Alg. 1/2) or ``joint`` (App. A.4).
-        branches: L, the number of branches (``None``: the plan's default).
-        ranking: ``prepass`` (short target+aux runs ranked by target validation, the official
-            code) or ``given`` (the order of ``aux_order``, else the benchmark's task order).
-        ranking_steps: Steps of each pre-pass run (``None``: Δt).
-        aux_order: Explicit best-first order of the auxiliaries for ``ranking="given"``.
-        optimizer_policy: What happens to optimizer state at a merge: ``keep`` (each branch keeps
-            its moments, as the official code), ``reset`` or ``average`` (moments averaged by Λ).
-        final: ``last`` merge or ``best``-validated merge is the final model.
-        lr: Adam learning rate.
-        seed: Seeds model initialisation, data order and every inner study.
-        log_every: Steps between training-loss reports.
-    """
-
-    dt: int = 100
-    total_steps: int = 600
-    strategy: str = "grid"
-    merge_trials: int = 20
-    grid_resolution: float = 0.1
-    plan: str = "pruned"
-    branches: int | None = None
-    ranking: str = "prepass"
-    ranking_steps: int | None = None
-    aux_order: tuple[str, ...] | None = None
-    optimizer_policy: str = "keep"
-    final: str = "last"
-    lr: float = 1e-3
-    seed: int = 0
-    log_every: int = 25
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.total_steps, int) or self.total_steps < 1:
-            raise invalid("steps", self.total_steps, "a positive integer")
-        if not isinstance(self.dt, int) or not 1 <= self.dt <= self.total_steps:
-            raise invalid("dt", self.dt, f"an integer from 1 to steps ({self.total_steps})")
-        if self.strategy not in STRATEGIES:
-            raise one_of("strategy", self.strategy, STRATEGIES)
-        if not isinstance(self.merge_trials, int) or self.merge_trials < 1:
-            raise invalid("merge_trials", self.merge_trials, "a positive integer")
-        if self.plan not in PLANS:
-            raise one_of("plan", self.plan, PLANS)
-        if self.ranking not in RANKINGS:
-            raise one_of("ranking", self.ranking, RANKINGS)
-        if self.ranking_steps is not None and self.ranking_steps < 1:
-            raise invalid("ranking_steps", self.ranking_steps, "a positive integer")
-        if self.optimizer_policy not in OPTIMIZER_POLICIES:
-            raise one_of("optimizer_policy", self.optimizer_policy, OPTIMIZER_POLICIES)
-        if self.final not in FINAL_MODELS:
-            raise one_of("final", self.final, FINAL_MODELS)
-        if not self.lr > 0:
-            raise invalid("lr", self.lr, "a positive number")
-        if self.log_every < 1:
-            raise invalid("log_every", self.log_every, "a positive integer")
-        make_strategy(self.strategy, resolution=self.grid_resolution)  # validates its options
-
-    @property
-    def rounds(self) -> int:
-        return math.ceil(self.total_steps / self.dt)
-
-    def as_params(self) -> dict[str, Any]:
-        params = asdict(self)
-        params["aux_order"] = ",".join(self.aux_order) if self.aux_order else None
-        return params
+__all__ = [
+    "FINAL_MODELS",
+    "OPTIMIZER_POLICIES",
+    "RANKINGS",
+    "BranchRun",
+    "ForkMergeConfig",
+    "ForkMergeResult",
+    "apply_optimizer_policy",
+    "check_resumable",
+    "run_forkmerge",
+]
 
 
 @dataclass
@@ -127,14 +71,6 @@ class BranchRun:
 
 
 @dataclass
-class Ranking:
-    order: tuple[str, ...]
-    relevance: tuple[float, ...] | None
-    seconds: float
-    method: str
-
-
-@dataclass
 class ForkMergeResult:
     model: nn.Module
     branches: list[Branch]
@@ -142,93 +78,15 @@ class ForkMergeResult:
     steps: list[int]
     ranking: Ranking
     final_round: int
-    seconds: float
+    seconds: float  # the whole run's, including the time spent before a resume
     timings: dict[str, float] = field(default_factory=dict)
+    resumed_from_round: int = 0  # > 0: continued from the checkpoint of this merge round
+    resumed_at_step: int = 0
+    seconds_before_resume: float = 0.0  # training time of the process(es) before the resume
 
     @property
     def lambda_history(self) -> list[tuple[float, ...]]:
         return [decision.weights for decision in self.decisions]
-
-
-def target_score(
-    problem: Problem, model: nn.Module, split: Split = "val"
-) -> tuple[float, dict[str, float]]:
-    """The target's validation score (higher is better) and its metrics."""
-    metrics = problem.evaluate(model, split, [problem.target])[problem.target]
-    return problem.task(problem.target).score(metrics), metrics
-
-
-def seeded_model(problem: Problem, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return problem.make_model().to(problem.device)
-
-
-def data_generator(problem: Problem, seed: int, stream: int) -> torch.Generator:
-    """Independent, reproducible data order per (seed, stream)."""
-    generator = torch.Generator(device=problem.device)
-    generator.manual_seed(seed * 1_000_003 + stream)
-    return generator
-
-
-def rank_auxiliaries(
-    problem: Problem, config: ForkMergeConfig, initial: Mapping[str, torch.Tensor]
-) -> Ranking:
-    """Best-first order of the auxiliaries (with relevance scores when measured)."""
-    started = time.perf_counter()
-    auxiliaries = problem.auxiliaries
-    if config.ranking == "given" or len(auxiliaries) < 2:
-        order = tuple(config.aux_order or auxiliaries)
-        if sorted(order) != sorted(auxiliaries):
-            raise invalid(
-                "aux_order", ",".join(order), "a permutation of " + ", ".join(auxiliaries)
-            )
-        return Ranking(order, None, time.perf_counter() - started, "given")
-    if config.ranking == "affinity":
-        from fm_optuna.affinity import rank_by_affinity  # lazy: affinity imports this module
-
-        return rank_by_affinity(problem, config, initial)
-    steps = config.ranking_steps or config.dt
-    scores: dict[str, float] = {}
-    model = seeded_model(problem, config.seed)
-    for index, aux in enumerate(auxiliaries):
-        model.load_state_dict(initial)
-        optimizer = make_optimizer(model, config.lr)
-        rule = WeightedSum({problem.target: 1.0, aux: 1.0})
-        generator = data_generator(problem, config.seed, 10_000 + index)
-        train(model, optimizer, problem, rule, steps=steps, generator=generator)
-        score, _ = target_score(problem, model)
-        scores[aux] = score if math.isfinite(score) else -math.inf
-    order = tuple(sorted(auxiliaries, key=lambda a: (-scores[a], auxiliaries.index(a))))
-    return Ranking(order, tuple(scores[a] for a in order), time.perf_counter() - started, "prepass")
-
-
-def _needs_order(config: ForkMergeConfig, n_aux: int) -> bool:
-    """Only a pruned plan with intermediate branches depends on the auxiliaries' order."""
-    n_branches = config.branches
-    if config.plan == "pairwise" or n_aux < 2:
-        return False
-    if n_branches is None:
-        n_branches = default_branch_count(n_aux + 1)
-    return n_branches > 2
-
-
-def plan_branches(
-    problem: Problem, config: ForkMergeConfig, initial: Mapping[str, torch.Tensor]
-) -> tuple[list[Branch], Ranking]:
-    if config.ranking in ("prepass", "affinity") and not _needs_order(
-        config, len(problem.auxiliaries)
-    ):
-        ranking = Ranking(tuple(problem.auxiliaries), None, 0.0, "not needed")
-    else:
-        ranking = rank_auxiliaries(problem, config, initial)
-    branches = make_plan(
-        "pruned" if config.plan == "joint" else config.plan,
-        target=problem.target,
-        ranked_auxiliaries=ranking.order,
-        n_branches=config.branches,
-        relevance=ranking.relevance,
-    )
-    return branches, ranking
 
 
 def apply_optimizer_policy(
@@ -257,6 +115,25 @@ def apply_optimizer_policy(
             run.optimizer.state[params[index]] = {k: v.clone() for k, v in averaged.items()}
 
 
+@dataclass
+class _Progress:
+    """Where the loop is; restored from a checkpoint on resume."""
+
+    round: int = 0
+    step: int = 0
+    decisions: list[MergeDecision] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_score: float = -math.inf
+    best_round: int = 0
+    seconds_before: float = 0.0  # spent by earlier processes (restored from a checkpoint)
+    seconds: float = 0.0  # spent up to the latest merge, earlier processes included
+
+    @property
+    def warm_start(self) -> tuple[float, ...] | None:
+        return self.decisions[-1].weights if self.decisions else None
+
+
 def _snapshot(
     config: ForkMergeConfig,
     runs: Sequence[BranchRun],
@@ -270,6 +147,7 @@ def _snapshot(
         "config": config.as_params(),
         "round": progress.round,
         "step": progress.step,
+        "seconds": progress.seconds,
         "merged": {k: v.detach().cpu().clone() for k, v in merged.items()},
         "branches": [
             {
@@ -297,24 +175,8 @@ def _snapshot(
 CHECKPOINT_FORMAT = 1
 
 
-@dataclass
-class _Progress:
-    """Where the loop is; restored from a checkpoint on resume."""
-
-    round: int = 0
-    step: int = 0
-    decisions: list[MergeDecision] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    best_state: dict[str, torch.Tensor] | None = None
-    best_score: float = -math.inf
-    best_round: int = 0
-
-    @property
-    def warm_start(self) -> tuple[float, ...] | None:
-        return self.decisions[-1].weights if self.decisions else None
-
-
-def _check_resumable(config: ForkMergeConfig, checkpoint: Mapping[str, Any]) -> None:
+def check_resumable(config: ForkMergeConfig, checkpoint: Mapping[str, Any]) -> None:
+    """Raise a one-line ConfigError unless ``checkpoint`` continues a run of ``config``."""
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise invalid(
             "resume", checkpoint.get("format"), f"a checkpoint of format {CHECKPOINT_FORMAT}"
@@ -332,6 +194,232 @@ def _check_resumable(config: ForkMergeConfig, checkpoint: Mapping[str, Any]) -> 
         )
 
 
+def _restore_progress(checkpoint: Mapping[str, Any]) -> _Progress:
+    progress = _Progress(round=checkpoint["round"], step=checkpoint["step"])
+    progress.seconds_before = progress.seconds = float(checkpoint.get("seconds", 0.0))
+    progress.decisions = [MergeDecision.from_dict(d) for d in checkpoint["decisions"]]
+    progress.steps = list(checkpoint["steps"])
+    if checkpoint["best"] is not None:
+        progress.best_state = checkpoint["best"]["state"]
+        progress.best_score = checkpoint["best"]["score"]
+        progress.best_round = checkpoint["best"]["round"]
+    return progress
+
+
+class _ForkMergeLoop:
+    """One ForkMerge run's live state, advanced one round at a time by named phases."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        config: ForkMergeConfig,
+        events: EventStream,
+        name: str,
+        resume_from: Mapping[str, Any] | None,
+    ) -> None:
+        self.problem, self.config, self.events, self.name = problem, config, events, name
+        self.started = time.perf_counter()
+        self.strategy: MergeStrategy = make_strategy(
+            config.strategy, resolution=config.grid_resolution
+        )
+        shared = seeded_model(problem, config.seed)
+        if resume_from is None:
+            self.progress = _Progress()
+            branches, self.ranking = plan_branches(
+                problem, config, copy.deepcopy(shared.state_dict())
+            )
+        else:
+            check_resumable(config, resume_from)
+            self.progress = _restore_progress(resume_from)
+            saved = resume_from["ranking"]
+            self.ranking = Ranking(**{**saved, "order": tuple(saved["order"])})
+            branches = [Branch(b["name"], dict(b["weights"])) for b in resume_from["branches"]]
+            shared.load_state_dict(resume_from["merged"])
+            torch.set_rng_state(resume_from["torch_rng"])
+        self.runs = [self._fork(shared, index, branch) for index, branch in enumerate(branches)]
+        if resume_from is not None:
+            for run, saved_branch in zip(self.runs, resume_from["branches"], strict=True):
+                run.optimizer.load_state_dict(saved_branch["optimizer"])
+                run.generator.set_state(saved_branch["generator"])
+        self.names = tuple(branch.name for branch in branches)
+        self.resumed_from = (self.progress.round, self.progress.step)
+        self.timings = dict.fromkeys(("train", "evaluate", "search", "merge"), 0.0)
+        self.timings = {"ranking": self.ranking.seconds, **self.timings}
+
+    def _fork(self, shared: nn.Module, index: int, branch: Branch) -> BranchRun:
+        model = copy.deepcopy(shared)
+        generator = data_generator(self.problem, self.config.seed, index)
+        return BranchRun(branch, model, make_optimizer(model, self.config.lr), generator)
+
+    @property
+    def finished(self) -> bool:
+        return self.progress.round >= self.config.rounds
+
+    def announce(self) -> None:
+        self.events.emit(
+            RunStarted(
+                run=self.name,
+                params={
+                    **self.config.as_params(),
+                    **self.problem.describe(),
+                    "ranking_method": self.ranking.method,
+                    "ranking_order": ",".join(self.ranking.order),
+                    "n_branches": len(self.runs),
+                },
+                branches={run.branch.name: dict(run.branch.weights) for run in self.runs},
+                total_steps=self.config.total_steps,
+                resumed_at_step=self.progress.step,
+                resumed_merges=tuple(
+                    zip(self.progress.steps, self.progress.decisions, strict=True)
+                ),
+            )
+        )
+
+    def run_round(self) -> None:
+        """Train → evaluate → search → merge and fork → record: one Δt of ForkMerge."""
+        round_index = self.progress.round + 1
+        step = self.train_branches()
+        branch_scores = self.evaluate_branches(round_index, step)
+        stack = BranchStack([run.model.state_dict() for run in self.runs])
+        decision = self.search(stack, branch_scores, round_index)
+        merged = self.merge_and_fork(stack, decision)
+        self.record(round_index, step, decision, merged, branch_scores)
+
+    def train_branches(self) -> int:
+        """Every branch trains the next Δt steps (fewer in a last, shorter round)."""
+        tic = time.perf_counter()
+        start = self.progress.step
+        length = min(self.config.dt, self.config.total_steps - start)
+        for run in self.runs:
+
+            def report(at: int, losses: dict[str, float], branch: str = run.branch.name) -> None:
+                self.events.emit(
+                    TrainingProgress(run=self.name, branch=branch, step=at, losses=losses)
+                )
+
+            train(
+                run.model,
+                run.optimizer,
+                self.problem,
+                WeightedSum(run.branch.weights),
+                steps=length,
+                generator=run.generator,
+                start_step=start,
+                log_every=self.config.log_every,
+                on_losses=report,
+            )
+        self.timings["train"] += time.perf_counter() - tic
+        return start + length
+
+    def evaluate_branches(self, round_index: int, step: int) -> list[float]:
+        tic = time.perf_counter()
+        evaluated = [target_score(self.problem, run.model) for run in self.runs]
+        self.timings["evaluate"] += time.perf_counter() - tic
+        scores = [score for score, _ in evaluated]
+        self.events.emit(
+            BranchesEvaluated(
+                run=self.name,
+                round=round_index,
+                step=step,
+                scores=dict(zip(self.names, scores, strict=True)),
+                metrics={n: m for n, (_, m) in zip(self.names, evaluated, strict=True)},
+            )
+        )
+        return scores
+
+    def search(
+        self, stack: BranchStack, branch_scores: Sequence[float], round_index: int
+    ) -> MergeDecision:
+        """The inner study: Λ on the simplex maximising the target's validation score."""
+        tic = time.perf_counter()
+        # A scratch model for the candidates; every branch is re-forked from θ* afterwards.
+        candidate = self.runs[0].model
+
+        def evaluate(weights: np.ndarray) -> float:
+            candidate.load_state_dict(stack.combine(weights))
+            return target_score(self.problem, candidate)[0]
+
+        decision = search_merge(
+            evaluate,
+            strategy=self.strategy,
+            n_branches=len(self.runs),
+            budget=self.config.merge_trials,
+            seed=self.config.seed * 7919 + round_index,
+            branch_scores=branch_scores,
+            warm_start=self.progress.warm_start,
+        )
+        self.timings["search"] += time.perf_counter() - tic
+        return decision
+
+    def merge_and_fork(
+        self, stack: BranchStack, decision: MergeDecision
+    ) -> dict[str, torch.Tensor]:
+        """θ* = Σ Λ_b θ_b; every branch restarts from θ* under the optimizer-state policy."""
+        tic = time.perf_counter()
+        merged = stack.combine(decision.weights)
+        for run in self.runs:
+            run.model.load_state_dict(merged)
+        apply_optimizer_policy(
+            self.runs, decision.weights, self.config.optimizer_policy, self.config.lr
+        )
+        self.timings["merge"] += time.perf_counter() - tic
+        return merged
+
+    def record(
+        self,
+        round_index: int,
+        step: int,
+        decision: MergeDecision,
+        merged: dict[str, torch.Tensor],
+        branch_scores: Sequence[float],
+    ) -> None:
+        """Keep the decision (and the best merge for ``final="best"``); tell the observers."""
+        progress = self.progress
+        merged_score, merged_metrics = target_score(self.problem, self.runs[0].model)
+        if self.config.final == "best" and merged_score > progress.best_score:
+            progress.best_state = {k: v.clone() for k, v in merged.items()}
+            progress.best_score, progress.best_round = merged_score, round_index
+        progress.decisions.append(decision)
+        progress.steps.append(step)
+        progress.round, progress.step = round_index, step
+        progress.seconds = progress.seconds_before + time.perf_counter() - self.started
+        finite_scores = (s for s in branch_scores if math.isfinite(s))
+        self.events.emit(
+            MergeCompleted(
+                run=self.name,
+                round=round_index,
+                step=step,
+                branches=self.names,
+                decision=decision,
+                merged_metrics=merged_metrics,
+                best_branch_score=max(finite_scores, default=-math.inf),
+                snapshot=functools.partial(
+                    _snapshot, self.config, self.runs, self.ranking, progress, merged
+                ),
+            )
+        )
+
+    def result(self) -> ForkMergeResult:
+        final = copy.deepcopy(self.runs[0].model)
+        final_round = self.config.rounds
+        if self.progress.best_state is not None:
+            final.load_state_dict(self.progress.best_state)
+            final_round = self.progress.best_round
+        return ForkMergeResult(
+            final,
+            [run.branch for run in self.runs],
+            self.progress.decisions,
+            self.progress.steps,
+            self.ranking,
+            final_round,
+            self.progress.seconds_before + time.perf_counter() - self.started,
+            self.timings,
+            resumed_from_round=self.resumed_from[0],
+            resumed_at_step=self.resumed_from[1],
+            seconds_before_resume=self.progress.seconds_before,
+        )
+
+
 def run_forkmerge(
     problem: Problem,
     config: ForkMergeConfig,
@@ -344,171 +432,12 @@ def run_forkmerge(
 
     ``resume_from`` is a snapshot taken at a merge (see :class:`~fm_optuna.events.MergeCompleted`);
     the run continues after that merge and, with the same seed, reproduces the Λ trajectory of
-    an uninterrupted run.
+    an uninterrupted run; its result's ``seconds`` include the time spent before the resume.
     """
-    events = events or EventStream()
-    started = time.perf_counter()
-    problem = for_plan(problem, config.plan)
-    strategy = make_strategy(config.strategy, resolution=config.grid_resolution)
-    shared = seeded_model(problem, config.seed)
-    progress = _Progress()
-    if resume_from is None:
-        initial = copy.deepcopy(shared.state_dict())
-        branches, ranking = plan_branches(problem, config, initial)
-    else:
-        _check_resumable(config, resume_from)
-        ranking = Ranking(
-            **{**resume_from["ranking"], "order": tuple(resume_from["ranking"]["order"])}
-        )
-        branches = [Branch(b["name"], dict(b["weights"])) for b in resume_from["branches"]]
-        shared.load_state_dict(resume_from["merged"])
-        progress.round, progress.step = resume_from["round"], resume_from["step"]
-        progress.decisions = [MergeDecision.from_dict(d) for d in resume_from["decisions"]]
-        progress.steps = list(resume_from["steps"])
-        if resume_from["best"] is not None:
-            progress.best_state = resume_from["best"]["state"]
-            progress.best_score = resume_from["best"]["score"]
-            progress.best_round = resume_from["best"]["round"]
-        torch.set_rng_state(resume_from["torch_rng"])
-    timings = {
-        "ranking": ranking.seconds,
-        "train": 0.0,
-        "evaluate": 0.0,
-        "search": 0.0,
-        "merge": 0.0,
-    }
-
-    runs = []
-    for index, branch in enumerate(branches):
-        model = copy.deepcopy(shared)
-        run = BranchRun(
-            branch,
-            model,
-            make_optimizer(model, config.lr),
-            data_generator(problem, config.seed, index),
-        )
-        if resume_from is not None:
-            saved = resume_from["branches"][index]
-            run.optimizer.load_state_dict(saved["optimizer"])
-            run.generator.set_state(saved["generator"])
-        runs.append(run)
-    names = tuple(branch.name for branch in branches)
-    events.emit(
-        RunStarted(
-            run=name,
-            params={
-                **config.as_params(),
-                **problem.describe(),
-                "ranking_method": ranking.method,
-                "ranking_order": ",".join(ranking.order),
-                "n_branches": len(branches),
-            },
-            branches={branch.name: dict(branch.weights) for branch in branches},
-            total_steps=config.total_steps,
-            resumed_at_step=progress.step,
-        )
+    loop = _ForkMergeLoop(
+        for_plan(problem, config.plan), config, events or EventStream(), name, resume_from
     )
-
-    while progress.round < config.rounds:
-        round_index = progress.round + 1
-        length = min(config.dt, config.total_steps - progress.step)
-        tic = time.perf_counter()
-        for run in runs:
-
-            def report(at: int, losses: dict[str, float], branch: str = run.branch.name) -> None:
-                events.emit(TrainingProgress(run=name, branch=branch, step=at, losses=losses))
-
-            train(
-                run.model,
-                run.optimizer,
-                problem,
-                WeightedSum(run.branch.weights),
-                steps=length,
-                generator=run.generator,
-                start_step=progress.step,
-                log_every=config.log_every,
-                on_losses=report,
-            )
-        step = progress.step + length
-        timings["train"] += time.perf_counter() - tic
-
-        tic = time.perf_counter()
-        evaluated = [target_score(problem, run.model) for run in runs]
-        branch_scores = [score for score, _ in evaluated]
-        timings["evaluate"] += time.perf_counter() - tic
-        events.emit(
-            BranchesEvaluated(
-                run=name,
-                round=round_index,
-                step=step,
-                scores=dict(zip(names, branch_scores, strict=True)),
-                metrics={n: m for n, (_, m) in zip(names, evaluated, strict=True)},
-            )
-        )
-
-        tic = time.perf_counter()
-        stack = BranchStack([run.model.state_dict() for run in runs])
-        candidate = runs[0].model  # scratch model for candidates; every branch is re-forked below
-
-        def evaluate(
-            weights: np.ndarray, stack: BranchStack = stack, candidate: nn.Module = candidate
-        ) -> float:
-            candidate.load_state_dict(stack.combine(weights))
-            return target_score(problem, candidate)[0]
-
-        decision = search_merge(
-            evaluate,
-            strategy=strategy,
-            n_branches=len(runs),
-            budget=config.merge_trials,
-            seed=config.seed * 7919 + round_index,
-            branch_scores=branch_scores,
-            warm_start=progress.warm_start,
-        )
-        timings["search"] += time.perf_counter() - tic
-
-        tic = time.perf_counter()
-        merged = stack.combine(decision.weights)
-        for run in runs:  # fork: every branch restarts from θ*
-            run.model.load_state_dict(merged)
-        apply_optimizer_policy(runs, decision.weights, config.optimizer_policy, config.lr)
-        timings["merge"] += time.perf_counter() - tic
-
-        merged_score, merged_metrics = target_score(problem, runs[0].model)
-        if config.final == "best" and merged_score > progress.best_score:
-            progress.best_state = {k: v.clone() for k, v in merged.items()}
-            progress.best_score, progress.best_round = merged_score, round_index
-        progress.decisions.append(decision)
-        progress.steps.append(step)
-        progress.round, progress.step = round_index, step
-        snapshot = functools.partial(_snapshot, config, runs, ranking, progress, merged)
-        events.emit(
-            MergeCompleted(
-                run=name,
-                round=round_index,
-                step=step,
-                branches=names,
-                decision=decision,
-                merged_metrics=merged_metrics,
-                best_branch_score=max(
-                    (s for s in branch_scores if math.isfinite(s)), default=-math.inf
-                ),
-                snapshot=snapshot,
-            )
-        )
-
-    final = copy.deepcopy(runs[0].model)
-    final_round = config.rounds
-    if progress.best_state is not None:
-        final.load_state_dict(progress.best_state)
-        final_round = progress.best_round
-    return ForkMergeResult(
-        final,
-        branches,
-        progress.decisions,
-        progress.steps,
-        ranking,
-        final_round,
-        time.perf_counter() - started,
-        timings,
-    )
+    loop.announce()
+    while not loop.finished:
+        loop.run_round()
+    return loop.result()

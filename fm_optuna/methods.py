@@ -28,10 +28,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import invalid, one_of
 from fm_optuna.events import EventStream, Observer, RunFinished
 from fm_optuna.experiment import METHODS, REFERENCES, Comparison, method_kind, run_methods
-from fm_optuna.forkmerge import ForkMergeConfig
 from fm_optuna.tasks import Problem
 
 ObserverFactory = Callable[[str, int], Sequence[Observer]]  # (target, seed) -> observers

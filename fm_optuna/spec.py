@@ -20,8 +20,8 @@ from typing import Any
 
 from fm_optuna.benchmarks import BENCHMARKS, targets
 from fm_optuna.branches import PLANS
+from fm_optuna.config import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS, ForkMergeConfig
 from fm_optuna.errors import ConfigError
-from fm_optuna.forkmerge import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS, ForkMergeConfig
 from fm_optuna.strategies import STRATEGIES
 
 DEFAULT_OPTUNA_STORAGE = "sqlite:///tracking/optuna.db"

@@ -30,12 +30,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fm_optuna.benchmarks import build_problem
 from fm_optuna.checkpoints import Checkpointer, load_checkpoint, save_checkpoint
+from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import ConfigError
 from fm_optuna.events import EventStream, MergeCompleted, Observer, RunFinished
-from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge, target_score
+from fm_optuna.forkmerge import run_forkmerge
 from fm_optuna.search import quiet_optuna
 from fm_optuna.spec import StudySpec, check_branches_fit
 from fm_optuna.tasks import Problem
+from fm_optuna.training import target_score
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 

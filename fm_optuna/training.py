@@ -23,7 +23,7 @@ import torch
 if TYPE_CHECKING:
     from torch import nn
 
-    from fm_optuna.tasks import Problem
+    from fm_optuna.tasks import Problem, Split
 
 LossCallback = Callable[[int, dict[str, float]], None]
 
@@ -80,6 +80,27 @@ def make_optimizer(
     if not extra:
         return torch.optim.Adam(model.parameters(), lr=lr)
     return torch.optim.Adam([*model.parameters(), *extra], lr=lr)
+
+
+def seeded_model(problem: Problem, seed: int) -> nn.Module:
+    """The problem's model initialised from ``seed``, on the problem's device."""
+    torch.manual_seed(seed)
+    return problem.make_model().to(problem.device)
+
+
+def data_generator(problem: Problem, seed: int, stream: int) -> torch.Generator:
+    """Independent, reproducible data order per (seed, stream)."""
+    generator = torch.Generator(device=problem.device)
+    generator.manual_seed(seed * 1_000_003 + stream)
+    return generator
+
+
+def target_score(
+    problem: Problem, model: nn.Module, split: Split = "val"
+) -> tuple[float, dict[str, float]]:
+    """The target's score on ``split`` (oriented so that higher is better) and its metrics."""
+    metrics = problem.evaluate(model, split, [problem.target])[problem.target]
+    return problem.task(problem.target).score(metrics), metrics
 
 
 def train(

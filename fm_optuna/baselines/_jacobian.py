@@ -30,6 +30,7 @@ import torch
 from torchjd.autojac import jac_to_grad
 
 from fm_optuna.baselines.base import Baseline
+from fm_optuna.gradients import split_parameters, task_gradients
 
 if TYPE_CHECKING:
     from torch import nn
@@ -37,16 +38,6 @@ if TYPE_CHECKING:
 
     from fm_optuna.tasks import Problem
     from fm_optuna.training import UpdateRule
-
-
-def split_parameters(
-    problem: Problem, model: nn.Module
-) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(shared, task-specific) trainable parameters of ``model``."""
-    shared = problem.shared_parameters(model)
-    ids = {id(parameter) for parameter in shared}
-    specific = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    return shared, specific
 
 
 @dataclass
@@ -73,21 +64,6 @@ class JacobianRule:
             jac_to_grad(shared, self.aggregator)
         for index, parameter in enumerate(specific, start=len(shared)):
             parameter.grad = torch.stack([row[index] for row in rows]).sum(0)
-
-
-def task_gradients(
-    losses: Mapping[str, torch.Tensor], tasks: tuple[str, ...], params: list[nn.Parameter]
-) -> list[list[torch.Tensor]]:
-    """One gradient per task over ``params`` (zeros where a task does not reach a parameter)."""
-    rows = []
-    for index, task in enumerate(tasks):
-        grads = torch.autograd.grad(
-            losses[task], params, retain_graph=index < len(tasks) - 1, allow_unused=True
-        )
-        rows.append(
-            [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
-        )
-    return rows
 
 
 class GradientBaseline(Baseline):

@@ -25,11 +25,12 @@ import torch
 
 from fm_optuna.baselines.base import Baseline
 from fm_optuna.errors import invalid
+from fm_optuna.training import data_generator
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from fm_optuna.forkmerge import ForkMergeConfig
+    from fm_optuna.config import ForkMergeConfig
     from fm_optuna.tasks import Problem
     from fm_optuna.training import UpdateRule
 
@@ -50,8 +51,6 @@ class AutoLambdaRule:
     def __init__(
         self, problem: Problem, *, lr: float, init: float, meta_lr: float, seed: int
     ) -> None:
-        from fm_optuna.forkmerge import data_generator
-
         self.problem = problem
         self.tasks: tuple[str, ...] = problem.task_names
         self.lr = lr

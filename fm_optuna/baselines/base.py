@@ -15,13 +15,21 @@ from dataclasses import dataclass, fields, is_dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from fm_optuna.events import EventStream, RunStarted, TrainingProgress
-from fm_optuna.training import UpdateRule, make_optimizer, rule_parameters, train
+from fm_optuna.training import (
+    UpdateRule,
+    data_generator,
+    make_optimizer,
+    rule_parameters,
+    seeded_model,
+    target_score,
+    train,
+)
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from fm_optuna.forkmerge import ForkMergeConfig
+    from fm_optuna.config import ForkMergeConfig
     from fm_optuna.tasks import Problem
 
 
@@ -76,8 +84,6 @@ def run_baseline(
     validated every Δt steps, as ForkMerge's merges are, so ``final = "best"`` selects a
     checkpoint by the same rule for every method.
     """
-    from fm_optuna.forkmerge import data_generator, seeded_model, target_score
-
     events = events or EventStream()
     started = time.perf_counter()
     model = seeded_model(problem, config.seed)

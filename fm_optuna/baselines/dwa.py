@@ -22,7 +22,7 @@ from fm_optuna.errors import invalid
 if TYPE_CHECKING:
     from torch import nn
 
-    from fm_optuna.forkmerge import ForkMergeConfig
+    from fm_optuna.config import ForkMergeConfig
     from fm_optuna.tasks import Problem
     from fm_optuna.training import UpdateRule
 

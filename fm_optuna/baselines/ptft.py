@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from fm_optuna.forkmerge import ForkMergeConfig
+    from fm_optuna.config import ForkMergeConfig
     from fm_optuna.tasks import Problem
     from fm_optuna.training import UpdateRule
 

@@ -19,7 +19,7 @@ from fm_optuna.baselines.base import Baseline
 if TYPE_CHECKING:
     from torch import nn
 
-    from fm_optuna.forkmerge import ForkMergeConfig
+    from fm_optuna.config import ForkMergeConfig
     from fm_optuna.tasks import Problem
     from fm_optuna.training import UpdateRule
 

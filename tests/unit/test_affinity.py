@@ -10,15 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from fm_optuna.affinity import (
-    plot_affinity,
-    prepass_ranking,
-    rank_by_affinity,
-    ranking_agreement,
-    task_affinity,
-)
+from fm_optuna.affinity import plot_affinity, task_affinity
+from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import ConfigError
-from fm_optuna.forkmerge import ForkMergeConfig, seeded_model
+from fm_optuna.ranking import prepass_ranking, rank_by_affinity, ranking_agreement
+from fm_optuna.training import seeded_model
 from tests.conftest import ToyProblem
 
 CONFIG = ForkMergeConfig(dt=10, total_steps=20, lr=1e-2, seed=0)

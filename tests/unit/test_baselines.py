@@ -23,10 +23,10 @@ from fm_optuna.baselines import (
     run_baseline,
 )
 from fm_optuna.baselines.gcs import CosineGate
+from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import ConfigError
-from fm_optuna.forkmerge import ForkMergeConfig, data_generator, seeded_model
 from fm_optuna.tasks import Problem, Split, Task, TaskMetrics
-from fm_optuna.training import make_optimizer, rule_parameters, train
+from fm_optuna.training import data_generator, make_optimizer, rule_parameters, seeded_model, train
 from tests.conftest import ToyProblem
 
 

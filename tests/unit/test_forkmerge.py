@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import ConfigError
 from fm_optuna.events import EventStream, MergeCompleted, Observer, TrainingProgress
-from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge, target_score
+from fm_optuna.forkmerge import run_forkmerge
+from fm_optuna.training import target_score
 from tests.conftest import ToyProblem
 
 
