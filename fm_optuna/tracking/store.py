@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fm_optuna.databases import check_database
 from fm_optuna.errors import ConfigError
 from fm_optuna.tracking.uris import (
     absolute_uri,
@@ -111,6 +112,8 @@ def _check_database(uri: str) -> None:
 
     path = sqlite_path(uri)
     if path is not None:
+        # A read-only file or folder is one line here, before MLflow touches it.
+        check_database(uri, parameter="tracking_uri", what="a writable MLflow tracking store")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
