@@ -117,7 +117,7 @@ class StudyTracking:
 
     def mark_dead(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """A trial whose worker died: its run and its branch runs (left RUNNING by the dead
-        process) become FAILED."""
+        process, or already ended KILLED by a later invocation's sweep) become FAILED."""
         run_id = trial.user_attrs.get(TRIAL_RUN_ATTR)
         if run_id is None:
             return
@@ -125,7 +125,7 @@ class StudyTracking:
         try:
             children = client.search_runs(
                 [self.store.experiment_id],
-                f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'",
+                f"tags.`mlflow.parentRunId` = '{run_id}'",
             )
             for run in [*children, client.get_run(run_id)]:
                 client.log_batch(run.info.run_id, tags=[RunTag("fm_optuna.status", "FAIL")])
