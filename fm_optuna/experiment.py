@@ -298,11 +298,21 @@ def run_methods(
     by_method: dict[str, MethodResult] = {}
     for method in sorted(methods, key=lambda m: m != "stl"):
         started, earlier = time.perf_counter(), 0.0  # earlier: seconds before a resume
-        if method == "forkmerge":
-            fm = _run_forkmerge(problem, config, events, checkpoint, resume_from)
-            comparison.forkmerge, model, earlier = fm, fm.model, fm.seconds_before_resume
-        else:
-            model = run_baseline(make_baseline(method), problem, config, events).model
+        try:
+            if method == "forkmerge":
+                fm = _run_forkmerge(problem, config, events, checkpoint, resume_from)
+                comparison.forkmerge, model, earlier = fm, fm.model, fm.seconds_before_resume
+            else:
+                model = run_baseline(make_baseline(method), problem, config, events).model
+        except Exception as error:  # the method's tracked run ends FAILED, with the reason
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            seconds = time.perf_counter() - started
+            events.emit(
+                RunFinished(
+                    run=method, summary={"fail_reason": reason}, seconds=seconds, status="FAIL"
+                )
+            )
+            raise
         val, test = evaluate_all(problem, model)
         seconds = earlier + time.perf_counter() - started
         if method == "stl":
