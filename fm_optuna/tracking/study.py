@@ -91,7 +91,11 @@ class StudyTracking:
                 self.store.client.set_terminated(created, status="KILLED")
                 self.store.client.delete_run(created)
             if study.user_attrs.get(STUDY_RUN_ATTR) != self.study_run_id:
-                study.set_user_attr(STUDY_RUN_ATTR, self.study_run_id)
+                try:
+                    study.set_user_attr(STUDY_RUN_ATTR, self.study_run_id)
+                except Exception:  # workers racing to insert the same attribute
+                    if study.user_attrs.get(STUDY_RUN_ATTR) != self.study_run_id:
+                        raise
         return self.study_run_id
 
     def _study_runs(self) -> list[Any]:
