@@ -352,7 +352,7 @@ def _print_table(comparisons: list[Any], *, higher_is_better: bool = True) -> No
 def cmd_run(args: argparse.Namespace) -> int:
     from fm_optuna.events import EventStream
     from fm_optuna.experiment import run_methods
-    from fm_optuna.progress import ProgressBars
+    from fm_optuna.progress import ProgressBars, ProgressLines, progress_stream
 
     config = _config(args)
     methods = tuple(m.strip() for m in args.methods.split(","))
@@ -380,6 +380,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     comparisons = []
     for seed in seeds:
         events = EventStream([ProgressBars(disable=True if args.json else None)])
+        lines = progress_stream(json_output=args.json)
+        if lines is not None:
+            events.observers.append(ProgressLines(lines))
         if store is not None:  # tracking (issue #3)
             from fm_optuna.tracking import MlflowTracker
 
@@ -411,9 +414,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         planned = for_plan(problem, config.plan)
         _print_table(comparisons, higher_is_better=planned.task(planned.target).higher_is_better)
     if store is not None:  # tracking (issue #3)
+        from fm_optuna.tracking.uris import browse_command
+
         print(
             f"MLflow: experiment {store.experiment_name} in {store.display_uri}; "
-            "browse it with `fm-optuna ui`",
+            f"browse it with `{browse_command(store.uri, store.experiment_name)}`",
             file=sys.stderr,
         )
     return 0
@@ -459,7 +464,13 @@ def _open_tracking(args: argparse.Namespace, problem: Any) -> Any:
 def cmd_ui(args: argparse.Namespace) -> int:
     from fm_optuna.tracking.ui import run_ui
 
-    return run_ui(args.tracking_uri, port=args.port, announce=lambda line: print(line, flush=True))
+    return run_ui(
+        args.tracking_uri,
+        port=args.port,
+        announce=lambda line: print(line, flush=True),
+        experiment=args.experiment,
+        open_browser=args.open,
+    )
 
 
 def _add_tracking_uri(parser: Any) -> None:  # a parser or an argument group
@@ -560,11 +571,23 @@ def build_parser() -> argparse.ArgumentParser:
         "ui",
         help="browse the tracked runs in the MLflow UI (on 127.0.0.1)",
         description="Start the MLflow UI for the tracking store on 127.0.0.1, print its URL and "
-        "serve until Ctrl-C. See tracking/README.md to serve a store to a team.",
+        "serve until Ctrl-C, with links to the newest experiments' runs tables and their "
+        "latest ForkMerge runs in the model-training view (the links work in a fresh browser). "
+        "See tracking/README.md to serve a store to a team.",
     )
     _add_tracking_uri(ui)
     ui.add_argument(
         "--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000; 0: any free)"
+    )
+    ui.add_argument(
+        "--experiment",
+        default=None,
+        help="link only this experiment (default: the five most recently updated)",
+    )
+    ui.add_argument(
+        "--open",
+        action="store_true",
+        help="open the first runs table in the default web browser",
     )
     ui.set_defaults(handler=cmd_ui)
 

@@ -19,7 +19,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fm_optuna.cli_study import _add_runtime, _add_tracking, _torch_setup, comparison_tracking
+from fm_optuna.cli_study import (
+    _add_runtime,
+    _add_tracking,
+    _torch_setup,
+    comparison_tracking,
+    tracked_comparison,
+)
+from fm_optuna.progress import progress_stream
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -93,7 +100,14 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
     if "forkmerge" in methods:
         check_branches_fit(spec, len(problems[0].tasks))
     seeds = [spec.study.seed + i for i in range(args.seeds)]
-    observers = comparison_tracking(args, spec, problems[0], "compare-methods", "target")
+    tracking = comparison_tracking(
+        args,
+        spec,
+        problems[0],
+        "compare-methods",
+        "target",
+        {**config.as_params(), "methods": ",".join(methods), "seeds": seeds},
+    )
     bar = tqdm(
         total=len(problems) * len(seeds) * len(methods),
         desc="compare-methods",
@@ -101,25 +115,35 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
         disable=None,
         file=sys.stderr,
     )
+    lines = progress_stream(json_output=args.json)
 
     def done(target: str, seed: int, method: str, summary: Any) -> None:
         bar.update(1)
         bar.set_postfix_str(f"{target} seed {seed}: {method} test {summary['target_test']:.2f}")
+        if lines is not None:
+            print(
+                f"[compare-methods {bar.n}/{bar.total}] {target} seed {seed}: {method} val "
+                f"{summary['target_val']:.2f} test {summary['target_test']:.2f}",
+                file=lines,
+                flush=True,
+            )
 
-    try:
-        report = compare_methods(
-            problems,
-            config,
-            methods,
-            seeds,
-            references=args.references,
-            observers=observers,
-            on_method=done,
-        )
-    finally:
-        bar.close()
-    out = Path(args.out or Path("tracking") / "compare-methods" / spec.study.name)
-    paths = report.save(out)
+    with tracked_comparison(tracking) as files:
+        try:
+            report = compare_methods(
+                problems,
+                config,
+                methods,
+                seeds,
+                references=args.references,
+                observers=tracking.observers if tracking else None,
+                on_method=done,
+            )
+        finally:
+            bar.close()
+        out = Path(args.out or Path("tracking") / "compare-methods" / spec.study.name)
+        paths = report.save(out)
+        files += paths.values()
     rows, snt = report.rows(), report.snt()
     if args.json:
         payload = {

@@ -63,6 +63,8 @@ class StudySection:
     heartbeat_seconds: int = 10
     max_retry: int = 2
     checkpoint_dir: str = "tracking/checkpoints"
+    # Baselines trained once with the best trial's budget, for the summary `tune` ends with.
+    baselines: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,19 @@ def _int_range(reader: _Reader, key: str, *, minimum: int) -> IntRange | None:
     return IntRange(low, high, table.bool("log", False))
 
 
+def _baselines(reader: _Reader) -> tuple[str, ...]:
+    from fm_optuna.baselines import BASELINES
+
+    value = reader.table.get("baselines", [])
+    allowed = "a list of baseline names among " + ", ".join(BASELINES)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise reader.error("baselines", value, allowed)
+    for name in value:
+        if name not in BASELINES:
+            raise reader.error("baselines", name, allowed)
+    return tuple(dict.fromkeys(value))
+
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study specification; every mistake is a one-line ConfigError."""
     path = Path(path)
@@ -263,6 +278,7 @@ def load_spec(path: str | Path) -> StudySpec:
         heartbeat_seconds=s.int("heartbeat_seconds", 10, minimum=1),
         max_retry=s.int("max_retry", 2, minimum=0),
         checkpoint_dir=s.str("checkpoint_dir", "tracking/checkpoints"),
+        baselines=_baselines(s),
     )
 
     p = root.sub("problem")

@@ -22,7 +22,7 @@ import re
 import socket
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,7 +45,7 @@ from fm_optuna.config import ForkMergeConfig
 from fm_optuna.databases import check_database
 from fm_optuna.errors import ConfigError, NonFiniteTraining
 from fm_optuna.events import EventStream, MergeCompleted, Observer, RunFinished
-from fm_optuna.forkmerge import run_forkmerge
+from fm_optuna.forkmerge import ForkMergeResult, run_forkmerge
 from fm_optuna.outer_sampler import DistinctSampler
 from fm_optuna.search import quiet_optuna
 from fm_optuna.spec import StudySpec, check_branches_fit
@@ -226,6 +226,16 @@ def _failed(trial: optuna.Trial, events: EventStream, error: Exception) -> None:
     )
 
 
+def lambda_table(result: ForkMergeResult) -> list[dict[str, float]]:
+    """Λ per merge keyed by branch name, as optuna-dashboard shows a trial's user attribute:
+    ``[{"step": 100, "target": 0.6, "target+top2": 0.4, "all": 0.0}, ...]``."""
+    names = [branch.name for branch in result.branches]
+    return [
+        {"step": step, **{name: round(w, 4) for name, w in zip(names, weights, strict=True)}}
+        for step, weights in zip(result.steps, result.lambda_history, strict=True)
+    ]
+
+
 @dataclass
 class TrialOutcome:
     number: int
@@ -247,6 +257,10 @@ class TuneReport:
     best_model: str | None
     trials: list[TrialOutcome]
     tracking: dict[str, Any]
+    target_metric: str = ""
+    # Baseline → {"val", "test", "seconds"}: the spec's baselines trained with the best trial's
+    # budget (same T, learning rate and seed), for the comparison the summary ends with.
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class Tuner:
@@ -400,12 +414,20 @@ class Tuner:
                 self.model_path(trial.number),
             )
             trial.set_user_attr("final_model", str(self.model_path(trial.number)))
-            trial.set_user_attr("lambda_history", [list(w) for w in result.lambda_history])
+            trial.set_user_attr("lambda_history", lambda_table(result))
             trial.set_user_attr("val_metrics", metrics)
+            target = self.problem.task(self.problem.target)
             events.emit(
                 RunFinished(
                     run="forkmerge",
-                    summary={"target_val": metrics},
+                    # The keys `run`, `compare` and `compare-methods` log too: final/target_val,
+                    # final/val/<target>/<metric>, final/seconds.
+                    summary={
+                        "method": "forkmerge",
+                        "target_metric": target.metric,
+                        "target_val": metrics[target.metric],
+                        "val": {target.name: metrics},
+                    },
                     seconds=result.seconds,
                     status="COMPLETE",
                 )
@@ -449,6 +471,8 @@ class Tuner:
                 if self.tracking is not None:
                     self.tracking.finish(study, status=status)
         report = self.report(study)
+        if report.best_trial is not None and self.spec.study.baselines:
+            report.baselines = self.baseline_scores(study, study.best_trial)
         if self.tracking is not None:
             report.tracking["browse"] = self.tracking.browse()
         return report
@@ -483,7 +507,32 @@ class Tuner:
             best_model,
             outcomes,
             {},
+            self.problem.task(self.problem.target).metric,
         )
+
+    def baseline_scores(
+        self, study: optuna.Study, best: FrozenTrial
+    ) -> dict[str, dict[str, float]]:
+        """The spec's baselines trained with the best trial's budget; kept in the study's user
+        attributes, so a resumed or shared study trains each of them once."""
+        from fm_optuna.experiment import run_methods
+
+        config = self.suggest(optuna.trial.FixedTrial(best.params))  # type: ignore[arg-type]
+        budget = {"steps": config.total_steps, "lr": config.lr, "seed": config.seed}
+        cached = study.user_attrs.get("baselines", {})
+        scores = {}
+        for method in self.spec.study.baselines:
+            key = f"{method} {budget}"
+            if key not in cached:
+                result = run_methods(self.problem, config, (method,)).results[0]
+                cached[key] = {
+                    "val": result.target_val,
+                    "test": result.target_test,
+                    "seconds": result.seconds,
+                }
+                study.set_user_attr("baselines", cached)
+            scores[method] = cached[key]
+        return scores
 
     def test_saved_model(self, path: str) -> dict[str, float] | None:
         """Test metrics of a trial's saved final model (never retrained)."""

@@ -198,7 +198,11 @@ def test_a_dead_workers_trial_fails_is_retried_and_resumes_from_its_last_merge(
     # The resumed trial followed the Λ trajectory of an uninterrupted run with the same settings.
     config = spec.config(dt=retry.params["dt"], branches=retry.params["branches"])
     uninterrupted = run_forkmerge(ToyProblem(), config)
-    assert retry.user_attrs["lambda_history"] == [list(w) for w in uninterrupted.lambda_history]
+    names = [branch.name for branch in uninterrupted.branches]
+    assert retry.user_attrs["lambda_history"] == [  # keyed by branch name, for optuna-dashboard
+        {"step": step, **{name: round(w, 4) for name, w in zip(names, weights, strict=True)}}
+        for step, weights in zip(uninterrupted.steps, uninterrupted.lambda_history, strict=True)
+    ]
     json.dumps(retry.user_attrs)  # user attributes stay JSON
     params = finished_params(spec.study.storage)
     assert len(set(params)) == len(params), "a finished configuration was proposed again"
@@ -236,7 +240,14 @@ def test_each_outer_trial_is_an_mlflow_run_under_the_study_run(tmp_path: Path) -
         assert run.info.status == "FINISHED"
         history = store.client.get_metric_history(run.info.run_id, "lambda/target")
         assert len(history) == len(trial.intermediate_values)
+        if trial.state == TrialState.COMPLETE:  # the keys `run` and `compare` log too
+            assert {"final/target_val", "final/val/t0/mse", "final/seconds"} <= set(
+                run.data.metrics
+            )
+            assert "Λ per merge" in run.data.tags["mlflow.note.content"]
     assert any("MLflow study run" in line for line in report.tracking["browse"])
+    # The browse hint names the store, so it works from any folder.
+    assert any(f"--tracking-uri {store.uri}" in line for line in report.tracking["browse"])
 
 
 # --- direction and non-finite trials (issue 8) --------------------------------------------------
