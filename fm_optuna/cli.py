@@ -12,11 +12,12 @@ import json
 import math
 import statistics
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fm_optuna.errors import ConfigError, NonFiniteTraining
+from fm_optuna.errors import ConfigError, NonFiniteTraining, ProblemWarning
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -30,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    from fm_optuna.benchmarks import BENCHMARKS
+    from fm_optuna.benchmarks import describe_sources
     from fm_optuna.branches import PLANS
     from fm_optuna.config import (
         FINAL_MODELS,
@@ -43,7 +44,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("problem")
     g.add_argument(
-        "--benchmark", default="digits", help=f"one of {', '.join(BENCHMARKS)} (default: digits)"
+        "--benchmark",
+        default="digits",
+        help=f"the problem: {describe_sources()} (e.g. examples.diabetes:build, importable from "
+        "the working directory; default: digits)",
     )
     g.add_argument(
         "--target",
@@ -75,7 +79,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=None,
-        help="per-task batch size (default: the benchmark's, e.g. digits 32, qm9 64)",
+        help="per-task batch size (default: the problem's own, e.g. digits 32, qm9 64; 32 for a "
+        "factory that requires one)",
     )
     g.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
@@ -258,26 +263,36 @@ def benchmark_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def _problem(args: argparse.Namespace) -> Any:
-    from fm_optuna.benchmarks import BENCHMARKS, build_problem, options
+    from fm_optuna.benchmarks import BENCHMARKS, build_problem, resolve
     from fm_optuna.cli_study import _torch_setup
     from fm_optuna.errors import invalid
 
     device = _torch_setup(args)
+    source = resolve(args.benchmark)
     extra: dict[str, Any] = {}
-    if args.batch_size is not None:  # else the benchmark's own default (qm9: 64)
+    if args.batch_size is not None:
         extra["batch_size"] = args.batch_size
+    elif _requires_batch_size(source.factory):  # else the problem's own default (qm9: 64)
+        extra["batch_size"] = 32
     if args.harmful_aux:
-        if args.benchmark != "digits":
+        if not source.accepts("harmful_aux"):
             raise invalid("harmful_aux", True, "used only with --benchmark digits")
         extra["harmful_aux"] = True
     if args.data_dir is not None:
-        if "data_dir" not in options(args.benchmark):
-            readers = [name for name in BENCHMARKS if "data_dir" in options(name)]
-            allowed = f"used only with --benchmark {', '.join(readers)}"
+        if not source.accepts("data_dir"):
+            readers = [name for name in BENCHMARKS if "data_dir" in resolve(name).options]
+            allowed = f"used only with --benchmark {', '.join(readers)} (or a problem taking it)"
             raise invalid("data_dir", args.data_dir, allowed)
         extra["data_dir"] = args.data_dir
     extra.update(benchmark_options(args.option))
-    return build_problem(args.benchmark, target=args.target, seed=args.seed, device=device, **extra)
+    return build_problem(source, target=args.target, seed=args.seed, device=device, **extra)
+
+
+def _requires_batch_size(factory: Any) -> bool:
+    import inspect
+
+    parameter = inspect.signature(factory).parameters.get("batch_size")
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 def _check_plan(problem: Any, config: Any) -> None:
@@ -305,7 +320,7 @@ def _print_table(comparisons: list[Any], *, higher_is_better: bool = True) -> No
     target = first.problem["target"]
     metric = first.results[0].target_metric
     print(
-        f"benchmark {first.problem['benchmark']}  target {target}  metric {metric}  "
+        f"benchmark {first.problem.get('benchmark', '-')}  target {target}  metric {metric}  "
         f"T={first.config.total_steps} Δt={first.config.dt} strategy={first.config.strategy}  "
         f"seeds={len(comparisons)}"
     )
@@ -384,10 +399,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if lines is not None:
             events.observers.append(ProgressLines(lines))
         if store is not None:  # tracking (issue #3)
-            from fm_optuna.tracking import MlflowTracker
+            from fm_optuna.tracking import run_tracker
 
-            higher = problem.task(problem.target).higher_is_better
-            events.observers.append(MlflowTracker(store, higher_is_better=higher))
+            events.observers.append(run_tracker(store, problem))
         try:
             comparisons.append(
                 run_methods(
@@ -425,7 +439,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_path(args: argparse.Namespace, problem: Any, seed: int) -> Path:
-    default = f"tracking/checkpoints/run/{args.benchmark}-{problem.target}-seed{seed}.ckpt"
+    default = f"tracking/checkpoints/run/{problem.name}-{problem.target}-seed{seed}.ckpt"
     return Path(args.checkpoint or default)
 
 
@@ -455,10 +469,9 @@ def _open_tracking(args: argparse.Namespace, problem: Any) -> Any:
     """The MLflow store and experiment of this invocation (``None`` with --no-tracking)."""
     if args.no_tracking:
         return None
-    from fm_optuna.tracking import default_experiment_name, open_store
+    from fm_optuna.tracking import open_run_store
 
-    experiment = args.experiment or default_experiment_name(args.benchmark, problem.target)
-    return open_store(args.tracking_uri, experiment=experiment)
+    return open_run_store(args.tracking_uri, problem, args.experiment)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -617,11 +630,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_problem_warnings(command: str) -> None:
+    """Print a :class:`ProblemWarning` as one line (``fm-optuna run: warning: ...``)."""
+    default = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
+        if issubclass(category, ProblemWarning):
+            print(f"fm-optuna {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, *rest, **kwargs)
+
+    warnings.simplefilter("always", ProblemWarning)
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args))
+        with warnings.catch_warnings():
+            _show_problem_warnings(args.command)
+            return int(args.handler(args))
     except ConfigError as error:
         print(f"fm-optuna {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

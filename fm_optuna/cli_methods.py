@@ -48,34 +48,29 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return spec, config, _torch_setup(args)
 
 
-def _build(spec: Any, target: str | None, device: Any) -> Any:
-    from fm_optuna.benchmarks import build_problem
-    from fm_optuna.errors import ConfigError
-
-    try:
-        return build_problem(
-            spec.problem.benchmark,
-            target=target,
-            seed=spec.study.seed,
-            device=device,
-            **spec.problem.options,
-        )
-    except ConfigError as error:
-        raise ConfigError(f"{spec.path}: {error}") from None
-
-
-def _targets(spec: Any, text: str | None) -> list[str | None]:
-    from fm_optuna.benchmarks import targets
+def _problems(spec: Any, text: str | None, device: Any) -> list[Any]:
+    """The spec's problem for each requested target (``all``: every task the module declares as
+    a target, else every task of the built problem)."""
+    from fm_optuna.benchmarks import resolve
     from fm_optuna.errors import one_of
 
     if text is None:
-        return [spec.problem.target]
-    allowed = targets(spec.problem.benchmark)
+        return [spec.build_problem(device=device)]
+    first = None
+    allowed = resolve(spec.problem.benchmark).targets
+    if allowed is None:  # only the built problem knows its tasks
+        first = spec.build_problem(device=device)
+        allowed = first.task_names
     names = list(allowed) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
     for name in names:
         if name not in allowed:
             raise one_of("targets", name, allowed)
-    return list(dict.fromkeys(names))
+    return [
+        first
+        if first is not None and name == first.target
+        else spec.build_problem(device=device, target=name)
+        for name in dict.fromkeys(names)
+    ]
 
 
 def _fmt(mean: float | None, std: float | None = None, *, scale: float = 1.0) -> str:
@@ -96,9 +91,9 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.methods)  # a bad name fails before anything is built
     spec, config, device = _load(args)
-    problems = [_build(spec, target, device) for target in _targets(spec, args.targets)]
+    problems = _problems(spec, args.targets, device)
     if "forkmerge" in methods:
-        check_branches_fit(spec, len(problems[0].tasks))
+        check_branches_fit(spec, problems[0])
     seeds = [spec.study.seed + i for i in range(args.seeds)]
     tracking = comparison_tracking(
         args,
@@ -216,7 +211,7 @@ def cmd_task_affinity(args: argparse.Namespace) -> int:
     from fm_optuna.training import seeded_model
 
     spec, config, device = _load(args)
-    problem = _build(spec, spec.problem.target, device)
+    problem = spec.build_problem(device=device)
     if len(problem.auxiliaries) < 2:
         raise invalid("spec", spec.path, "a problem with at least two auxiliary tasks to rank")
     steps = args.affinity_steps or config.ranking_steps or config.dt

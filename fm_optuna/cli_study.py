@@ -87,17 +87,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
             shown.append(ProgressLines(lines, prefix=f"trial {trial.number}"))
         return shown
 
-    def tracking(problem: Any) -> Any:
-        if args.no_tracking:
-            return None
-        from fm_optuna.tracking import StudyTracking, open_store
+    tracking = None
+    if not args.no_tracking:
+        from fm_optuna.tracking import study_tracking
 
-        store = open_store(
-            args.tracking_uri or spec.study.tracking_uri,
-            experiment=f"fm-optuna/study/{spec.study.name}",
-        )
-        target = problem.task(problem.target)
-        return StudyTracking(store, spec.study.name, higher_is_better=target.higher_is_better)
+        tracking = study_tracking(args.tracking_uri or spec.study.tracking_uri, spec.study.name)
 
     tuner = Tuner(
         spec,
@@ -189,9 +183,8 @@ def _print_against_baselines(report: Any, target: Any) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fm_optuna.benchmarks import build_problem
     from fm_optuna.compare import compare_strategies
-    from fm_optuna.errors import ConfigError, invalid
+    from fm_optuna.errors import invalid
     from fm_optuna.spec import check_branches_fit, load_spec
 
     spec = load_spec(args.spec)
@@ -212,17 +205,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.branches is not None:
         overrides["branches"] = args.branches
     config = spec.config(**overrides)
-    try:
-        problem = build_problem(
-            spec.problem.benchmark,
-            target=spec.problem.target,
-            seed=spec.study.seed,
-            device=device,
-            **spec.problem.options,
-        )
-    except ConfigError as error:
-        raise ConfigError(f"{spec.path}: {error}") from None
-    check_branches_fit(spec, len(problem.tasks))
+    problem = spec.build_problem(device=device)
+    check_branches_fit(spec, problem)
     seeds = [spec.study.seed + i for i in range(args.seeds)]
     tracking = comparison_tracking(
         args, spec, problem, "compare", "strategy", {**config.as_params(), "seeds": seeds}
@@ -353,40 +337,27 @@ def comparison_tracking(
     """
     if args.no_tracking:
         return None
-    from fm_optuna.tracking import open_store
-    from fm_optuna.tracking.comparison import ComparisonTracking
+    from fm_optuna.tracking import open_comparison
 
-    store = open_store(
+    return open_comparison(
         args.tracking_uri or spec.study.tracking_uri,
-        experiment=f"fm-optuna/{kind}/{spec.study.name}",
-    )
-    return ComparisonTracking(
-        store,
+        problem,
         kind=kind,
         study=spec.study.name,
         tag=tag,
-        higher_is_better=problem.task(problem.target).higher_is_better,
         params=params,
     )
 
 
 @contextlib.contextmanager
 def tracked_comparison(tracking: Any) -> Iterator[list[Path]]:
-    """Ends the comparison's parent run as the command ends: FINISHED with the files the
-    command adds to the yielded list, FAILED on an error, KILLED on Ctrl-C."""
-    files: list[Path] = []
+    """The comparison's parent run ends with the command (see ``ComparisonTracking.active``);
+    where to browse it is printed once it has."""
     if tracking is None:
-        yield files
+        yield []
         return
-    try:
+    with tracking.active() as files:
         yield files
-    except KeyboardInterrupt:
-        tracking.finish("KILLED")
-        raise
-    except BaseException:
-        tracking.finish("FAILED")
-        raise
-    tracking.finish("FINISHED", files)
     for line in tracking.browse():
         print(f"browse: {line}", file=sys.stderr)
 

@@ -25,7 +25,7 @@ from fm_optuna.events import EventStream, Observer, RunFinished
 from fm_optuna.forkmerge import run_forkmerge
 from fm_optuna.ranking import plan_branches
 from fm_optuna.strategies import STRATEGIES
-from fm_optuna.tasks import Problem
+from fm_optuna.tasks import Problem, describe_problem
 from fm_optuna.training import seeded_model, target_score
 
 
@@ -194,7 +194,7 @@ def compare_strategies(
             "seeds": list(seeds),
             "strategies": list(strategies),
             "target_metric": target.metric,
-            **problem.describe(),
+            **describe_problem(problem),
         }
     )
     for seed in seeds:

@@ -55,9 +55,12 @@ class ProgressLines(Observer):
         lam = " ".join(
             f"{b}={w:.2f}" for b, w in zip(event.branches, event.decision.weights, strict=True)
         )
+        # The target's metrics as the user knows them (MAE, not the oriented −MAE); the gain
+        # over the best branch is oriented, so positive always means the merge is better.
+        metrics = " ".join(f"{name} {value:.4g}" for name, value in event.merged_metrics.items())
         self._print(
             f"[{event.run}] round {event.round}/{rounds or '?'} step {event.step}: Λ {lam}  "
-            f"val {event.decision.score:.2f} ({event.gain:+.2f} vs best branch)"
+            f"val {metrics} (merge better than the best branch by {event.gain:+.3g})"
         )
 
     def on_run_finished(self, event: RunFinished) -> None:

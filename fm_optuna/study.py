@@ -16,6 +16,7 @@ resumes from the dead trial's last merge checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -39,8 +40,8 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from fm_optuna.benchmarks import build_problem
 from fm_optuna.checkpoints import Checkpointer, load_checkpoint, save_checkpoint
+from fm_optuna.checks import check_problem
 from fm_optuna.config import ForkMergeConfig
 from fm_optuna.databases import check_database
 from fm_optuna.errors import ConfigError, NonFiniteTraining
@@ -277,14 +278,26 @@ class Tuner:
         device: torch.device | None = None,
         problem: Problem | None = None,
         tracking: Callable[[Problem], StudyObserver] | None = None,
+        config: ForkMergeConfig | None = None,
+        sampler: optuna.samplers.BaseSampler | None = None,
+        pruner: BasePruner | None = None,
     ) -> None:
+        """``problem`` (checked here) replaces the spec's ``[problem]``; ``config`` is the base
+        configuration each trial's suggestions override (default: the spec's); ``sampler`` and
+        ``pruner`` objects replace the spec's named ones."""
         self.spec = spec
         self.storage_url = storage or spec.study.storage
         self.n_trials = n_trials or spec.study.n_trials
         self.observers = observers
+        self.base_config = config or spec.config()
+        self.sampler, self.pruner = sampler, pruner
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.problem = problem or self._build_problem()
-        check_branches_fit(spec, len(self.problem.tasks))
+        if problem is None:
+            problem = spec.build_problem(device=self.device)
+        else:
+            check_problem(problem)
+        self.problem = problem
+        check_branches_fit(spec, self.problem)
         # Both stores are checked before either is created: a mistake in one creates nothing.
         check_database(self.storage_url, parameter="storage", what="a reachable Optuna storage URL")
         self.tracking = tracking(self.problem) if tracking is not None else None
@@ -307,20 +320,7 @@ class Tuner:
 
         return stale
 
-    def _build_problem(self) -> Problem:
-        problem = self.spec.problem
-        try:
-            return build_problem(
-                problem.benchmark,
-                target=problem.target,
-                seed=self.spec.study.seed,
-                device=self.device,
-                **problem.options,
-            )
-        except ConfigError as error:
-            raise ConfigError(f"{self.spec.path}: {error}") from None
-
-    def create_study(self) -> optuna.Study:
+    def _named_sampler(self) -> optuna.samplers.BaseSampler:
         s = self.spec.study
         startup = min(4, self.n_trials)
 
@@ -333,8 +333,14 @@ class Tuner:
             return optuna.samplers.RandomSampler(seed=seed)
 
         # Seeded per trial number and never repeating another trial: see fm_optuna.outer_sampler.
-        sampler = DistinctSampler(make, seed=s.seed, space=self.search_space())
-        pruner = MedianPruner() if s.pruner == "median" else optuna.pruners.NopPruner()
+        return DistinctSampler(make, seed=s.seed, space=self.search_space())
+
+    def create_study(self) -> optuna.Study:
+        sampler = self.sampler or self._named_sampler()
+        pruner = self.pruner or (
+            MedianPruner() if self.spec.study.pruner == "median" else optuna.pruners.NopPruner()
+        )
+        s = self.spec.study
         direction = "maximize" if self.higher_is_better else "minimize"
         study = optuna.create_study(
             study_name=s.name,
@@ -374,7 +380,7 @@ class Tuner:
 
     def suggest(self, trial: optuna.Trial) -> ForkMergeConfig:
         fixed = {name: _suggest(trial, name, d) for name, d in self.search_space().items()}
-        return self.spec.config(**fixed)
+        return dataclasses.replace(self.base_config, **fixed)
 
     def checkpoint_path(self, root: int) -> Path:
         return self.checkpoints / f"trial_{root}.ckpt"

@@ -8,8 +8,9 @@ KILLED when it was interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +96,21 @@ class ComparisonTracking:
             )
         finally:
             self.store.client.set_terminated(self.run_id, status=status)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[list[Path]]:
+        """Ends the parent run as the block ends: FINISHED with the files added to the yielded
+        list, FAILED on an error, KILLED on Ctrl-C."""
+        files: list[Path] = []
+        try:
+            yield files
+        except KeyboardInterrupt:
+            self.finish("KILLED")
+            raise
+        except BaseException:
+            self.finish("FAILED")
+            raise
+        self.finish("FINISHED", files)
 
     def browse(self) -> list[str]:
         return [

@@ -296,7 +296,9 @@ def test_a_trial_whose_loss_goes_nan_fails_with_its_reason_and_is_never_pruned(
     from fm_optuna.tracking import StudyTracking, open_store
 
     store = open_store(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="fm-optuna/study/toy")
-    problem = ToyProblem(nan_task="t0", nan_after=0)  # the target: every branch, from step 1
+    # The target: its first loss (drawn by the problem check) is finite, then every branch
+    # goes NaN from step 1.
+    problem = ToyProblem(nan_task="t0", nan_after=1)
     report = Tuner(
         load_spec(spec_file(tmp_path, n_trials=2, pruner="median")),
         problem=problem,

@@ -62,4 +62,8 @@ def test_progress_lines_one_per_merge_round_and_one_per_finished_run() -> None:
     assert lines[0].startswith("trial 2 [forkmerge] started: 30 steps with branches target, ")
     merges = [line for line in lines if "round" in line]
     assert [m.split("round ")[1].split(" ")[0] for m in merges] == ["1/3", "2/3", "3/3"]
-    assert all(re.search(r"Λ target=\d\.\d\d .* val -?\d+\.\d\d \([+-]\d", m) for m in merges)
+    # The toy target's metric is an MSE: shown as itself (positive), not as the oriented −MSE.
+    pattern = (
+        r"Λ target=\d\.\d\d .* val mse \d[\d.e+-]* \(merge better than the best branch by [+-]\d"
+    )
+    assert all(re.search(pattern, m) for m in merges), merges
