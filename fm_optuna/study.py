@@ -357,7 +357,13 @@ class Tuner:
                 f"{mask_password(self.storage_url)} that {study.direction.name.lower()}s (made "
                 "before the direction followed the metric?): choose a new study name."
             )
-        study.set_metric_names([target_metric_name(self.problem)])
+        names = [target_metric_name(self.problem)]
+        if study.metric_names != names:
+            try:
+                study.set_metric_names(names)
+            except Exception:  # workers starting together race to insert the same attribute
+                if study.metric_names != names:
+                    raise
         return study
 
     @property
