@@ -80,7 +80,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=None,
-        help="per-task batch size (default: 32 for a problem whose factory takes batch_size)",
+        help="per-task batch size (default: the problem's own, e.g. digits 32, qm9 64; 32 for a "
+        "factory that requires one)",
     )
     g.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
@@ -202,7 +203,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="inner-study budget for binary, tpe, cmaes, random (default: 20)",
     )
     g.add_argument(
-        "--grid-resolution", type=float, default=0.1, help="lattice step for grid (default: 0.1)"
+        "--grid-resolution",
+        type=float,
+        default=0.1,
+        help="lattice step for grid (default: 0.1)",
     )
 
 
@@ -272,8 +276,10 @@ def _problem(args: argparse.Namespace) -> Any:
     device = _torch_setup(args)
     source = resolve(args.benchmark)
     extra: dict[str, Any] = {}
-    if args.batch_size is not None or "batch_size" in source.options:
-        extra["batch_size"] = 32 if args.batch_size is None else args.batch_size
+    if args.batch_size is not None:
+        extra["batch_size"] = args.batch_size
+    elif _requires_batch_size(source.factory):  # else the problem's own default (qm9: 64)
+        extra["batch_size"] = 32
     if args.harmful_aux:
         if not source.accepts("harmful_aux"):
             raise invalid("harmful_aux", True, "used only with --benchmark digits")
@@ -286,6 +292,13 @@ def _problem(args: argparse.Namespace) -> Any:
         extra["data_dir"] = args.data_dir
     extra.update(benchmark_options(args.option))
     return build_problem(source, target=args.target, seed=args.seed, device=device, **extra)
+
+
+def _requires_batch_size(factory: Any) -> bool:
+    import inspect
+
+    parameter = inspect.signature(factory).parameters.get("batch_size")
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 def _check_plan(problem: Any, config: Any) -> None:
@@ -341,6 +354,11 @@ def _print_table(comparisons: list[Any], *, higher_is_better: bool = True) -> No
             f"ranking {fm.ranking.method} ({', '.join(fm.ranking.order)}); "
             f"final round {fm.final_round}"
         )
+        if fm.resumed_from_round:
+            print(
+                f"  resumed after round {fm.resumed_from_round} (step {fm.resumed_at_step}); "
+                f"seconds include {fm.seconds_before_resume:.1f}s before the resume"
+            )
         for round_index, (step, decision) in enumerate(
             zip(fm.steps, fm.decisions, strict=True), start=1
         ):
@@ -370,11 +388,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise invalid("checkpoint", args.checkpoint, "used with a single seed (--seeds 1)")
     problem = _problem(args)
     _check_plan(problem, config)
-    # tracking (issue #3): after the cheap checks (no store for a mistyped command), before any
+    seeds = [args.seed + offset for offset in range(args.seeds)]
+    checkpoints = {seed: _checkpoint_path(args, problem, seed) for seed in seeds}
+    # Every checkpoint is read and checked before any store is opened: a corrupt or mismatched
+    # one is one line and nothing is written.
+    snapshots = {
+        seed: _resume_snapshot(checkpoints[seed], _config(args, seed=seed)) if args.resume else None
+        for seed in seeds
+    }
+    # tracking (issue #3): after every check (no store for a mistyped command), before any
     # training (a store that cannot be opened is one line, not a lost run).
     store = _open_tracking(args, problem)
     comparisons = []
-    for offset in range(args.seeds):
+    for seed in seeds:
         events = EventStream([ProgressBars(disable=True if args.json else None)])
         lines = progress_stream(json_output=args.json)
         if lines is not None:
@@ -384,19 +410,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             events.observers.append(run_tracker(store, problem))
         try:
-            seed = args.seed + offset
-            checkpoint = Path(
-                args.checkpoint
-                or f"tracking/checkpoints/run/{problem.name}-{problem.target}-seed{seed}.ckpt"
-            )
             comparisons.append(
                 run_methods(
                     problem,
                     _config(args, seed=seed),
                     methods,
                     events,
-                    checkpoint=checkpoint if "forkmerge" in methods else None,
-                    resume=args.resume,
+                    checkpoint=checkpoints[seed] if "forkmerge" in methods else None,
+                    resume_from=snapshots[seed],
                 )
             )
         finally:
@@ -422,6 +443,30 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _checkpoint_path(args: argparse.Namespace, problem: Any, seed: int) -> Path:
+    default = f"tracking/checkpoints/run/{problem.name}-{problem.target}-seed{seed}.ckpt"
+    return Path(args.checkpoint or default)
+
+
+def _resume_snapshot(path: Path, config: Any) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` continues from, checked against this run's configuration."""
+    from fm_optuna.checkpoints import load_checkpoint
+    from fm_optuna.forkmerge import check_resumable
+
+    snapshot = load_checkpoint(path)
+    if snapshot is None:
+        print(
+            f"fm-optuna run: no checkpoint at {path} yet: ForkMerge starts from the beginning",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        check_resumable(config, snapshot)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return snapshot
 
 
 # --- tracking (issue #3) ------------------------------------------------------------------------
