@@ -33,6 +33,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     from fm_optuna.benchmarks import describe_sources
     from fm_optuna.branches import PLANS
+    from fm_optuna.cli_study import _add_plan_choice
     from fm_optuna.config import (
         FINAL_MODELS,
         OPTIMIZER_POLICIES,
@@ -118,7 +119,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "prepass (default) trains "
         "target+aux for --ranking-steps from the initial model and ranks by target validation, "
         "as the official code; affinity ranks by the lookahead inter-task affinity of Fifty et al. "
-        "(a short joint run); given uses --aux-order, else the benchmark's task order",
+        "(a short joint run); merge ranks by the weight Λ_k one Alg. 2 merge of the pairwise "
+        "branches gives each auxiliary (the paper's Alg. 4); given uses --aux-order, else the "
+        "benchmark's task order",
     )
     g.add_argument(
         "--ranking-steps",
@@ -131,6 +134,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated best-first auxiliaries for --ranking given",
     )
+    _add_plan_choice(g)
     g.add_argument(
         "--optimizer-policy",
         default="keep",
@@ -207,6 +211,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> Any:
+    from fm_optuna.cli_study import plan_choice
     from fm_optuna.config import ForkMergeConfig
 
     values = dict(
@@ -233,6 +238,7 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Any:
         clip_grad_norm=args.clip_grad_norm,
         amp=args.amp,
     )
+    values.update(plan_choice(args))
     values.update(overrides)
     return ForkMergeConfig(**values)
 
@@ -306,6 +312,7 @@ def _check_plan(problem: Any, config: Any) -> None:
         target=planned.target,
         ranked_auxiliaries=planned.auxiliaries,
         n_branches=config.branches,
+        keep=config.keep,
     )
 
 

@@ -20,10 +20,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fm_optuna.cli_study import (
+    _add_plan_choice,
     _add_runtime,
     _add_tracking,
     _torch_setup,
     comparison_tracking,
+    plan_choice,
     tracked_comparison,
 )
 from fm_optuna.progress import progress_stream
@@ -44,6 +46,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             overrides["dt"] = args.steps
     if args.dt is not None:
         overrides["dt"] = args.dt
+    if "keep" in args:  # compare-methods chooses the branches; task-affinity has none
+        overrides.update(plan_choice(args))
     config = spec.config(**overrides)
     return spec, config, _torch_setup(args)
 
@@ -93,7 +97,7 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
     spec, config, device = _load(args)
     problems = _problems(spec, args.targets, device)
     if "forkmerge" in methods:
-        check_branches_fit(spec, problems[0])
+        check_branches_fit(spec, problems[0], config.keep)
     seeds = [spec.study.seed + i for i in range(args.seeds)]
     tracking = comparison_tracking(
         args,
@@ -365,6 +369,7 @@ def add_commands(sub: Any) -> None:
         "transfer per task; save CSV and JSON.",
     )
     _add_budget(compare)
+    _add_plan_choice(compare)
     compare.add_argument(
         "--methods",
         default="all",

@@ -204,9 +204,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         overrides["dt"] = args.dt
     if args.branches is not None:
         overrides["branches"] = args.branches
+    overrides.update(plan_choice(args))
     config = spec.config(**overrides)
     problem = spec.build_problem(device=device)
-    check_branches_fit(spec, problem)
+    check_branches_fit(spec, problem, config.keep)
     seeds = [spec.study.seed + i for i in range(args.seeds)]
     tracking = comparison_tracking(
         args, spec, problem, "compare", "strategy", {**config.as_params(), "seeds": seeds}
@@ -318,6 +319,7 @@ def add_commands(sub: Any) -> None:
     compare.add_argument(
         "--branches", type=int, default=None, help="L (default: the spec's training.branches)"
     )
+    _add_plan_choice(compare)
     compare.add_argument(
         "--out", default=None, help="output folder (default: tracking/compare/<study name>)"
     )
@@ -370,6 +372,40 @@ def _add_tracking(parser: argparse.ArgumentParser) -> None:
         "sqlite:///tracking/mlflow.db); one experiment per study, one parent run per study",
     )
     parser.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
+
+
+CUT_HELP = (
+    "which intermediate branches ν^k (target + top-k auxiliaries) a pruned plan keeps: auto "
+    "(default) cuts the relevance ranking only where a drop stands out of the noise (larger than "
+    "max(8, 4√m) × the median of the m drops) and spreads the other cuts evenly; spread cuts "
+    "evenly, k_i = round(i·n/(L−1)); gaps cuts at the largest drops however small (the older "
+    "rule)"
+)
+KEEP_HELP = (
+    "explicit top-k counts of the kept branches from 0 (target only) to n (all auxiliaries), "
+    "as the official code's lists, e.g. 0,1,3; sets L to their number and overrides --cut"
+)
+
+
+def _add_plan_choice(parser: Any) -> None:
+    parser.add_argument("--cut", default=None, help=CUT_HELP)
+    parser.add_argument("--keep", default=None, help=KEEP_HELP)
+
+
+def plan_choice(args: argparse.Namespace) -> dict[str, Any]:
+    """``--cut`` and ``--keep`` as configuration overrides (an absent flag overrides nothing)."""
+    from fm_optuna.errors import invalid
+
+    overrides: dict[str, Any] = {}
+    if args.cut is not None:
+        overrides["cut"] = args.cut
+    if args.keep is not None:
+        try:
+            keep = tuple(int(part) for part in args.keep.split(","))
+        except ValueError:
+            raise invalid("keep", args.keep, "comma-separated integers, e.g. 0,1,3") from None
+        overrides.update(keep=keep, branches=len(keep))
+    return overrides
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:

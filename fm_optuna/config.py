@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from fm_optuna.branches import PLANS
+from fm_optuna.branches import CUT_RULES, PLANS, check_keep
 from fm_optuna.errors import check_finite, invalid, one_of
 from fm_optuna.strategies import STRATEGIES, make_strategy
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 OPTIMIZER_POLICIES = ("keep", "reset", "average")
 FINAL_MODELS = ("last", "best")
-RANKINGS = ("prepass", "given", "affinity")
+RANKINGS = ("prepass", "given", "affinity", "merge")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step")
 
@@ -64,9 +64,17 @@ class ForkMergeConfig:
         plan: ``pruned`` (Alg. 4), ``pairwise`` (Alg. 1/2) or ``joint`` (App. A.4).
         branches: L, the number of branches (``None``: the plan's default).
         ranking: ``prepass`` (short target+aux runs ranked by target validation, the official
-            code) or ``given`` (the order of ``aux_order``, else the benchmark's task order).
+            code), ``affinity`` (lookahead inter-task affinity), ``merge`` (the Λ_k one Alg. 2
+            merge gives each auxiliary, the paper's Alg. 4) or ``given`` (the order of
+            ``aux_order``, else the benchmark's task order).
         ranking_steps: Steps of each pre-pass run (``None``: Δt).
         aux_order: Explicit best-first order of the auxiliaries for ``ranking="given"``.
+        cut: Which intermediate ν^k a pruned plan keeps: ``auto`` (relevance drops that stand
+            out of the noise, else evenly spread), ``spread`` or ``gaps`` (the largest drops);
+            see :mod:`fm_optuna.branches`.
+        keep: Explicit top-k counts of the kept branches, from 0 (target only) to n (all), as
+            the official code's lists, e.g. ``(0, 1, 3)``; fixes L = len(keep) and overrides
+            ``cut``.
         optimizer_policy: What happens to optimizer state at a merge: ``keep`` (each branch keeps
             its moments, as the official code), ``reset`` or ``average`` (moments averaged by Λ).
         final: ``last`` merge or ``best``-validated merge is the final model.
@@ -98,6 +106,8 @@ class ForkMergeConfig:
     ranking: str = "prepass"
     ranking_steps: int | None = None
     aux_order: tuple[str, ...] | None = None
+    cut: str = "auto"
+    keep: tuple[int, ...] | None = None
     optimizer_policy: str = "keep"
     final: str = "last"
     lr: float = 1e-3
@@ -127,6 +137,10 @@ class ForkMergeConfig:
             raise one_of("ranking", self.ranking, RANKINGS)
         if self.ranking_steps is not None and self.ranking_steps < 1:
             raise invalid("ranking_steps", self.ranking_steps, "a positive integer")
+        if self.cut not in CUT_RULES:
+            raise one_of("cut", self.cut, CUT_RULES)
+        if self.keep is not None:
+            self._check_keep()
         if self.optimizer_policy not in OPTIMIZER_POLICIES:
             raise one_of("optimizer_policy", self.optimizer_policy, OPTIMIZER_POLICIES)
         if self.final not in FINAL_MODELS:
@@ -174,6 +188,13 @@ class ForkMergeConfig:
         if not isinstance(self.amp, bool):
             raise invalid("amp", self.amp, "true or false")
 
+    def _check_keep(self) -> None:
+        check_keep(self.keep)
+        if self.plan == "pairwise":
+            raise invalid("keep", _joined(self.keep), "used only with the pruned or joint plan")
+        if self.branches is not None and self.branches != len(self.keep):
+            raise invalid("branches", self.branches, f"{len(self.keep)} (the length of keep)")
+
     @property
     def rounds(self) -> int:
         return math.ceil(self.total_steps / self.dt)
@@ -182,6 +203,11 @@ class ForkMergeConfig:
         # Not asdict: it would deep-copy an optimizer or scheduler factory.
         params = {f.name: getattr(self, f.name) for f in fields(self)}
         params["aux_order"] = ",".join(self.aux_order) if self.aux_order else None
+        params["keep"] = _joined(self.keep) if self.keep else None
         params["optimizer"] = factory_name(self.optimizer)
         params["scheduler"] = factory_name(self.scheduler)
         return params
+
+
+def _joined(values: tuple[int, ...]) -> str:
+    return ",".join(str(value) for value in values)

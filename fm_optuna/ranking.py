@@ -6,6 +6,9 @@ Three rankings sit here, above the measurements they use and below the ForkMerge
   ranked by the target's validation score;
 - ``affinity``: the lookahead inter-task affinity Z_{aux→target} of Fifty et al. over one short
   joint run (:func:`fm_optuna.affinity.task_affinity`);
+- ``merge`` (the paper's Alg. 4): Λ̄_k, the weight that an Alg. 2 merge of the pairwise
+  branches (target only, target + each auxiliary, each trained from the initial model) gives
+  target + aux k;
 - ``given``: an explicit order (``aux_order``), else the problem's task order.
 
 :func:`plan_branches` turns the ranking into the plan's branches; :func:`ranking_agreement`
@@ -14,6 +17,7 @@ compares two orders.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -23,8 +27,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from fm_optuna.affinity import task_affinity
-from fm_optuna.branches import Branch, default_branch_count, make_plan
+from fm_optuna.branches import Branch, default_branch_count, make_plan, pairwise_plan
 from fm_optuna.errors import NonFiniteTraining, invalid
+from fm_optuna.merging import BranchStack
+from fm_optuna.search import search_merge
+from fm_optuna.strategies import make_strategy
 from fm_optuna.training import (
     WeightedSum,
     data_generator,
@@ -68,24 +75,88 @@ def rank_auxiliaries(
         return Ranking(order, None, time.perf_counter() - started, "given")
     if config.ranking == "affinity":
         return rank_by_affinity(problem, config, initial)
-    steps = config.ranking_steps or config.dt
+    if config.ranking == "merge":
+        return rank_by_merge_weights(problem, config, initial)
     scores: dict[str, float] = {}
     model = seeded_model(problem, config.seed)
     for index, aux in enumerate(auxiliaries):
-        model.load_state_dict(initial)
-        optimization = make_optimization(model, config)
-        rule = WeightedSum({problem.target: 1.0, aux: 1.0})
-        generator = data_generator(problem, config.seed, 10_000 + index)
-        try:
-            train(model, optimization, problem, rule, steps=steps, generator=generator)
-        except NonFiniteTraining as error:  # ranked last; the branches report their own
-            logger.warning("fm-optuna: pre-pass with %s: %s", aux, error.located(run="prepass"))
-            scores[aux] = -math.inf
+        weights = {problem.target: 1.0, aux: 1.0}
+        if not _train_from(model, initial, problem, config, weights, 10_000 + index):
+            scores[aux] = -math.inf  # ranked last; the branches report their own divergence
             continue
         score, _ = target_score(problem, model)
         scores[aux] = score if math.isfinite(score) else -math.inf
     order = tuple(sorted(auxiliaries, key=lambda a: (-scores[a], auxiliaries.index(a))))
     return Ranking(order, tuple(scores[a] for a in order), time.perf_counter() - started, "prepass")
+
+
+def _train_from(
+    model: torch.nn.Module,
+    initial: Mapping[str, torch.Tensor],
+    problem: Problem,
+    config: ForkMergeConfig,
+    weights: Mapping[str, float],
+    stream: int,
+) -> bool:
+    """``model`` ← the initial model trained ``ranking_steps`` (else Δt) on ``weights``.
+
+    Returns ``False`` (with a warning) when the training turned non-finite.
+    """
+    model.load_state_dict(initial)
+    optimization = make_optimization(model, config)
+    generator = data_generator(problem, config.seed, stream)
+    steps = config.ranking_steps or config.dt
+    try:
+        train(model, optimization, problem, WeightedSum(weights), steps=steps, generator=generator)
+    except NonFiniteTraining as error:
+        name = "+".join(weights)
+        logger.warning("fm-optuna: ranking run %s: %s", name, error.located(run="ranking"))
+        return False
+    return True
+
+
+def rank_by_merge_weights(
+    problem: Problem, config: ForkMergeConfig, initial: Mapping[str, torch.Tensor]
+) -> Ranking:
+    """Best-first auxiliaries by Λ_k, the weight one Alg. 2 merge gives target + aux k.
+
+    The K pairwise branches train ``ranking_steps`` (else Δt) from the initial model, and the
+    merge search of ``config.strategy`` chooses Λ on the simplex as in a ForkMerge round; one
+    round stands in for the paper's Λ̄_k averaged over a short Alg. 2 run. Costs K short runs
+    (one more than the pre-pass) plus one merge search.
+    """
+    started = time.perf_counter()
+    auxiliaries = problem.auxiliaries
+    model = seeded_model(problem, config.seed)
+    merged: list[str | None] = []  # the auxiliary of each merged branch (None: target only)
+    states, scores = [], []
+    for index, branch in enumerate(pairwise_plan(problem.target, auxiliaries)):
+        if _train_from(model, initial, problem, config, branch.weights, 20_000 + index):
+            merged.append(auxiliaries[index - 1] if index else None)
+            states.append(copy.deepcopy(model.state_dict()))
+            scores.append(target_score(problem, model)[0])
+    if not states:  # every branch diverged: nothing to rank by
+        return Ranking(tuple(auxiliaries), None, time.perf_counter() - started, "merge")
+    stack = BranchStack(states)
+
+    def evaluate(weights: Sequence[float]) -> float:
+        model.load_state_dict(stack.combine(weights))
+        return target_score(problem, model)[0]
+
+    decision = search_merge(
+        evaluate,
+        strategy=make_strategy(config.strategy, resolution=config.grid_resolution),
+        n_branches=len(states),
+        budget=config.merge_trials,
+        seed=config.seed * 7919,
+        branch_scores=scores,
+    )
+    weight = dict.fromkeys(auxiliaries, -math.inf)  # a diverged pairwise branch ranks last
+    chosen = zip(merged, decision.weights, strict=True)
+    weight.update((aux, float(w)) for aux, w in chosen if aux is not None)
+    order = tuple(sorted(auxiliaries, key=lambda a: (-weight[a], auxiliaries.index(a))))
+    relevance = tuple(float(weight[a]) for a in order)
+    return Ranking(order, relevance, time.perf_counter() - started, "merge")
 
 
 def rank_by_affinity(
@@ -126,7 +197,7 @@ def prepass_ranking(
 
 def _needs_order(config: ForkMergeConfig, n_aux: int) -> bool:
     """Only a pruned plan with intermediate branches depends on the auxiliaries' order."""
-    n_branches = config.branches
+    n_branches = len(config.keep) if config.keep else config.branches
     if config.plan == "pairwise" or n_aux < 2:
         return False
     if n_branches is None:
@@ -137,7 +208,7 @@ def _needs_order(config: ForkMergeConfig, n_aux: int) -> bool:
 def plan_branches(
     problem: Problem, config: ForkMergeConfig, initial: Mapping[str, torch.Tensor]
 ) -> tuple[list[Branch], Ranking]:
-    if config.ranking in ("prepass", "affinity") and not _needs_order(
+    if config.ranking in ("prepass", "affinity", "merge") and not _needs_order(
         config, len(problem.auxiliaries)
     ):
         ranking = Ranking(tuple(problem.auxiliaries), None, 0.0, "not needed")
@@ -149,6 +220,8 @@ def plan_branches(
         ranked_auxiliaries=ranking.order,
         n_branches=config.branches,
         relevance=ranking.relevance,
+        cut=config.cut,
+        keep=config.keep,
     )
     return branches, ranking
 

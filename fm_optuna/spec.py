@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fm_optuna.benchmarks import resolve
-from fm_optuna.branches import PLANS
+from fm_optuna.branches import CUT_RULES, PLANS, check_keep
 from fm_optuna.config import (
     FINAL_MODELS,
     OPTIMIZER_POLICIES,
@@ -85,6 +85,8 @@ class TrainingSection:
     lr: float = 1e-3
     plan: str = "pruned"
     ranking: str = "prepass"
+    cut: str = "auto"  # which intermediate ν^k a pruned plan keeps (fm_optuna.branches)
+    keep: tuple[int, ...] | None = None  # explicit top-k counts, e.g. [0, 1, 3]
     optimizer_policy: str = "keep"
     final: str = "last"
     optimizer: str = "adam"
@@ -130,6 +132,8 @@ class StudySpec:
             "lr": self.training.lr,
             "plan": self.training.plan,
             "ranking": self.training.ranking,
+            "cut": self.training.cut,
+            "keep": self.training.keep,
             "optimizer_policy": self.training.optimizer_policy,
             "final": self.training.final,
             "optimizer": self.training.optimizer,
@@ -250,6 +254,17 @@ def _int_range(reader: _Reader, key: str, *, minimum: int) -> IntRange | None:
     return IntRange(low, high, table.bool("log", False))
 
 
+def _int_list(reader: _Reader, key: str) -> tuple[int, ...] | None:
+    value = reader.table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(item, int) and not isinstance(item, bool) for item in value
+    ):
+        raise reader.error(key, value, "a list of integers, e.g. [0, 1, 3]")
+    return tuple(value)
+
+
 def _baselines(reader: _Reader) -> tuple[str, ...]:
     from fm_optuna.baselines import BASELINES
 
@@ -367,6 +382,8 @@ def load_spec(path: str | Path) -> StudySpec:
         lr=t.float("lr", 1e-3, positive=True),
         plan=t.str("plan", "pruned", PLANS),
         ranking=t.str("ranking", "prepass", RANKINGS),
+        cut=t.str("cut", "auto", CUT_RULES),
+        keep=_int_list(t, "keep"),
         optimizer_policy=t.str("optimizer_policy", "keep", OPTIMIZER_POLICIES),
         final=t.str("final", "last", FINAL_MODELS),
         optimizer=t.str("optimizer", "adam", OPTIMIZERS),
@@ -391,7 +408,11 @@ def load_spec(path: str | Path) -> StudySpec:
         grid_resolution=q.float("grid_resolution", 0.1, positive=True),
     )
 
-    space = _space_section(root.sub("space"), steps)
+    space_table = root.sub("space")
+    space = _space_section(space_table, steps)
+    if training.keep is not None and space.branches is not None:
+        allowed = "absent when training.keep fixes L"
+        raise space_table.error("branches", space_table.table["branches"], allowed)
     spec = StudySpec(path, study, problem, training, search, space)
     try:
         spec.config()  # the fixed part must be a valid configuration on its own
@@ -400,9 +421,18 @@ def load_spec(path: str | Path) -> StudySpec:
     return spec
 
 
-def check_branches_fit(spec: StudySpec, problem: Problem) -> None:
-    """L (fixed or its searched range) must be makeable from the problem's K tasks."""
+def check_branches_fit(
+    spec: StudySpec, problem: Problem, keep: tuple[int, ...] | None = None
+) -> None:
+    """L (fixed or its searched range) and ``keep`` (else the spec's) must fit the K tasks."""
     n_tasks = len(problem.tasks)
+    keep = keep or spec.training.keep
+    if keep is not None:
+        n_aux = n_tasks if spec.training.plan == "joint" else n_tasks - 1
+        try:
+            check_keep(keep, n_aux, name="keep" if keep != spec.training.keep else "training.keep")
+        except ConfigError as error:
+            raise ConfigError(f"{spec.path}: {error}") from None
     highest = spec.space.branches.high if spec.space.branches else spec.training.branches
     if highest is not None and highest > n_tasks:
         key = "space.branches.high" if spec.space.branches else "training.branches"
