@@ -50,8 +50,9 @@ def test_gaps_rule_cuts_at_the_largest_relevance_drops() -> None:
 
 
 TEN = [f"a{i}" for i in range(10)]
-# The pre-pass scores of QM9's ten auxiliaries for target μ (seed 0, Δt = 100; measure/ in
-# issue 12): the drops are noise, and with L = 4 the largest two sit side by side near `all`.
+# The pre-pass scores of QM9's ten auxiliaries for target μ (seed 0, Δt = 100; see
+# studies/qm9-cut-rules/): the drops are noise, and with L = 4 the largest two sit side by side
+# near `all`.
 NOISY = [-0.8421, -0.8422, -0.8512, -0.857, -0.8661, -0.8667, -0.8715, -0.8866, -0.9003, -0.9033]
 
 

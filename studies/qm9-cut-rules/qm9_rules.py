@@ -1,6 +1,6 @@
 """Δm over STL of ForkMerge with two cut rules on QM9, from `compare-methods` outputs.
 
-Reads measure/<rule>-<target>-s<seed>/methods.json (one `compare-methods --seeds 1` run per
+Reads <rule>-<target>-s<seed>/methods.json beside this file (one `compare-methods --seeds 1` run per
 seed, from a copy of studies/qm9.toml with `[study] seed` set, so the seeds run in parallel): the
 `gaps` runs hold STL and ForkMerge with the older rule, the `auto` runs ForkMerge with the new
 default; the same seeds, so the same STL and the same pre-pass ranking. Δm per target and seed =
