@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -33,9 +32,10 @@ from fm_optuna.events import (
     RunStarted,
     TrainingProgress,
 )
+from fm_optuna.merge_problem import MergeProblem, check_strategy_supported
 from fm_optuna.merging import BranchStack
 from fm_optuna.ranking import Ranking, plan_branches
-from fm_optuna.search import MergeDecision, MergeStrategy, search_merge
+from fm_optuna.search import MergeDecision, MergeStrategy
 from fm_optuna.strategies import make_strategy
 from fm_optuna.tasks import Problem, for_plan
 from fm_optuna.training import (
@@ -212,6 +212,7 @@ class _ForkMergeLoop:
         self.strategy: MergeStrategy = make_strategy(
             config.strategy, resolution=config.grid_resolution
         )
+        check_strategy_supported(problem, self.strategy)
         shared = seeded_model(problem, config.seed)
         if resume_from is None:
             self.progress = _Progress()
@@ -267,9 +268,21 @@ class _ForkMergeLoop:
         step = self.train_branches()
         branch_scores = self.evaluate_branches(round_index, step)
         stack = BranchStack([run.model.state_dict() for run in self.runs])
-        decision = self.search(stack, branch_scores, round_index)
+        merge = MergeProblem(
+            problem=self.problem,
+            stack=stack,
+            names=self.names,
+            branch_scores=tuple(branch_scores),
+            round=round_index,
+            step=step,
+            seed=self.config.seed * 7919 + round_index,
+            warm_start=self.progress.warm_start,
+            # A scratch model for the candidates; every branch is re-forked from θ* afterwards.
+            model=self.runs[0].model,
+        )
+        decision = self.search(merge)
         merged = self.merge_and_fork(stack, decision)
-        self.record(round_index, step, decision, merged, branch_scores)
+        self.record(round_index, step, decision, merged, merge)
 
     def train_branches(self) -> int:
         """Every branch trains the next Δt steps (fewer in a last, shorter round)."""
@@ -313,26 +326,13 @@ class _ForkMergeLoop:
         )
         return scores
 
-    def search(
-        self, stack: BranchStack, branch_scores: Sequence[float], round_index: int
-    ) -> MergeDecision:
+    def search(self, merge: MergeProblem) -> MergeDecision:
         """The inner study: Λ on the simplex maximising the target's validation score."""
         tic = time.perf_counter()
-        # A scratch model for the candidates; every branch is re-forked from θ* afterwards.
-        candidate = self.runs[0].model
-
-        def evaluate(weights: np.ndarray) -> float:
-            candidate.load_state_dict(stack.combine(weights))
-            return target_score(self.problem, candidate)[0]
-
-        decision = search_merge(
-            evaluate,
-            strategy=self.strategy,
-            n_branches=len(self.runs),
-            budget=self.config.merge_trials,
-            seed=self.config.seed * 7919 + round_index,
-            branch_scores=branch_scores,
-            warm_start=self.progress.warm_start,
+        decision = merge.search(
+            self.strategy,
+            self.config.merge_trials,
+            chunks=self.config.evaluation_chunks if self.config.pruned_evaluation else 1,
         )
         self.timings["search"] += time.perf_counter() - tic
         return decision
@@ -357,7 +357,7 @@ class _ForkMergeLoop:
         step: int,
         decision: MergeDecision,
         merged: dict[str, torch.Tensor],
-        branch_scores: Sequence[float],
+        merge: MergeProblem,
     ) -> None:
         """Keep the decision (and the best merge for ``final="best"``); tell the observers."""
         progress = self.progress
@@ -368,7 +368,7 @@ class _ForkMergeLoop:
         progress.decisions.append(decision)
         progress.steps.append(step)
         progress.round, progress.step = round_index, step
-        finite_scores = (s for s in branch_scores if math.isfinite(s))
+        finite_scores = (s for s in merge.branch_scores if math.isfinite(s))
         self.events.emit(
             MergeCompleted(
                 run=self.name,
@@ -380,6 +380,9 @@ class _ForkMergeLoop:
                 best_branch_score=max(finite_scores, default=-math.inf),
                 snapshot=functools.partial(
                     _snapshot, self.config, self.runs, self.ranking, progress, merged
+                ),
+                merge_problem=functools.partial(
+                    merge.to_data, decision=decision, config=self.config.as_params()
                 ),
             )
         )

@@ -5,7 +5,9 @@ decision is an in-memory study whose trials can be inspected. Adaptive designs (
 the paper's greedy Algorithm 3) are samplers too: :class:`DesignSampler` asks a generator for
 the next point and feeds it the previous trial's score.
 
-Entry point: :func:`search_merge`.
+Entry point: :func:`search_merge`. What it searches over is :class:`Candidates`: the full
+validation score of a Λ and, when the problem offers them, its score chunk by chunk (for pruned
+evaluation) and the gradient of a differentiable validation loss (for ``gradient``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
@@ -29,6 +32,27 @@ from fm_optuna.errors import invalid
 from fm_optuna.merging import normalise
 
 Design = Generator[np.ndarray, float, None]
+#: Λ ↦ (validation loss, ∂loss/∂Λ): what a gradient-based strategy needs.
+LossGradient = Callable[[np.ndarray], tuple[float, np.ndarray]]
+#: Λ ↦ its target score on consecutive validation chunks, lazily: (chunk score, examples).
+ChunkScores = Callable[[np.ndarray, int], Iterator[tuple[float, int]]]
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """How a merge search measures a candidate Λ.
+
+    Attributes:
+        score: The target validation score of Σ Λ_b θ_b on the whole validation split.
+        chunk_scores: ``(Λ, n)`` → the score on each of ``n`` consecutive validation chunks with
+            its example count, computed lazily; their size-weighted mean is ``score``. ``None``:
+            the problem cannot split its validation set, so candidates are scored whole.
+        loss_gradient: Λ → (differentiable validation loss, its gradient in Λ), or ``None``.
+    """
+
+    score: Callable[[np.ndarray], float]
+    chunk_scores: ChunkScores | None = None
+    loss_gradient: LossGradient | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +65,9 @@ class MergeTrial:
     state: str
     #: "evaluated" by this search, or "branch": a single branch whose score was already known.
     source: str = "evaluated"
+    #: Share of the validation set this candidate was scored on (< 1 when pruned: ``score`` is
+    #: then the running score on that share, never compared with full scores).
+    fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +95,11 @@ class MergeDecision:
         """Candidates this search evaluated (known single-branch scores excluded)."""
         return sum(1 for t in self.trials if t.source == "evaluated")
 
+    @property
+    def validation_passes(self) -> float:
+        """Validation forwards spent, in whole validation sets (pruned candidates count part)."""
+        return sum(t.fraction for t in self.trials if t.source == "evaluated")
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MergeDecision:
         return cls(
@@ -80,6 +112,7 @@ class MergeDecision:
                     float(t["score"]),
                     str(t["state"]),
                     str(t.get("source", "evaluated")),
+                    float(t.get("fraction", 1.0)),
                 )
                 for t in data["trials"]
             ),
@@ -102,6 +135,7 @@ class MergeDecision:
                     "score": t.score,
                     "state": t.state,
                     "source": t.source,
+                    "fraction": t.fraction,
                 }
                 for t in self.trials
             ],
@@ -117,6 +151,7 @@ class SearchContext:
     seed: int
     branch_scores: tuple[float, ...]  # each branch's own target validation score
     warm_start: tuple[float, ...] | None = None
+    loss_gradient: LossGradient | None = None  # for strategies with ``needs_loss_gradient``
 
     @property
     def greedy_order(self) -> list[int]:
@@ -140,6 +175,9 @@ class MergeStrategy(abc.ABC):
     #: the single branches' known scores are given to the sampler as completed trials (free:
     #: the loop has already evaluated every branch). Exhaustive and scripted designs opt out.
     uses_warm_start: ClassVar[bool] = False
+    #: Whether the strategy follows the gradient of a differentiable validation loss, which only
+    #: problems with ``target_loss`` offer (checked before training).
+    needs_loss_gradient: ClassVar[bool] = False
 
     @abc.abstractmethod
     def n_trials(self, n_branches: int, budget: int) -> int:
@@ -299,8 +337,58 @@ def _add_known_branches(
         )
 
 
+class IncumbentPruner(BasePruner):
+    """Stops a candidate whose running score after k validation chunks trails, by more than
+    ``margin``, the running score of the best finished candidate on the same k chunks.
+
+    The comparison is paired (the same examples), so the noise of a chunk largely cancels. A
+    candidate ahead of every other on every prefix of chunks is never stopped: when the best
+    candidate's lead exceeds the chunk noise, pruning keeps the decision of a full evaluation.
+    """
+
+    def __init__(self, margin: float = 0.0) -> None:
+        if not margin >= 0.0:
+            raise invalid("prune_margin", margin, "a non-negative number")
+        self.margin = margin
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        finished = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if step in t.intermediate_values and t.value is not None
+        ]
+        if not finished:
+            return False
+        incumbent = max(finished, key=lambda t: (t.value, -t.number))
+        return trial.intermediate_values[step] < incumbent.intermediate_values[step] - self.margin
+
+
+def _score_in_chunks(
+    trial: optuna.Trial, weights: np.ndarray, chunk_scores: ChunkScores, chunks: int
+) -> tuple[float, float, bool]:
+    """Score ``weights`` chunk by chunk, reporting the running score; stop when pruned.
+
+    Returns the running score, the share of the validation set scored and whether it was pruned.
+    """
+    total = examples = 0.0
+    running = math.nan
+    with contextlib.closing(chunk_scores(weights, chunks)) as parts:
+        for step, (score, count) in enumerate(parts):
+            total, examples = total + score * count, examples + count
+            running = total / max(examples, 1e-12)
+            if not math.isfinite(running):
+                return running, (step + 1) / chunks, False
+            trial.report(running, step)
+            if step + 1 < chunks and trial.should_prune():
+                return running, (step + 1) / chunks, True
+    return running, 1.0, False
+
+
 def search_merge(
-    evaluate: Callable[[np.ndarray], float],
+    evaluate: Callable[[np.ndarray], float] | Candidates,
     *,
     strategy: MergeStrategy,
     n_branches: int,
@@ -308,12 +396,19 @@ def search_merge(
     seed: int,
     branch_scores: Sequence[float],
     warm_start: Sequence[float] | None = None,
+    chunks: int = 1,
+    prune_margin: float = 0.0,
 ) -> MergeDecision:
     """Choose Λ maximising ``evaluate`` (the target validation score of Σ Λ_b θ_b).
 
     Non-finite scores are recorded as failed trials and never chosen; ties go to the earliest
     trial. If every candidate is non-finite, the best single branch (by ``branch_scores``) is
     kept and the decision says so in ``fallback``.
+
+    With ``chunks`` > 1 and candidates that can be scored chunk by chunk, each candidate reports
+    its running score after every chunk and :class:`IncumbentPruner` stops those that trail the
+    best finished candidate; only fully evaluated candidates can be chosen, so the decision's
+    score is always a full evaluation.
 
     Example:
         >>> from fm_optuna.strategies import make_strategy
@@ -322,7 +417,15 @@ def search_merge(
         >>> [round(w, 1) for w in d.weights]
         [0.3, 0.7]
     """
+    candidates = evaluate if isinstance(evaluate, Candidates) else Candidates(score=evaluate)
     strategy.check(n_branches, budget)
+    if strategy.needs_loss_gradient and candidates.loss_gradient is None:
+        raise invalid(
+            "strategy", strategy.name, "a strategy the problem supports (it has no target_loss)"
+        )
+    if not isinstance(chunks, int) or chunks < 1:
+        raise invalid("evaluation_chunks", chunks, "a positive integer")
+    pruned = chunks > 1 and candidates.chunk_scores is not None
     started = time.perf_counter()
     context = SearchContext(
         n_branches=n_branches,
@@ -330,26 +433,40 @@ def search_merge(
         seed=seed,
         branch_scores=tuple(float(s) for s in branch_scores),
         warm_start=None if warm_start is None else tuple(float(w) for w in warm_start),
+        loss_gradient=candidates.loss_gradient,
     )
     records: list[MergeTrial] = []
 
     def objective(trial: optuna.Trial) -> float:
         weights = strategy.suggest(trial, n_branches)
-        score = float(evaluate(weights))
+        if pruned:
+            assert candidates.chunk_scores is not None
+            score, fraction, stopped = _score_in_chunks(
+                trial, weights, candidates.chunk_scores, chunks
+            )
+        else:
+            score, fraction, stopped = float(candidates.score(weights)), 1.0, False
         finite = math.isfinite(score)
+        state = "PRUNED" if stopped else "COMPLETE" if finite and fraction == 1.0 else "FAIL"
         records.append(
             MergeTrial(
                 number=len(records),
                 weights=tuple(float(w) for w in weights),
                 score=score if finite else math.nan,
-                state="COMPLETE" if finite else "FAIL",
+                state=state,
+                fraction=fraction,
             )
         )
+        if stopped:
+            raise optuna.TrialPruned(f"trails the best candidate after {fraction:.0%} of val")
         # A non-finite value makes Optuna mark the trial FAIL, so samplers never learn from it.
-        return score if finite else math.nan
+        return score if state == "COMPLETE" else math.nan
 
+    pruner = IncumbentPruner(prune_margin) if pruned else optuna.pruners.NopPruner()
     with quiet_optuna():
-        study = optuna.create_study(direction="maximize", sampler=strategy.sampler(context))
+        study = optuna.create_study(
+            direction="maximize", sampler=strategy.sampler(context), pruner=pruner
+        )
         if strategy.uses_warm_start:
             _add_known_branches(study, strategy, context, records)
             if context.warm_start is not None:
