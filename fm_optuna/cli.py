@@ -143,6 +143,18 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--grid-resolution", type=float, default=0.1, help="lattice step for grid (default: 0.1)"
     )
+    g.add_argument(
+        "--pruned-evaluation",
+        action="store_true",
+        help="score candidates chunk by chunk on the validation set and stop those that trail "
+        "the best one (the chosen merge is always fully evaluated)",
+    )
+    g.add_argument(
+        "--evaluation-chunks",
+        type=int,
+        default=4,
+        help="validation chunks of a pruned evaluation (default: 4)",
+    )
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -154,6 +166,8 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Any:
         strategy=args.strategy,
         merge_trials=args.merge_trials,
         grid_resolution=args.grid_resolution,
+        pruned_evaluation=args.pruned_evaluation,
+        evaluation_chunks=args.evaluation_chunks,
         plan=args.plan,
         branches=args.branches,
         ranking=args.ranking,
@@ -194,11 +208,19 @@ def benchmark_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def _problem(args: argparse.Namespace) -> Any:
-    from fm_optuna.benchmarks import BENCHMARKS, build_problem, options
+    from fm_optuna.benchmarks import build_problem
     from fm_optuna.cli_study import _torch_setup
-    from fm_optuna.errors import invalid
 
     device = _torch_setup(args)
+    extra = _problem_options(args)
+    return build_problem(args.benchmark, target=args.target, seed=args.seed, device=device, **extra)
+
+
+def _problem_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark options of the command line (what rebuilds the same problem)."""
+    from fm_optuna.benchmarks import BENCHMARKS, options
+    from fm_optuna.errors import invalid
+
     extra: dict[str, Any] = {"batch_size": args.batch_size}
     if args.harmful_aux:
         if args.benchmark != "digits":
@@ -211,15 +233,18 @@ def _problem(args: argparse.Namespace) -> Any:
             raise invalid("data_dir", args.data_dir, allowed)
         extra["data_dir"] = args.data_dir
     extra.update(benchmark_options(args.option))
-    return build_problem(args.benchmark, target=args.target, seed=args.seed, device=device, **extra)
+    return extra
 
 
 def _check_plan(problem: Any, config: Any) -> None:
-    """Validate L against the problem's tasks before any training starts."""
+    """Validate L and the merge strategy against the problem before any training starts."""
     from fm_optuna.branches import make_plan
+    from fm_optuna.merge_problem import check_strategy_supported
+    from fm_optuna.strategies import make_strategy
     from fm_optuna.tasks import for_plan
 
     planned = for_plan(problem, config.plan)
+    check_strategy_supported(planned, make_strategy(config.strategy))
     make_plan(
         "pruned" if config.plan == "joint" else config.plan,
         target=planned.target,
@@ -305,8 +330,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             higher = problem.task(problem.target).higher_is_better
             events.observers.append(MlflowTracker(store, higher_is_better=higher))
+        seed = args.seed + offset
+        if args.save_merge_problems:
+            events.observers.append(_merge_problem_writer(args, problem, events, seed))
         try:
-            seed = args.seed + offset
             checkpoint = Path(
                 args.checkpoint
                 or f"tracking/checkpoints/run/{args.benchmark}-{problem.target}-seed{seed}.ckpt"
@@ -339,6 +366,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _merge_problem_writer(args: argparse.Namespace, problem: Any, events: Any, seed: int) -> Any:
+    """Saves every merge problem of this seed's ForkMerge run (and logs it to MLflow if on)."""
+    from fm_optuna.merge_problem import MergeProblemWriter, artifact_logger
+
+    source = {
+        "benchmark": args.benchmark,
+        "target": problem.target,
+        "seed": args.seed,
+        "options": _problem_options(args),
+    }
+    folder = Path(args.save_merge_problems) / f"{args.benchmark}-{problem.target}-seed{seed}"
+    return MergeProblemWriter(folder, source, on_saved=artifact_logger(events.observers))
 
 
 # --- tracking (issue #3) ------------------------------------------------------------------------
@@ -436,6 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="ForkMerge checkpoint written at every merge (default: "
         "tracking/checkpoints/run/<benchmark>-<target>-seed<seed>.ckpt)",
+    )
+    run.add_argument(
+        "--save-merge-problems",
+        metavar="DIR",
+        default=None,
+        help="save what every merge search saw (branch states, scores, how to rebuild the data) "
+        "under DIR/<benchmark>-<target>-seed<seed>/, and as MLflow artifacts when tracking; "
+        "replay them with `fm-optuna compare --replay DIR`",
     )
     run.add_argument(
         "--resume",

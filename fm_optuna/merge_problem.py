@@ -235,3 +235,19 @@ class MergeProblemWriter(Observer):
         self.paths.append(path)
         if self.on_saved is not None:
             self.on_saved(event.run, path)
+
+
+def artifact_logger(observers: Sequence[Any]) -> Any:
+    """A callback logging a saved merge problem to the MLflow run of the tracker among
+    ``observers`` (under ``merge_problems/``), or ``None`` when nothing is tracked."""
+    trackers = [o for o in observers if hasattr(o, "run_id") and hasattr(o, "store")]
+    if not trackers:
+        return None
+    tracker = trackers[0]
+
+    def log(run: str, path: Path) -> None:
+        run_id = tracker.run_id(run)
+        if run_id is not None and tracker.error is None:
+            tracker.store.client.log_artifact(run_id, str(path), "merge_problems")
+
+    return log

@@ -81,6 +81,9 @@ class SearchSection:
     strategy: str = "greedy"
     merge_trials: int = 20
     grid_resolution: float = 0.1
+    pruned_evaluation: bool = False
+    evaluation_chunks: int = 4
+    save_merge_problems: bool = False  # every merge's problem to the output folder and MLflow
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ class StudySpec:
             "strategy": self.search.strategy,
             "merge_trials": self.search.merge_trials,
             "grid_resolution": self.search.grid_resolution,
+            "pruned_evaluation": self.search.pruned_evaluation,
+            "evaluation_chunks": self.search.evaluation_chunks,
             "seed": self.study.seed,
         }
         values.update(overrides)
@@ -262,6 +267,9 @@ def load_spec(path: str | Path) -> StudySpec:
         strategy=q.str("strategy", "greedy", STRATEGIES),
         merge_trials=q.int("merge_trials", 20, minimum=1),
         grid_resolution=q.float("grid_resolution", 0.1, positive=True),
+        pruned_evaluation=q.bool("pruned_evaluation", False),
+        evaluation_chunks=q.int("evaluation_chunks", 4, minimum=2),
+        save_merge_problems=q.bool("save_merge_problems", False),
     )
 
     r = root.sub("space")
