@@ -54,7 +54,7 @@ def test_saved_merge_problems_load_back_into_identical_candidate_scores(tmp_path
 
 
 @pytest.mark.parametrize(
-    ("strategy", "pruned"), [("tpe", False), ("gp", False), ("gradient", False), ("tpe", True)]
+    ("strategy", "pruned"), [("tpe", False), ("gradient", False), ("tpe", True)]
 )
 def test_replay_gives_the_live_decision(tmp_path: Path, strategy: str, pruned: bool) -> None:
     decisions, paths = live_run(tmp_path, strategy=strategy, pruned_evaluation=pruned)
@@ -117,7 +117,7 @@ def noisy_chunks(weights: np.ndarray, chunks: int) -> Iterator[tuple[float, int]
         yield true_score(weights) + float(noise[k]), 25
 
 
-@pytest.mark.parametrize("strategy", ["grid", "tpe", "random", "gp", "greedy"])
+@pytest.mark.parametrize("strategy", ["grid", "tpe", "random", "greedy"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_pruned_evaluation_keeps_the_full_evaluations_choice(strategy: str, seed: int) -> None:
     candidates = Candidates(score=true_score, chunk_scores=noisy_chunks)
