@@ -215,26 +215,37 @@ class _ForkMergeLoop:
         check_strategy_supported(problem, self.strategy)
         shared = seeded_model(problem, config.seed)
         if resume_from is None:
-            self.progress = _Progress()
-            branches, self.ranking = plan_branches(
-                problem, config, copy.deepcopy(shared.state_dict())
-            )
+            branches = self._set_up(shared)
         else:
-            _check_resumable(config, resume_from)
-            self.progress = _restore_progress(resume_from)
-            saved = resume_from["ranking"]
-            self.ranking = Ranking(**{**saved, "order": tuple(saved["order"])})
-            branches = [Branch(b["name"], dict(b["weights"])) for b in resume_from["branches"]]
-            shared.load_state_dict(resume_from["merged"])
-            torch.set_rng_state(resume_from["torch_rng"])
+            branches = self._resume(shared, resume_from)
         self.runs = [self._fork(shared, index, branch) for index, branch in enumerate(branches)]
         if resume_from is not None:
-            for run, saved_branch in zip(self.runs, resume_from["branches"], strict=True):
-                run.optimizer.load_state_dict(saved_branch["optimizer"])
-                run.generator.set_state(saved_branch["generator"])
+            for run, saved in zip(self.runs, resume_from["branches"], strict=True):
+                run.optimizer.load_state_dict(saved["optimizer"])
+                run.generator.set_state(saved["generator"])
         self.names = tuple(branch.name for branch in branches)
-        self.timings = dict.fromkeys(("train", "evaluate", "search", "merge"), 0.0)
-        self.timings = {"ranking": self.ranking.seconds, **self.timings}
+        self.timings = {
+            "ranking": self.ranking.seconds,
+            **dict.fromkeys(("train", "evaluate", "search", "merge"), 0.0),
+        }
+
+    def _set_up(self, shared: nn.Module) -> list[Branch]:
+        """A fresh run: rank the auxiliaries from θ_0 and plan the branches."""
+        self.progress = _Progress()
+        branches, self.ranking = plan_branches(
+            self.problem, self.config, copy.deepcopy(shared.state_dict())
+        )
+        return branches
+
+    def _resume(self, shared: nn.Module, checkpoint: Mapping[str, Any]) -> list[Branch]:
+        """Continue after the checkpoint's merge: θ*, decisions, ranking and RNG as they were."""
+        _check_resumable(self.config, checkpoint)
+        self.progress = _restore_progress(checkpoint)
+        saved = checkpoint["ranking"]
+        self.ranking = Ranking(**{**saved, "order": tuple(saved["order"])})
+        shared.load_state_dict(checkpoint["merged"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        return [Branch(b["name"], dict(b["weights"])) for b in checkpoint["branches"]]
 
     def _fork(self, shared: nn.Module, index: int, branch: Branch) -> BranchRun:
         model = copy.deepcopy(shared)
