@@ -121,12 +121,12 @@ def task_affinity(
 
     Args:
         problem: The tasks and their batches.
-        config: Learning rate and seed of the joint run (the data stream is seeded by it).
+        config: Optimizer and seed of the joint run (the data stream is seeded by it).
         initial_state: The model's starting state (ForkMerge's θ_0 for the same seed).
         steps: Length of the joint run in optimizer steps.
         every: Measure the lookaheads every ``every`` steps (1: at every step).
         lookahead: ``adam`` (simulate the run's Adam update) or ``sgd`` (``sgd_lr`` · g_i).
-        sgd_lr: Step size of the SGD lookahead (default: ``config.lr``).
+        sgd_lr: Step size of the SGD lookahead (default: the optimizer's learning rate).
         onto: Columns j to measure (default: every task); the ranking needs only the target's.
     """
     if not isinstance(steps, int) or steps < 1:
@@ -146,7 +146,9 @@ def task_affinity(
     model = seeded_model(problem, config.seed)
     model.load_state_dict(initial_state)
     model.train()
-    optimizer = make_optimizer(model, config.lr)
+    optimizer = make_optimizer(model, config)
+    if lookahead == "adam" and not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        raise invalid("lookahead", lookahead, "sgd when the optimizer is not Adam or AdamW")
     generator = data_generator(problem, config.seed, _STREAM)
     shared = problem.shared_parameters(model)
     ids = {id(p) for p in shared}
@@ -171,7 +173,7 @@ def task_affinity(
                 if lookahead == "adam":
                     update = _adam_update(optimizer, shared, g_shared)
                 else:
-                    eta = config.lr if sgd_lr is None else sgd_lr
+                    eta = optimizer.param_groups[0]["lr"] if sgd_lr is None else sgd_lr
                     update = [eta * g for g in g_shared]
                 after = _lookahead_losses(
                     problem, model, shared, update, columns, batch_states, generator

@@ -20,7 +20,7 @@ from fm_optuna.tasks import Problem
 from fm_optuna.training import (
     WeightedSum,
     data_generator,
-    make_optimizer,
+    make_optimization,
     seeded_model,
     train,
 )
@@ -38,7 +38,7 @@ def train_branches_alone(problem: Problem, config: ForkMergeConfig) -> float:
         model.load_state_dict(initial)
         train(
             model,
-            make_optimizer(model, config.lr),
+            make_optimization(model, config),
             problem,
             WeightedSum(branch.weights),
             steps=config.total_steps,
@@ -69,6 +69,9 @@ class _Timed(Observer):
 
     def on_training_progress(self, event: Any) -> None:
         self._timed("on_training_progress", event)
+
+    def on_branch_diverged(self, event: Any) -> None:
+        self._timed("on_branch_diverged", event)
 
     def on_branches_evaluated(self, event: Any) -> None:
         self._timed("on_branches_evaluated", event)

@@ -1,7 +1,8 @@
 """``fm-optuna``: the command line.
 
 Every user mistake (unknown name, impossible Δt or L, bad budget) is one line on stderr naming
-the parameter, the value and what is allowed, with exit code 2 and nothing written.
+the parameter, the value and what is allowed, with exit code 2 and nothing written. A training
+loss that becomes NaN/inf is one line naming the run, branch, step and task, with exit code 1.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fm_optuna.errors import ConfigError
+from fm_optuna.errors import ConfigError, NonFiniteTraining
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +32,13 @@ class _Parser(argparse.ArgumentParser):
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     from fm_optuna.benchmarks import BENCHMARKS
     from fm_optuna.branches import PLANS
-    from fm_optuna.config import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS
+    from fm_optuna.config import (
+        FINAL_MODELS,
+        OPTIMIZER_POLICIES,
+        OPTIMIZERS,
+        RANKINGS,
+        SCHEDULERS,
+    )
     from fm_optuna.strategies import STRATEGIES
 
     g = parser.add_argument_group("problem")
@@ -123,9 +131,49 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default="last",
         help=f"final model: {', '.join(FINAL_MODELS)} merge (default: last)",
     )
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     g.add_argument(
         "--seed", type=int, default=0, help="seed of initialisation, data order and inner studies"
+    )
+
+    g = parser.add_argument_group(
+        "optimisation (every branch, baseline and pre-pass run uses the same)"
+    )
+    g.add_argument(
+        "--optimizer",
+        default="adam",
+        help=f"one of {', '.join(OPTIMIZERS)} (default: adam)",
+    )
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0)")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="weight decay (default: 0; adamw: decoupled)",
+    )
+    g.add_argument(
+        "--scheduler",
+        default="none",
+        help=f"learning-rate schedule over T, stepped every optimizer step: "
+        f"{', '.join(SCHEDULERS)} (default: none); each branch keeps its own across merges",
+    )
+    g.add_argument(
+        "--lr-step-size",
+        type=int,
+        default=None,
+        help="step: decay every this many steps (default: T/3)",
+    )
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="step: decay factor (default: 0.1)")
+    g.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        default=None,
+        help="clip the gradient's 2-norm to this before each step (default: no clipping)",
+    )
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        help="automatic mixed precision on CUDA (ignored, with a note, on CPU)",
     )
 
     g = parser.add_argument_group("merge search (the inner Optuna study)")
@@ -177,6 +225,14 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Any:
         final=args.final,
         lr=args.lr,
         seed=args.seed,
+        optimizer=args.optimizer,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        scheduler=args.scheduler,
+        lr_step_size=args.lr_step_size,
+        lr_gamma=args.lr_gamma,
+        clip_grad_norm=args.clip_grad_norm,
+        amp=args.amp,
     )
     values.update(overrides)
     return ForkMergeConfig(**values)
@@ -259,7 +315,7 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def _print_table(comparisons: list[Any]) -> None:
+def _print_table(comparisons: list[Any], *, higher_is_better: bool = True) -> None:
     first = comparisons[0]
     target = first.problem["target"]
     metric = first.results[0].target_metric
@@ -295,9 +351,10 @@ def _print_table(comparisons: list[Any]) -> None:
             zip(fm.steps, fm.decisions, strict=True), start=1
         ):
             lam = ", ".join(f"{w:.2f}" for w in decision.weights)
-            note = f"  ({decision.fallback})" if decision.fallback else ""
+            note = f"  (fallback: {decision.fallback})" if decision.fallback else ""
+            value = decision.score if higher_is_better else -decision.score
             print(
-                f"  round {round_index:>2} step {step:>5}  Λ = [{lam}]  val {decision.score:.2f}  "
+                f"  round {round_index:>2} step {step:>5}  Λ = [{lam}]  val {metric} {value:.2f}  "
                 f"{decision.n_trials} trials {decision.seconds:.2f}s{note}"
             )
 
@@ -358,7 +415,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         print(json.dumps(payload, indent=2, default=_json_default))
     else:
-        _print_table(comparisons)
+        from fm_optuna.tasks import for_plan
+
+        planned = for_plan(problem, config.plan)
+        _print_table(comparisons, higher_is_better=planned.task(planned.target).higher_is_better)
     if store is not None:  # tracking (issue #3)
         print(
             f"MLflow: experiment {store.experiment_name} in {store.display_uri}; "
@@ -549,6 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"fm-optuna {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except NonFiniteTraining as error:
+        print(f"fm-optuna {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("fm-optuna: interrupted", file=sys.stderr)
         return 130

@@ -17,16 +17,20 @@ STATES = ("COMPLETE", "PRUNED", "FAIL")
 
 
 class TrialProgress(Observer):
-    """Shows the current outer trial's round and step on the study's progress bar."""
+    """Shows the current outer trial's round, step and target validation metric on the study's
+    progress bar."""
 
-    def __init__(self, bar: tqdm, trial: optuna.Trial, rounds: int) -> None:
+    def __init__(
+        self, bar: tqdm, trial: optuna.Trial, rounds: int, *, higher_is_better: bool = True
+    ) -> None:
         self.bar, self.trial, self.rounds = bar, trial, rounds
+        self.sign = 1.0 if higher_is_better else -1.0
 
     def on_merge_completed(self, event: MergeCompleted) -> None:
         best = _best_value(self.trial.study)
         self.bar.set_postfix_str(
             f"trial {self.trial.number}: round {event.round}/{self.rounds} step {event.step} "
-            f"val {event.decision.score:.2f} | best {best}"
+            f"val {self.sign * event.decision.score:.2f} | best {best}"
         )
 
 
@@ -54,7 +58,7 @@ def _torch_setup(args: argparse.Namespace) -> Any:
 def cmd_tune(args: argparse.Namespace) -> int:
     from fm_optuna.errors import invalid
     from fm_optuna.spec import load_spec
-    from fm_optuna.study import Tuner, mask_password
+    from fm_optuna.study import Tuner, finished_trials, mask_password, target_metric_name
 
     spec = load_spec(args.spec)
     if args.n_trials is not None and args.n_trials < 1:
@@ -69,7 +73,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
 
     def observers(trial: optuna.Trial, config: Any) -> list[Observer]:
-        return [TrialProgress(bar, trial, config.rounds)]
+        return [TrialProgress(bar, trial, config.rounds, higher_is_better=tuner.higher_is_better)]
 
     def tracking(problem: Any) -> Any:
         if args.no_tracking:
@@ -93,11 +97,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
 
     def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        finished = study.get_trials(
-            deepcopy=False,
-            states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED),
-        )
-        bar.n = min(len(finished), bar.total)
+        bar.n = min(len(finished_trials(study)), bar.total)
         bar.set_postfix_str(f"trial {trial.number} {trial.state.name} | best {_best_value(study)}")
         bar.refresh()
 
@@ -112,12 +112,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"study {report.study_name} on {report.storage}: {len(report.trials)} trials "
         f"({', '.join(f'{s} {sum(t.state == s for t in report.trials)}' for s in STATES)})"
     )
+    for outcome in report.trials:
+        if outcome.reason is not None:
+            print(f"trial #{outcome.number} {outcome.state}: {outcome.reason}")
     if report.best_params is None:
         print("no trial has completed yet")
         return 0
     params = ", ".join(f"{k}={v}" for k, v in report.best_params.items())
     print(f"best trial #{report.best_trial}: {params}")
-    print(f"  target validation score {report.best_value:.4f}")
+    metric = target_metric_name(tuner.problem).removeprefix("target_val/")
+    print(f"  target validation {metric} {report.best_value:.4f}")
     if report.best_test is not None:
         test = ", ".join(f"{k} {v:.4f}" for k, v in report.best_test.items())
         print(

@@ -6,17 +6,48 @@ the CLI all read it, and it reads nothing of theirs.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from fm_optuna.branches import PLANS
-from fm_optuna.errors import invalid, one_of
+from fm_optuna.errors import check_finite, invalid, one_of
 from fm_optuna.strategies import STRATEGIES, make_strategy
+
+if TYPE_CHECKING:
+    import torch
 
 OPTIMIZER_POLICIES = ("keep", "reset", "average")
 FINAL_MODELS = ("last", "best")
 RANKINGS = ("prepass", "given", "affinity")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine", "step")
+
+#: ``params -> Optimizer``, e.g. ``functools.partial(torch.optim.RMSprop, lr=1e-3)``.
+OptimizerFactory: TypeAlias = "Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]"
+#: ``optimizer -> LRScheduler``, stepped once per optimizer step, e.g.
+#: ``functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=1e-2, total_steps=600)``.
+SchedulerFactory: TypeAlias = (
+    "Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]"
+)
+
+
+def factory_name(value: object) -> str:
+    """A loggable name for a configured value: a string as is, a callable by its qualified name.
+
+    Example:
+        >>> factory_name("adam"), factory_name(functools.partial(max, 1))
+        ('adam', 'partial(max)')
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, functools.partial):
+        return f"partial({factory_name(value.func)})"
+    name = getattr(value, "__qualname__", None) or type(value).__qualname__
+    module = getattr(value, "__module__", None)
+    return f"{module}.{name}" if module and module != "builtins" else name
 
 
 @dataclass(frozen=True)
@@ -43,7 +74,20 @@ class ForkMergeConfig:
         optimizer_policy: What happens to optimizer state at a merge: ``keep`` (each branch keeps
             its moments, as the official code), ``reset`` or ``average`` (moments averaged by Λ).
         final: ``last`` merge or ``best``-validated merge is the final model.
-        lr: Adam learning rate.
+        lr: Learning rate of the named optimizer (a factory sets its own).
+        optimizer: ``adam`` (default), ``adamw``, ``sgd``, or a callable ``params -> Optimizer``
+            (the API's way to any optimizer). Every branch, baseline and pre-pass run uses it.
+        momentum: SGD momentum (``optimizer="sgd"`` only).
+        weight_decay: Weight decay of the named optimizer (decoupled for ``adamw``).
+        scheduler: ``none``, ``cosine`` (cosine annealing to 0 over T), ``step`` (× ``lr_gamma``
+            every ``lr_step_size`` steps), or a callable ``optimizer -> LRScheduler``. It steps
+            once per optimizer step over the whole T; each branch keeps its own across merges.
+        lr_step_size: Steps between decays of ``step`` (``None``: a third of T).
+        lr_gamma: Decay factor of ``step``.
+        clip_grad_norm: Clip the gradient's total 2-norm to this before each step (``None``: no
+            clipping).
+        amp: Automatic mixed precision on CUDA (autocast, and a GradScaler for weighted-sum
+            updates); ignored, with a note, on CPU.
         seed: Seeds model initialisation, data order and every inner study.
         log_every: Steps between training-loss reports.
     """
@@ -65,6 +109,14 @@ class ForkMergeConfig:
     lr: float = 1e-3
     seed: int = 0
     log_every: int = 25
+    optimizer: str | OptimizerFactory = "adam"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    scheduler: str | SchedulerFactory = "none"
+    lr_step_size: int | None = None
+    lr_gamma: float = 0.1
+    clip_grad_norm: float | None = None
+    amp: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -89,17 +141,57 @@ class ForkMergeConfig:
             raise one_of("optimizer_policy", self.optimizer_policy, OPTIMIZER_POLICIES)
         if self.final not in FINAL_MODELS:
             raise one_of("final", self.final, FINAL_MODELS)
-        if not self.lr > 0:
+        if not check_finite("lr", self.lr, "a positive number") > 0:
             raise invalid("lr", self.lr, "a positive number")
         if self.log_every < 1:
             raise invalid("log_every", self.log_every, "a positive integer")
+        check_finite("grid_resolution", self.grid_resolution, "a positive number")
         make_strategy(self.strategy, resolution=self.grid_resolution)  # validates its options
+        self._check_training_hooks()
+
+    def _check_training_hooks(self) -> None:
+        if isinstance(self.optimizer, str):
+            if self.optimizer not in OPTIMIZERS:
+                raise one_of("optimizer", self.optimizer, OPTIMIZERS)
+        elif not callable(self.optimizer):
+            raise invalid("optimizer", self.optimizer, "one of adam, adamw, sgd or a callable")
+        named = isinstance(self.optimizer, str)
+        if not 0 <= check_finite("momentum", self.momentum) < 1:
+            raise invalid("momentum", self.momentum, "a number in [0, 1)")
+        if self.momentum and self.optimizer != "sgd":
+            raise invalid("momentum", self.momentum, "0 unless optimizer = sgd")
+        if check_finite("weight_decay", self.weight_decay) < 0:
+            raise invalid("weight_decay", self.weight_decay, "a non-negative number")
+        if self.weight_decay and not named:
+            raise invalid("weight_decay", self.weight_decay, "0 with an optimizer factory")
+        if isinstance(self.scheduler, str):
+            if self.scheduler not in SCHEDULERS:
+                raise one_of("scheduler", self.scheduler, SCHEDULERS)
+        elif not callable(self.scheduler):
+            raise invalid("scheduler", self.scheduler, "one of cosine, none, step or a callable")
+        if self.lr_step_size is not None and (
+            isinstance(self.lr_step_size, bool)
+            or not isinstance(self.lr_step_size, int)
+            or self.lr_step_size < 1
+        ):
+            raise invalid("lr_step_size", self.lr_step_size, "a positive integer")
+        if not 0 < check_finite("lr_gamma", self.lr_gamma) <= 1:
+            raise invalid("lr_gamma", self.lr_gamma, "a number in (0, 1]")
+        if self.clip_grad_norm is not None and not (
+            check_finite("clip_grad_norm", self.clip_grad_norm, "a positive number") > 0
+        ):
+            raise invalid("clip_grad_norm", self.clip_grad_norm, "a positive number")
+        if not isinstance(self.amp, bool):
+            raise invalid("amp", self.amp, "true or false")
 
     @property
     def rounds(self) -> int:
         return math.ceil(self.total_steps / self.dt)
 
     def as_params(self) -> dict[str, Any]:
-        params = asdict(self)
+        # Not asdict: it would deep-copy an optimizer or scheduler factory.
+        params = {f.name: getattr(self, f.name) for f in fields(self)}
         params["aux_order"] = ",".join(self.aux_order) if self.aux_order else None
+        params["optimizer"] = factory_name(self.optimizer)
+        params["scheduler"] = factory_name(self.scheduler)
         return params

@@ -44,6 +44,21 @@ class TrainingProgress(Event):
 
 
 @dataclass(frozen=True)
+class BranchDiverged(Event):
+    """A branch's training loss became NaN/inf in this round; it sits out the merge (Λ = 0)
+    and restarts from θ* with a fresh optimizer state. When every branch diverges the run
+    raises :class:`~fm_optuna.errors.NonFiniteTraining` instead."""
+
+    hook: ClassVar[str] = "on_branch_diverged"
+    run: str
+    round: int
+    branch: str
+    step: int  # global step of the first non-finite loss
+    task: str
+    message: str
+
+
+@dataclass(frozen=True)
 class BranchesEvaluated(Event):
     """Every branch of a round has been trained Δt steps and scored on the target validation set."""
 
@@ -95,13 +110,15 @@ class Observer:
     """Receives events; every hook is a no-op so an observer overrides only what it needs.
 
     Lifecycle for one run: ``on_run_started`` → (``on_training_progress``* →
-    ``on_branches_evaluated`` → ``on_merge_completed``)* → ``on_run_finished``. Baseline runs
-    emit no branch or merge events.
+    ``on_branch_diverged``* → ``on_branches_evaluated`` → ``on_merge_completed``)* →
+    ``on_run_finished``. Baseline runs emit no branch or merge events.
     """
 
     def on_run_started(self, event: RunStarted) -> None: ...
 
     def on_training_progress(self, event: TrainingProgress) -> None: ...
+
+    def on_branch_diverged(self, event: BranchDiverged) -> None: ...
 
     def on_branches_evaluated(self, event: BranchesEvaluated) -> None: ...
 

@@ -294,11 +294,21 @@ def run_methods(
     by_method: dict[str, MethodResult] = {}
     for method in sorted(methods, key=lambda m: m != "stl"):
         started = time.perf_counter()
-        if method == "forkmerge":
-            fm = _run_forkmerge(problem, config, events, checkpoint, resume)
-            comparison.forkmerge, model = fm, fm.model
-        else:
-            model = run_baseline(make_baseline(method), problem, config, events).model
+        try:
+            if method == "forkmerge":
+                fm = _run_forkmerge(problem, config, events, checkpoint, resume)
+                comparison.forkmerge, model = fm, fm.model
+            else:
+                model = run_baseline(make_baseline(method), problem, config, events).model
+        except Exception as error:  # the method's tracked run ends FAILED, with the reason
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            seconds = time.perf_counter() - started
+            events.emit(
+                RunFinished(
+                    run=method, summary={"fail_reason": reason}, seconds=seconds, status="FAIL"
+                )
+            )
+            raise
         val, test = evaluate_all(problem, model)
         seconds = time.perf_counter() - started
         if method == "stl":

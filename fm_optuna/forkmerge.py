@@ -7,12 +7,18 @@ of one branch.
 
 A round reads as its phases (:class:`_ForkMergeLoop`): train the branches, evaluate them, search
 Λ, merge and fork, record. Setting up (or resuming from a checkpoint) comes before the first.
+
+A branch whose training loss becomes NaN/inf sits out that round's merge (its Λ is 0; the
+decision's ``fallback`` says why) and restarts from θ* with a fresh optimizer state; when every
+branch does, the run raises :class:`~fm_optuna.errors.NonFiniteTraining`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -24,8 +30,9 @@ from torch import nn
 
 from fm_optuna.branches import Branch
 from fm_optuna.config import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS, ForkMergeConfig
-from fm_optuna.errors import invalid
+from fm_optuna.errors import NonFiniteTraining, invalid
 from fm_optuna.events import (
+    BranchDiverged,
     BranchesEvaluated,
     EventStream,
     MergeCompleted,
@@ -39,13 +46,16 @@ from fm_optuna.search import MergeDecision, MergeStrategy
 from fm_optuna.strategies import make_strategy
 from fm_optuna.tasks import Problem, for_plan
 from fm_optuna.training import (
+    Optimization,
     WeightedSum,
     data_generator,
-    make_optimizer,
+    make_optimization,
     seeded_model,
     target_score,
     train,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "FINAL_MODELS",
@@ -61,12 +71,18 @@ __all__ = [
 
 @dataclass
 class BranchRun:
-    """A live branch: its weighting, model, optimizer and data stream."""
+    """A live branch: its weighting, model, optimizer (with schedule) and data stream."""
 
     branch: Branch
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimization: Optimization
     generator: torch.Generator
+    #: Set when the branch's loss went non-finite this round (cleared when it is re-forked).
+    diverged: NonFiniteTraining | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.optimization.optimizer
 
 
 @dataclass
@@ -86,29 +102,42 @@ class ForkMergeResult:
 
 
 def apply_optimizer_policy(
-    runs: Sequence[BranchRun], weights: Sequence[float], policy: str, lr: float
+    runs: Sequence[BranchRun], weights: Sequence[float], policy: str, config: ForkMergeConfig
 ) -> None:
+    """The optimizer state of every branch after a merge with ``weights``: ``keep``, ``reset``
+    (fresh optimizer, the schedule goes on) or ``average`` (Λ-weighted mean of each state
+    tensor the optimizer keeps — Adam's moments, SGD's momentum buffer — over the branches that
+    have it and a positive weight)."""
     if policy == "keep":
         return
     if policy == "reset":
         for run in runs:
-            run.optimizer = make_optimizer(run.model, lr)
+            run.optimization.restart_from(make_optimization(run.model, config))
         return
-    # "average": every moment (and Adam's step count) becomes the Λ-weighted mean over branches.
-    per_branch = [list(run.model.parameters()) for run in runs]
-    for index in range(len(per_branch[0])):
+    contributing = [(w, run) for w, run in zip(weights, runs, strict=True) if w > 0]
+    per_branch = {id(run): list(run.model.parameters()) for run in runs}
+    for index in range(len(per_branch[id(runs[0])])):
         states = [
-            run.optimizer.state.get(params[index], {})
-            for run, params in zip(runs, per_branch, strict=True)
+            run.optimizer.state.get(per_branch[id(run)][index], {}) for _, run in contributing
         ]
         if not all(states):
             continue
+        keys = [
+            key
+            for key, value in states[0].items()
+            if torch.is_tensor(value)
+            and value.is_floating_point()
+            and all(torch.is_tensor(state.get(key)) for state in states)
+        ]
+        total = sum(w for w, _ in contributing)
         averaged = {
-            key: sum(w * state[key] for w, state in zip(weights, states, strict=True))
-            for key in states[0]
+            key: sum(w * state[key] for (w, _), state in zip(contributing, states, strict=True))
+            / total
+            for key in keys
         }
-        for run, params in zip(runs, per_branch, strict=True):
-            run.optimizer.state[params[index]] = {k: v.clone() for k, v in averaged.items()}
+        for run in runs:
+            state = run.optimizer.state[per_branch[id(run)][index]]
+            state.update({key: value.clone() for key, value in averaged.items()})
 
 
 @dataclass
@@ -126,6 +155,15 @@ class _Progress:
     @property
     def warm_start(self) -> tuple[float, ...] | None:
         return self.decisions[-1].weights if self.decisions else None
+
+
+def _restrict(weights: Sequence[float] | None, healthy: Sequence[int]) -> tuple[float, ...] | None:
+    """The previous Λ on the healthy branches only, renormalised (``None`` if nothing is left)."""
+    if weights is None:
+        return None
+    kept = [weights[index] for index in healthy]
+    total = sum(kept)
+    return tuple(w / total for w in kept) if total > 0 else None
 
 
 def _snapshot(
@@ -146,7 +184,7 @@ def _snapshot(
             {
                 "name": run.branch.name,
                 "weights": dict(run.branch.weights),
-                "optimizer": copy.deepcopy(run.optimizer.state_dict()),
+                **copy.deepcopy(run.optimization.state_dict()),  # optimizer, scheduler, scaler
                 "generator": run.generator.get_state(),
             }
             for run in runs
@@ -173,8 +211,9 @@ def _check_resumable(config: ForkMergeConfig, checkpoint: Mapping[str, Any]) -> 
         raise invalid(
             "resume", checkpoint.get("format"), f"a checkpoint of format {CHECKPOINT_FORMAT}"
         )
-    saved = dict(checkpoint["config"])
     current = config.as_params()
+    # Keys added after a checkpoint was written held their defaults then.
+    saved = {**ForkMergeConfig().as_params(), **checkpoint["config"]}
     different = sorted(k for k in current if k != "log_every" and saved.get(k) != current[k])
     if different:
         raise invalid(
@@ -221,7 +260,7 @@ class _ForkMergeLoop:
         self.runs = [self._fork(shared, index, branch) for index, branch in enumerate(branches)]
         if resume_from is not None:
             for run, saved in zip(self.runs, resume_from["branches"], strict=True):
-                run.optimizer.load_state_dict(saved["optimizer"])
+                run.optimization.load_state_dict(saved)  # optimizer, scheduler, scaler
                 run.generator.set_state(saved["generator"])
         self.names = tuple(branch.name for branch in branches)
         self.timings = {
@@ -250,7 +289,7 @@ class _ForkMergeLoop:
     def _fork(self, shared: nn.Module, index: int, branch: Branch) -> BranchRun:
         model = copy.deepcopy(shared)
         generator = data_generator(self.problem, self.config.seed, index)
-        return BranchRun(branch, model, make_optimizer(model, self.config.lr), generator)
+        return BranchRun(branch, model, make_optimization(model, self.config), generator)
 
     @property
     def finished(self) -> bool:
@@ -276,27 +315,32 @@ class _ForkMergeLoop:
     def run_round(self) -> None:
         """Train → evaluate → search → merge and fork → record: one Δt of ForkMerge."""
         round_index = self.progress.round + 1
-        step = self.train_branches()
+        step = self.train_branches(round_index)
         branch_scores = self.evaluate_branches(round_index, step)
-        stack = BranchStack([run.model.state_dict() for run in self.runs])
+        healthy = [index for index, run in enumerate(self.runs) if run.diverged is None]
+        stack = BranchStack([self.runs[index].model.state_dict() for index in healthy])
         merge = MergeProblem(
             problem=self.problem,
             stack=stack,
-            names=self.names,
-            branch_scores=tuple(branch_scores),
+            names=tuple(self.names[index] for index in healthy),
+            branch_scores=tuple(branch_scores[index] for index in healthy),
             round=round_index,
             step=step,
             seed=self.config.seed * 7919 + round_index,
-            warm_start=self.progress.warm_start,
+            warm_start=_restrict(self.progress.warm_start, healthy),
             # A scratch model for the candidates; every branch is re-forked from θ* afterwards.
-            model=self.runs[0].model,
+            model=self.runs[healthy[0]].model,
         )
-        decision = self.search(merge)
-        merged = self.merge_and_fork(stack, decision)
+        decision = self.search(merge, healthy)
+        merged = self.merge_and_fork(stack, healthy, decision)
         self.record(round_index, step, decision, merged, merge)
 
-    def train_branches(self) -> int:
-        """Every branch trains the next Δt steps (fewer in a last, shorter round)."""
+    def train_branches(self, round_index: int) -> int:
+        """Every branch trains the next Δt steps (fewer in a last, shorter round).
+
+        A branch whose loss goes non-finite is reported (an event and a warning) and sits out
+        the merge; if every branch does, the run stops with :class:`NonFiniteTraining`.
+        """
         tic = time.perf_counter()
         start = self.progress.step
         length = min(self.config.dt, self.config.total_steps - start)
@@ -307,23 +351,61 @@ class _ForkMergeLoop:
                     TrainingProgress(run=self.name, branch=branch, step=at, losses=losses)
                 )
 
-            train(
-                run.model,
-                run.optimizer,
-                self.problem,
-                WeightedSum(run.branch.weights),
-                steps=length,
-                generator=run.generator,
-                start_step=start,
-                log_every=self.config.log_every,
-                on_losses=report,
-            )
+            try:
+                train(
+                    run.model,
+                    run.optimization,
+                    self.problem,
+                    WeightedSum(run.branch.weights),
+                    steps=length,
+                    generator=run.generator,
+                    start_step=start,
+                    log_every=self.config.log_every,
+                    on_losses=report,
+                )
+            except NonFiniteTraining as error:
+                self._diverged(
+                    run, error.located(run=self.name, branch=run.branch.name), round_index
+                )
         self.timings["train"] += time.perf_counter() - tic
+        if all(run.diverged is not None for run in self.runs):
+            errors = [run.diverged for run in self.runs if run.diverged is not None]
+            first = min(errors, key=lambda error: error.step)
+            raise NonFiniteTraining(
+                first.task,
+                first.step,
+                first.value,
+                run=first.run,
+                branch=first.branch,
+                detail=f"every branch of round {round_index} went non-finite",
+            )
         return start + length
 
+    def _diverged(self, run: BranchRun, error: NonFiniteTraining, round_index: int) -> None:
+        run.diverged = error
+        logger.warning(
+            "fm-optuna: training loss became %s (%s); the branch sits out this merge",
+            error.value,
+            error.where(),
+        )
+        self.events.emit(
+            BranchDiverged(
+                run=self.name,
+                round=round_index,
+                branch=run.branch.name,
+                step=error.step,
+                task=error.task,
+                message=str(error),
+            )
+        )
+
     def evaluate_branches(self, round_index: int, step: int) -> list[float]:
+        """Each branch's target validation score (NaN, unevaluated, for a diverged branch)."""
         tic = time.perf_counter()
-        evaluated = [target_score(self.problem, run.model) for run in self.runs]
+        evaluated = [
+            (math.nan, {}) if run.diverged is not None else target_score(self.problem, run.model)
+            for run in self.runs
+        ]
         self.timings["evaluate"] += time.perf_counter() - tic
         scores = [score for score, _ in evaluated]
         self.events.emit(
@@ -337,27 +419,64 @@ class _ForkMergeLoop:
         )
         return scores
 
-    def search(self, merge: MergeProblem) -> MergeDecision:
-        """The inner study: Λ on the simplex maximising the target's validation score."""
+    def search(self, merge: MergeProblem, healthy: Sequence[int]) -> MergeDecision:
+        """The inner study: Λ on the simplex maximising the target's validation score, over the
+        branches whose training stayed finite (the others get Λ = 0)."""
         tic = time.perf_counter()
-        decision = merge.search(
-            self.strategy,
-            self.config.merge_trials,
-            chunks=self.config.evaluation_chunks if self.config.pruned_evaluation else 1,
-        )
+        if len(healthy) == 1:
+            decision = MergeDecision((1.0,), merge.branch_scores[0], (), 0.0, self.strategy.name)
+        else:
+            decision = merge.search(
+                self.strategy,
+                self.config.merge_trials,
+                chunks=self.config.evaluation_chunks if self.config.pruned_evaluation else 1,
+            )
         self.timings["search"] += time.perf_counter() - tic
-        return decision
+        return self._widen(decision, healthy)
+
+    def _widen(self, decision: MergeDecision, healthy: Sequence[int]) -> MergeDecision:
+        """A decision over the healthy branches as one over all branches (Λ = 0 elsewhere)."""
+        if len(healthy) == len(self.runs):
+            return decision
+
+        def widen(weights: Sequence[float]) -> tuple[float, ...]:
+            full = [0.0] * len(self.runs)
+            for index, weight in zip(healthy, weights, strict=True):
+                full[index] = float(weight)
+            return tuple(full)
+
+        left_out = [run.diverged for run in self.runs if run.diverged is not None]
+        reason = "; ".join(
+            f"branch {e.branch} went non-finite ({e.task} at step {e.step})" for e in left_out
+        )
+        reason += "; merged the other branches"
+        return dataclasses.replace(
+            decision,
+            weights=widen(decision.weights),
+            trials=tuple(
+                dataclasses.replace(trial, weights=widen(trial.weights))
+                for trial in decision.trials
+            ),
+            fallback=reason if decision.fallback is None else f"{reason}; {decision.fallback}",
+        )
 
     def merge_and_fork(
-        self, stack: BranchStack, decision: MergeDecision
+        self, stack: BranchStack, healthy: Sequence[int], decision: MergeDecision
     ) -> dict[str, torch.Tensor]:
-        """θ* = Σ Λ_b θ_b; every branch restarts from θ* under the optimizer-state policy."""
+        """θ* = Σ Λ_b θ_b; every branch restarts from θ* under the optimizer-state policy (a
+        diverged branch from a fresh optimizer state, its schedule where the others' is)."""
         tic = time.perf_counter()
-        merged = stack.combine(decision.weights)
+        merged = stack.combine([decision.weights[index] for index in healthy])
+        schedule = self.runs[healthy[0]].optimization.scheduler
         for run in self.runs:
             run.model.load_state_dict(merged)
+            if run.diverged is not None:
+                run.optimization.restart_from(
+                    make_optimization(run.model, self.config), schedule=schedule
+                )
+                run.diverged = None
         apply_optimizer_policy(
-            self.runs, decision.weights, self.config.optimizer_policy, self.config.lr
+            self.runs, decision.weights, self.config.optimizer_policy, self.config
         )
         self.timings["merge"] += time.perf_counter() - tic
         return merged
@@ -393,7 +512,10 @@ class _ForkMergeLoop:
                     _snapshot, self.config, self.runs, self.ranking, progress, merged
                 ),
                 merge_problem=functools.partial(
-                    merge.to_data, decision=decision, config=self.config.as_params()
+                    merge.to_data,
+                    # The decision over the searched branches (a diverged one sat out).
+                    decision=decision if len(decision.weights) == merge.n_branches else None,
+                    config=self.config.as_params(),
                 ),
             )
         )

@@ -15,6 +15,7 @@ compares two orders.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -23,15 +24,17 @@ from typing import TYPE_CHECKING
 
 from fm_optuna.affinity import task_affinity
 from fm_optuna.branches import Branch, default_branch_count, make_plan
-from fm_optuna.errors import invalid
+from fm_optuna.errors import NonFiniteTraining, invalid
 from fm_optuna.training import (
     WeightedSum,
     data_generator,
-    make_optimizer,
+    make_optimization,
     seeded_model,
     target_score,
     train,
 )
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -70,10 +73,15 @@ def rank_auxiliaries(
     model = seeded_model(problem, config.seed)
     for index, aux in enumerate(auxiliaries):
         model.load_state_dict(initial)
-        optimizer = make_optimizer(model, config.lr)
+        optimization = make_optimization(model, config)
         rule = WeightedSum({problem.target: 1.0, aux: 1.0})
         generator = data_generator(problem, config.seed, 10_000 + index)
-        train(model, optimizer, problem, rule, steps=steps, generator=generator)
+        try:
+            train(model, optimization, problem, rule, steps=steps, generator=generator)
+        except NonFiniteTraining as error:  # ranked last; the branches report their own
+            logger.warning("fm-optuna: pre-pass with %s: %s", aux, error.located(run="prepass"))
+            scores[aux] = -math.inf
+            continue
         score, _ = target_score(problem, model)
         scores[aux] = score if math.isfinite(score) else -math.inf
     order = tuple(sorted(auxiliaries, key=lambda a: (-scores[a], auxiliaries.index(a))))
@@ -95,6 +103,8 @@ def rank_by_affinity(
         config,
         initial_state,
         steps=config.ranking_steps or config.dt,
+        # Adam's lookahead is simulated exactly; any other optimizer is looked ahead as SGD.
+        lookahead="adam" if config.optimizer in ("adam", "adamw") else "sgd",
         onto=(problem.target,),
     )
     relevance = result.onto(problem.target)

@@ -20,7 +20,14 @@ from typing import Any
 
 from fm_optuna.benchmarks import BENCHMARKS, targets
 from fm_optuna.branches import PLANS
-from fm_optuna.config import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS, ForkMergeConfig
+from fm_optuna.config import (
+    FINAL_MODELS,
+    OPTIMIZER_POLICIES,
+    OPTIMIZERS,
+    RANKINGS,
+    SCHEDULERS,
+    ForkMergeConfig,
+)
 from fm_optuna.errors import ConfigError
 from fm_optuna.strategies import STRATEGIES
 
@@ -74,6 +81,14 @@ class TrainingSection:
     ranking: str = "prepass"
     optimizer_policy: str = "keep"
     final: str = "last"
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    scheduler: str = "none"
+    lr_step_size: int | None = None
+    lr_gamma: float = 0.1
+    clip_grad_norm: float | None = None
+    amp: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,14 @@ class StudySpec:
             "ranking": self.training.ranking,
             "optimizer_policy": self.training.optimizer_policy,
             "final": self.training.final,
+            "optimizer": self.training.optimizer,
+            "momentum": self.training.momentum,
+            "weight_decay": self.training.weight_decay,
+            "scheduler": self.training.scheduler,
+            "lr_step_size": self.training.lr_step_size,
+            "lr_gamma": self.training.lr_gamma,
+            "clip_grad_norm": self.training.clip_grad_norm,
+            "amp": self.training.amp,
             "strategy": self.search.strategy,
             "merge_trials": self.search.merge_trials,
             "grid_resolution": self.search.grid_resolution,
@@ -257,6 +280,16 @@ def load_spec(path: str | Path) -> StudySpec:
         ranking=t.str("ranking", "prepass", RANKINGS),
         optimizer_policy=t.str("optimizer_policy", "keep", OPTIMIZER_POLICIES),
         final=t.str("final", "last", FINAL_MODELS),
+        optimizer=t.str("optimizer", "adam", OPTIMIZERS),
+        momentum=t.float("momentum", 0.0),
+        weight_decay=t.float("weight_decay", 0.0),
+        scheduler=t.str("scheduler", "none", SCHEDULERS),
+        lr_step_size=t.int("lr_step_size", None, minimum=1),
+        lr_gamma=t.float("lr_gamma", 0.1, positive=True),
+        clip_grad_norm=(
+            t.float("clip_grad_norm", 1.0, positive=True) if "clip_grad_norm" in t.table else None
+        ),
+        amp=t.bool("amp", False),
     )
     if training.dt > steps:
         raise t.error("dt", training.dt, f"at most training.steps ({steps})")

@@ -1,6 +1,11 @@
 """The outer Optuna study: each trial picks Δt, L (and optionally lr, optimizer policy), trains
-ForkMerge with the inner merge search, reports the target's validation score after every merge
-(so the pruner can stop it) and returns the final validation score.
+ForkMerge with the inner merge search, reports the target's validation metric after every merge
+(so the pruner can stop it) and returns the final one.
+
+The study's direction follows the target's metric (``minimize`` an MAE, ``maximize`` an
+accuracy) and its metric name is set, so dashboards show the metric itself. A trial whose
+training goes non-finite (or fails otherwise) ends FAIL with the reason in the user attribute
+``fail_reason``, and counts towards the requested number of trials.
 
 Studies are resumable (same name and storage: finished trials are kept, a new invocation adds
 trials up to the requested total) and shareable by many workers on an RDB storage; heartbeats
@@ -25,13 +30,13 @@ import optuna
 import torch
 from optuna.pruners import BasePruner
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.study import MaxTrialsCallback
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from fm_optuna.benchmarks import build_problem
 from fm_optuna.checkpoints import Checkpointer, load_checkpoint, save_checkpoint
 from fm_optuna.config import ForkMergeConfig
-from fm_optuna.errors import ConfigError
+from fm_optuna.errors import ConfigError, NonFiniteTraining
 from fm_optuna.events import EventStream, MergeCompleted, Observer, RunFinished
 from fm_optuna.forkmerge import run_forkmerge
 from fm_optuna.search import quiet_optuna
@@ -40,6 +45,23 @@ from fm_optuna.tasks import Problem
 from fm_optuna.training import target_score
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+FAIL_REASON = "fail_reason"
+
+
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials that count towards the study's total: COMPLETE, PRUNED, and FAIL with a reason
+    (training went non-finite, an error) — not a dead worker's FAIL, which is retried."""
+    return [
+        trial
+        for trial in study.get_trials(deepcopy=False)
+        if trial.state in FINISHED
+        or (trial.state == TrialState.FAIL and FAIL_REASON in trial.user_attrs)
+    ]
+
+
+def target_metric_name(problem: Problem) -> str:
+    """The outer study's metric name: ``target_val/<primary metric>``."""
+    return f"target_val/{problem.task(problem.target).metric}"
 
 
 class StudyObserver(Protocol):
@@ -60,7 +82,8 @@ def mask_password(url: str) -> str:
 
 
 class MedianPruner(BasePruner):
-    """Prune a trial whose latest value is below the median of the other trials at that step.
+    """Prune a trial whose latest value is worse than the median of the other trials at that
+    step ("worse" in the study's direction).
 
     Optuna's MedianPruner compares values reported at the *same* step; trials with different Δt
     merge at different steps, so here each other trial contributes its last value reported at
@@ -80,11 +103,14 @@ class MedianPruner(BasePruner):
         value = trial.intermediate_values[step]
         if math.isnan(value):
             return True
+        # Compared as higher-is-better: a minimised metric is negated on both sides.
+        sign = -1.0 if study.direction == StudyDirection.MINIMIZE else 1.0
+        value *= sign
         others = []
         for other in study.get_trials(deepcopy=False, states=FINISHED):
             earlier = [s for s in other.intermediate_values if s <= step]
             if earlier:
-                others.append(other.intermediate_values[max(earlier)])
+                others.append(sign * other.intermediate_values[max(earlier)])
         if len(others) < self.n_startup_trials:
             return False
         others.sort()
@@ -94,13 +120,18 @@ class MedianPruner(BasePruner):
 
 
 class PruningReporter(Observer):
-    """Reports each merge's target validation score to the outer trial and prunes if told to."""
+    """Reports each merge's target validation metric to the outer trial and prunes if told to.
 
-    def __init__(self, trial: optuna.Trial) -> None:
+    The merge search keeps higher-is-better scores; the report is the metric itself, in the
+    study's direction (``higher_is_better=False``: the score's negation).
+    """
+
+    def __init__(self, trial: optuna.Trial, *, higher_is_better: bool = True) -> None:
         self.trial = trial
+        self.sign = 1.0 if higher_is_better else -1.0
 
     def on_merge_completed(self, event: MergeCompleted) -> None:
-        self.trial.report(event.decision.score, step=event.step)
+        self.trial.report(self.sign * event.decision.score, step=event.step)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {event.step} (round {event.round})")
 
@@ -166,12 +197,23 @@ def root_trial_number(trial: FrozenTrial | optuna.Trial) -> int:
     return history[0] if history else frozen.number
 
 
+def _failed(trial: optuna.Trial, events: EventStream, error: Exception) -> None:
+    """Keep why the trial failed (user attribute ``fail_reason``); its run ends FAILED."""
+    lines = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    trial.set_user_attr(FAIL_REASON, reason)
+    events.emit(
+        RunFinished(run="forkmerge", summary={FAIL_REASON: reason}, seconds=0, status="FAIL")
+    )
+
+
 @dataclass
 class TrialOutcome:
     number: int
     params: dict[str, Any]
     value: float | None
     state: str
+    reason: str | None = None  # why a FAIL trial failed
 
 
 @dataclass
@@ -254,14 +296,28 @@ class Tuner:
         else:
             sampler = optuna.samplers.RandomSampler(seed=s.seed)
         pruner = MedianPruner() if s.pruner == "median" else optuna.pruners.NopPruner()
-        return optuna.create_study(
+        direction = "maximize" if self.higher_is_better else "minimize"
+        study = optuna.create_study(
             study_name=s.name,
             storage=self.storage,
             sampler=sampler,
             pruner=pruner,
-            direction="maximize",
+            direction=direction,
             load_if_exists=True,
         )
+        if study.direction.name.lower() != direction:
+            raise ConfigError(
+                f"Parameter `study.name` should name a study that {direction}s "
+                f"{target_metric_name(self.problem)}. Found `study.name = {s.name}`, a study in "
+                f"{mask_password(self.storage_url)} that {study.direction.name.lower()}s (made "
+                "before the direction followed the metric?): choose a new study name."
+            )
+        study.set_metric_names([target_metric_name(self.problem)])
+        return study
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.problem.task(self.problem.target).higher_is_better
 
     def suggest(self, trial: optuna.Trial) -> ForkMergeConfig:
         space, fixed = self.spec.space, {}
@@ -298,11 +354,20 @@ class Tuner:
         extra = list(self.tracking.observers(trial, config)) if self.tracking is not None else []
         if self.observers is not None:
             extra += self.observers(trial, config)
-        observers = [Checkpointer(checkpoint_path), *extra, PruningReporter(trial)]
-        events = EventStream(observers)
+        reporter = PruningReporter(trial, higher_is_better=self.higher_is_better)
+        events = EventStream([Checkpointer(checkpoint_path), *extra, reporter])
         try:
             result = run_forkmerge(self.problem, config, events, resume_from=resume)
-            score, metrics = target_score(self.problem, result.model)
+            _, metrics = target_score(self.problem, result.model)
+            value = float(metrics[self.problem.task(self.problem.target).metric])
+            if not math.isfinite(value):
+                raise NonFiniteTraining(
+                    self.problem.target,
+                    config.total_steps,
+                    value,
+                    run="forkmerge",
+                    detail=f"the final model's target validation metric is {value}",
+                )
             save_checkpoint(  # atomic: a saved final model is always a whole one
                 {"state_dict": result.model.state_dict(), "config": config.as_params()},
                 self.model_path(trial.number),
@@ -318,12 +383,15 @@ class Tuner:
                     status="COMPLETE",
                 )
             )
-            return score
+            return value
+        except NonFiniteTraining as error:
+            _failed(trial, events, error)
+            return math.nan  # FAIL, logged by Optuna as one line rather than a traceback
         except optuna.TrialPruned:
             events.emit(RunFinished(run="forkmerge", summary={}, seconds=0.0, status="PRUNED"))
             raise
-        except Exception:
-            events.emit(RunFinished(run="forkmerge", summary={}, seconds=0.0, status="FAIL"))
+        except Exception as error:
+            _failed(trial, events, error)
             raise
         finally:
             events.close()
@@ -334,12 +402,11 @@ class Tuner:
         # The progress bar says what Optuna's per-trial INFO lines would, without the flood.
         with quiet_optuna(optuna.logging.WARNING):
             study = self.create_study()
-            done = len(study.get_trials(deepcopy=False, states=FINISHED))
-            if done < self.n_trials:
+            if len(finished_trials(study)) < self.n_trials:
                 study.optimize(
                     self.objective,
                     n_trials=None,
-                    callbacks=[MaxTrialsCallback(self.n_trials, states=FINISHED), *callbacks],
+                    callbacks=[self._stop_at_total, *callbacks],
                     catch=(RuntimeError, FloatingPointError),
                     gc_after_trial=False,
                 )
@@ -349,9 +416,18 @@ class Tuner:
             report.tracking["browse"] = self.tracking.browse()
         return report
 
+    def _stop_at_total(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if len(finished_trials(study)) >= self.n_trials:
+            study.stop()
+
     def report(self, study: optuna.Study) -> TuneReport:
         trials = study.get_trials(deepcopy=False)
-        outcomes = [TrialOutcome(t.number, dict(t.params), t.value, t.state.name) for t in trials]
+        outcomes = [
+            TrialOutcome(
+                t.number, dict(t.params), t.value, t.state.name, t.user_attrs.get(FAIL_REASON)
+            )
+            for t in trials
+        ]
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         best_params = best_value = best_number = best_test = best_model = None
         if complete:

@@ -10,22 +10,40 @@ Two optional capabilities let a rule carry state without a second loop:
   pre-train → fine-tune switch, DWA's rounds). ``rule.tasks`` is read again at every step.
 - ``learnable_parameters() -> list[Tensor]`` (:class:`LearnableRule`): tensors the rule itself
   learns (UW's log-variances); pass them to :func:`make_optimizer` with the model's.
+
+A rule whose gradients are linear in its losses (a weighted sum) says so with
+``linear_in_losses = True``: under mixed precision on CUDA it then gets losses multiplied by a
+GradScaler's factor (float16 autocast); any other rule gets bfloat16 autocast, which needs no
+scaling, so rules that read loss values (UW, DWA, ...) see the true ones.
+
+Every step's losses are kept on the device until the next report point (every ``log_every``
+steps and the end of a :func:`train` call), where they are read in one go: a NaN or infinite
+loss then raises :class:`~fm_optuna.errors.NonFiniteTraining` naming the first step and task,
+without a host synchronisation per step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
+
+from fm_optuna.errors import NonFiniteTraining
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from fm_optuna.config import ForkMergeConfig
     from fm_optuna.tasks import Problem, Split
 
 LossCallback = Callable[[int, dict[str, float]], None]
+logger = logging.getLogger(__name__)
 
 
 class UpdateRule(Protocol):
@@ -62,6 +80,7 @@ class WeightedSum:
     """Σ_k ω_k L_k: a branch's task-weighting vector, STL (ω = e_target) or EW (ω = 1)."""
 
     weights: Mapping[str, float]
+    linear_in_losses: ClassVar[bool] = True
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -73,13 +92,135 @@ class WeightedSum:
 
 
 def make_optimizer(
-    model: nn.Module, lr: float, extra: Iterable[torch.Tensor] = ()
+    model: nn.Module, config: ForkMergeConfig, extra: Iterable[torch.Tensor] = ()
 ) -> torch.optim.Optimizer:
-    """Adam over the model's parameters and ``extra`` tensors (a rule's own, e.g. UW's)."""
-    extra = list(extra)
-    if not extra:
-        return torch.optim.Adam(model.parameters(), lr=lr)
-    return torch.optim.Adam([*model.parameters(), *extra], lr=lr)
+    """The configured optimizer over the model's parameters and ``extra`` tensors (a rule's own,
+    e.g. UW's); Adam at ``config.lr`` by default."""
+    params = [*model.parameters(), *extra]
+    if not isinstance(config.optimizer, str):
+        return config.optimizer(params)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: ForkMergeConfig
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The configured learning-rate schedule over T optimizer steps (``None`` for ``none``)."""
+    if not isinstance(config.scheduler, str):
+        return config.scheduler(optimizer)
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.total_steps)
+    if config.scheduler == "step":
+        every = config.lr_step_size or max(1, config.total_steps // 3)
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=every, gamma=config.lr_gamma)
+    return None
+
+
+@functools.cache
+def _note_amp_ignored(device: str) -> None:
+    logger.warning("fm-optuna: amp = true is ignored on %s (mixed precision needs CUDA)", device)
+
+
+@dataclass
+class Optimization:
+    """What one optimizer step does: the optimizer, its schedule, clipping and mixed precision.
+
+    Build it with :func:`make_optimization`; :func:`train` also accepts a bare optimizer.
+    """
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    clip_grad_norm: float | None = None
+    scaler: torch.amp.GradScaler | None = None  # set exactly when mixed precision is on
+
+    def step(
+        self,
+        model: nn.Module,
+        problem: Problem,
+        rule: UpdateRule,
+        tasks: tuple[str, ...],
+        generator: torch.Generator,
+    ) -> dict[str, torch.Tensor]:
+        """One optimizer step on this step's losses; returns them (unscaled)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        scaled = self.scaler is not None and getattr(rule, "linear_in_losses", False)
+        with self._autocast(scaled):
+            losses = problem.task_losses(model, tasks, generator)
+        if scaled:
+            assert self.scaler is not None
+            rule.backward({task: self.scaler.scale(loss) for task, loss in losses.items()}, model)
+            self.scaler.unscale_(self.optimizer)  # clip and step the true gradients
+        else:
+            rule.backward(losses, model)
+        if self.clip_grad_norm is not None:
+            parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(parameters, self.clip_grad_norm)
+        if scaled:
+            assert self.scaler is not None
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return losses
+
+    def _autocast(self, scaled: bool) -> contextlib.AbstractContextManager[Any]:
+        if self.scaler is None:
+            return contextlib.nullcontext()
+        dtype = torch.float16 if scaled or not torch.cuda.is_bf16_supported() else torch.bfloat16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def restart_from(
+        self,
+        fresh: Optimization,
+        *,
+        schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> None:
+        """Take ``fresh``'s optimizer state (a reset at a merge); the schedule goes on where it
+        was (or where ``schedule`` is), so the learning rate follows one curve over the whole T."""
+        schedule = schedule or self.scheduler
+        if schedule is not None and fresh.scheduler is not None:
+            fresh.scheduler.load_state_dict(schedule.state_dict())
+            rates = schedule.get_last_lr()
+            for group, lr in zip(fresh.optimizer.param_groups, rates, strict=True):
+                group["lr"] = lr
+        self.optimizer, self.scheduler = fresh.optimizer, fresh.scheduler
+
+
+def make_optimization(
+    model: nn.Module, config: ForkMergeConfig, extra: Iterable[torch.Tensor] = ()
+) -> Optimization:
+    """The configured optimizer, schedule, clipping and (on CUDA) mixed precision for ``model``."""
+    optimizer = make_optimizer(model, config, extra)
+    scaler = None
+    if config.amp:
+        device = next(model.parameters()).device.type
+        if device == "cuda":
+            scaler = torch.amp.GradScaler("cuda")
+        else:
+            _note_amp_ignored(device)
+    return Optimization(optimizer, make_scheduler(optimizer, config), config.clip_grad_norm, scaler)
 
 
 def seeded_model(problem: Problem, seed: int) -> nn.Module:
@@ -105,7 +246,7 @@ def target_score(
 
 def train(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Optimization,
     problem: Problem,
     rule: UpdateRule,
     *,
@@ -118,32 +259,50 @@ def train(
     """Run ``steps`` optimizer steps; every ``log_every`` steps report mean per-task losses.
 
     A task's reported mean is over the steps of the window that trained it (a rule's tasks may
-    change between steps).
+    change between steps). Raises :class:`~fm_optuna.errors.NonFiniteTraining` at the first
+    report point after a loss became NaN or infinite, naming that loss's step and task.
     """
+    optimization = optimizer if isinstance(optimizer, Optimization) else Optimization(optimizer)
     model.train()
     begin_step = getattr(rule, "begin_step", None)
-    running: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    window: dict[str, list[tuple[int, torch.Tensor]]] = {}
     pending = 0
-    for step in range(start_step + 1, start_step + steps + 1):
+    last = start_step + steps
+    for step in range(start_step + 1, last + 1):
         if begin_step is not None:
             begin_step(step)
         tasks = rule.tasks
-        optimizer.zero_grad(set_to_none=True)
-        losses = problem.task_losses(model, tasks, generator)
-        rule.backward(losses, model)
-        optimizer.step()
-        if on_losses is not None:
-            for task in tasks:
-                value = losses[task].detach()
-                running[task] = running[task] + value if task in running else value.clone()
-                counts[task] = counts.get(task, 0) + 1
-            pending += 1
-            if pending == log_every or step == start_step + steps:
-                # One host sync per report, not per step.
-                on_losses(
-                    step, {task: float(value) / counts[task] for task, value in running.items()}
-                )
-                running.clear()
-                counts.clear()
-                pending = 0
+        losses = optimization.step(model, problem, rule, tasks, generator)
+        for task in tasks:
+            window.setdefault(task, []).append((step, losses[task].detach()))
+        pending += 1
+        if pending == log_every or step == last:
+            means = _window_means(window)
+            if on_losses is not None:
+                on_losses(step, means)
+            window.clear()
+            pending = 0
+
+
+def _window_means(window: Mapping[str, list[tuple[int, torch.Tensor]]]) -> dict[str, float]:
+    """Each task's mean loss over the window (one host sync per task, not per step).
+
+    Raises:
+        NonFiniteTraining: naming the earliest step (then the first task) with a NaN/inf loss.
+    """
+    means: dict[str, float] = {}
+    first: NonFiniteTraining | None = None
+    for task, entries in window.items():
+        # float64: a mean of finite float32 losses cannot overflow, so non-finite means NaN/inf.
+        values = torch.stack([value for _, value in entries]).double()
+        mean = float(values.mean())
+        if math.isfinite(mean):
+            means[task] = mean
+            continue
+        index = int((~torch.isfinite(values)).nonzero()[0, 0])
+        step, value = entries[index][0], float(values[index])
+        if first is None or step < first.step:
+            first = NonFiniteTraining(task, step, value)
+    if first is not None:
+        raise first
+    return means

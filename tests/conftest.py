@@ -35,7 +35,8 @@ class ToyProblem(Problem):
     """K regression tasks with separate data; tasks differ by a rotated true weight vector.
 
     ``full_batch=True`` makes every step use a task's whole training set, so gradients are
-    deterministic (used by the Appendix-A equivalence tests).
+    deterministic (used by the Appendix-A equivalence tests). ``nan_task`` makes that task's loss
+    NaN from its ``nan_after + 1``-th computation on (counted over the problem's lifetime).
     """
 
     name = "toy"
@@ -47,6 +48,8 @@ class ToyProblem(Problem):
         batch_norm: bool = True,
         full_batch: bool = False,
         noise_task: bool = False,
+        nan_task: str | None = None,
+        nan_after: int = 0,
     ) -> None:
         self.tasks = tuple(
             Task(f"t{i}", metric="mse", higher_is_better=False) for i in range(n_tasks)
@@ -55,6 +58,7 @@ class ToyProblem(Problem):
         self.device = torch.device("cpu")
         self.batch_norm = batch_norm
         self.full_batch = full_batch
+        self.nan_task, self.nan_after, self.nan_calls = nan_task, nan_after, 0
         data = torch.Generator().manual_seed(1234)
         base = torch.randn(6, generator=data)
         self.data: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -81,6 +85,10 @@ class ToyProblem(Problem):
                 index = torch.randint(len(x), (16,), generator=generator)
                 x, y = x[index], y[index]
             losses[task] = nn.functional.mse_loss(model(x, task), y)
+            if task == self.nan_task:
+                self.nan_calls += 1
+                if self.nan_calls > self.nan_after:
+                    losses[task] = losses[task] * math.nan
         return losses
 
     def evaluate(

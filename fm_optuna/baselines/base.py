@@ -14,11 +14,12 @@ import time
 from dataclasses import dataclass, fields, is_dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from fm_optuna.errors import NonFiniteTraining
 from fm_optuna.events import EventStream, RunStarted, TrainingProgress
 from fm_optuna.training import (
     UpdateRule,
     data_generator,
-    make_optimizer,
+    make_optimization,
     rule_parameters,
     seeded_model,
     target_score,
@@ -80,7 +81,9 @@ def run_baseline(
     """Train T steps with the same seed, optimizer and budget as ForkMerge.
 
     The rule comes from :meth:`Baseline.rule_for` (fresh per run); its own learnable tensors, if
-    any (UW's log-variances), are optimised by the same Adam as the model. The target is
+    any (UW's log-variances), are optimised by the same optimizer as the model, with ForkMerge's
+    schedule, clipping and mixed precision. A non-finite loss raises
+    :class:`~fm_optuna.errors.NonFiniteTraining` naming the method, step and task. The target is
     validated every Δt steps, as ForkMerge's merges are, so ``final = "best"`` selects a
     checkpoint by the same rule for every method.
     """
@@ -88,7 +91,7 @@ def run_baseline(
     started = time.perf_counter()
     model = seeded_model(problem, config.seed)
     rule = baseline.rule_for(problem, config)
-    optimizer = make_optimizer(model, config.lr, rule_parameters(rule))
+    optimization = make_optimization(model, config, rule_parameters(rule))
     generator = data_generator(problem, config.seed, 0)  # the same stream as ForkMerge's branch 0
     events.emit(
         RunStarted(
@@ -113,17 +116,20 @@ def run_baseline(
     step = 0
     while step < config.total_steps:
         length = min(config.dt, config.total_steps - step)
-        train(
-            model,
-            optimizer,
-            problem,
-            rule,
-            steps=length,
-            generator=generator,
-            start_step=step,
-            log_every=config.log_every,
-            on_losses=report,
-        )
+        try:
+            train(
+                model,
+                optimization,
+                problem,
+                rule,
+                steps=length,
+                generator=generator,
+                start_step=step,
+                log_every=config.log_every,
+                on_losses=report,
+            )
+        except NonFiniteTraining as error:
+            raise error.located(run=baseline.name) from None
         step += length
         if config.final == "best":
             score, _ = target_score(problem, model)
@@ -131,4 +137,5 @@ def run_baseline(
                 best_state, best_score, best_step = copy.deepcopy(model.state_dict()), score, step
     if best_state is not None:
         model.load_state_dict(best_state)
-    return BaselineResult(model, time.perf_counter() - started, best_step, rule, optimizer)
+    seconds = time.perf_counter() - started
+    return BaselineResult(model, seconds, best_step, rule, optimization.optimizer)

@@ -40,6 +40,7 @@ from mlflow.utils.validation import (
 )
 
 from fm_optuna.events import (
+    BranchDiverged,
     BranchesEvaluated,
     MergeCompleted,
     Observer,
@@ -298,6 +299,17 @@ class MlflowTracker(Observer):
             self.flush()
 
     @_never_raises
+    def on_branch_diverged(self, event: BranchDiverged) -> None:
+        """Tag the branch's run with why it sat out the merge of this round."""
+        run = self._runs.get(event.run)
+        if run is None:
+            return
+        text = f"round {event.round}: {event.message}"[:_PARAM_LIMIT]
+        self._batch(run.children.get(event.branch)).tags.append(
+            RunTag("fm_optuna.non_finite", text)
+        )
+
+    @_never_raises
     def on_branches_evaluated(self, event: BranchesEvaluated) -> None:
         run = self._runs.get(event.run)
         if run is None:
@@ -339,6 +351,9 @@ class MlflowTracker(Observer):
             batch.metrics.append(Metric(name, float(value), stamp, step))
         for name, value in event.merged_metrics.items():
             batch.metrics.append(Metric(f"val/{metric_key(name)}", float(value), stamp, step))
+        if decision.fallback is not None:  # the latest fallback; every one is in merges/*.json
+            text = f"round {event.round}: {decision.fallback}"
+            batch.tags.append(RunTag("fm_optuna.merge_fallback", text[:_PARAM_LIMIT]))
 
         run.merges.append(
             MergeRecord(
@@ -383,6 +398,9 @@ class MlflowTracker(Observer):
             batch.metrics.append(Metric("final/seconds", float(event.seconds), stamp, step))
         if isinstance(event.summary.get("target_metric"), str):
             batch.tags.append(RunTag("target_metric", event.summary["target_metric"]))
+        if isinstance(event.summary.get("fail_reason"), str):
+            reason = event.summary["fail_reason"][:_PARAM_LIMIT]
+            batch.tags.append(RunTag("fm_optuna.fail_reason", reason))
         status = getattr(event, "status", "COMPLETE")
         batch.tags.append(RunTag("fm_optuna.status", str(status)))
         self._finish(run, _STATUS.get(str(status), "FINISHED"))

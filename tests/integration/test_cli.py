@@ -98,6 +98,14 @@ def test_the_table_names_every_method_and_the_lambda_of_each_merge(tmp_path: Pat
         (["run", "--option", "image_size"], "Parameter `option` should be KEY=VALUE"),
         (["run", "--option", "colour=red"], "Parameter `colour` is not an option of the digits"),
         (["run", "--option", "target_train=-3"], "Parameter `target_train` should be a positive"),
+        (
+            ["run", "--optimizer", "lbfgs"],
+            "Parameter `optimizer` should be one of adam, adamw, sgd",
+        ),
+        (["run", "--scheduler", "linear"], "Parameter `scheduler` should be one of cosine, none"),
+        (["run", "--clip-grad-norm", "-1"], "Parameter `clip_grad_norm` should be a positive"),
+        (["run", "--lr", "inf"], "Parameter `lr` should be a positive number"),
+        (["run", "--momentum", "0.9"], "Parameter `momentum` should be 0 unless optimizer = sgd"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(
@@ -169,3 +177,48 @@ def test_run_resume_continues_forkmerge_after_its_last_merge(tmp_path: Path) -> 
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [m["lambda"] for m in json.loads(resumed.stdout)["forkmerge"]["merges"]] == expected
     assert load_checkpoint(partial)["round"] == 4
+
+
+def test_training_hook_flags_reach_the_configuration() -> None:
+    from fm_optuna.cli import _config, build_parser
+
+    flags = "--optimizer sgd --momentum 0.9 --weight-decay 1e-4 --scheduler step "
+    flags += "--lr-step-size 50 --lr-gamma 0.5 --clip-grad-norm 1.5 --amp"
+    args = build_parser().parse_args(["run", *flags.split()])
+    config = _config(args)
+    assert (config.optimizer, config.momentum, config.weight_decay) == ("sgd", 0.9, 1e-4)
+    assert (config.scheduler, config.lr_step_size, config.lr_gamma) == ("step", 50, 0.5)
+    assert config.clip_grad_norm == 1.5 and config.amp is True
+    default = _config(build_parser().parse_args(["run"]))
+    assert (default.optimizer, default.scheduler, default.clip_grad_norm, default.amp) == (
+        "adam",
+        "none",
+        None,
+        False,
+    )
+
+
+@pytest.mark.slow
+def test_a_nan_loss_is_one_line_exit_1_and_a_failed_mlflow_run(tmp_path: Path) -> None:
+    """SGD at lr 1e30 overflows the digits model at once: the loss of step 2 is NaN."""
+    from fm_optuna.tracking import open_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = fm(
+        "run", "--dt", "10", "--steps", "20", "--optimizer", "sgd", "--lr", "1e30",
+        "--methods", "forkmerge", "--ranking", "given", "--tracking-uri", uri,
+        "--experiment", "nan", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    (error,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert error.startswith("fm-optuna run: error: training loss became nan (task `uci` at step")
+    assert "every branch of round 1 went non-finite" in error
+    store = open_store(uri, experiment="nan")
+    runs = store.client.search_runs([store.experiment_id])
+    assert runs and {run.info.status for run in runs} == {"FAILED"}
+    (parent,) = [run for run in runs if run.data.tags.get("fm_optuna.role") == "forkmerge"]
+    assert parent.data.tags["fm_optuna.status"] == "FAIL"
+    assert "every branch" in parent.data.tags["fm_optuna.fail_reason"]
+    branches = [run for run in runs if run.data.tags.get("fm_optuna.role") == "branch"]
+    assert all("fm_optuna.non_finite" in run.data.tags for run in branches)

@@ -541,3 +541,22 @@ def test_ui_refuses_a_missing_store_and_a_server_uri(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="already an MLflow server") as error:
         run_ui(f"http://ana:{SECRET}@127.0.0.1:1", port=0, announce=lambda line: None)
     assert SECRET not in str(error.value)
+
+
+def test_a_merge_fallback_and_a_diverged_branch_are_tagged(
+    empty_store: Path, tmp_path: Path
+) -> None:
+    """Branch `all` (the only one training t1) goes NaN in round 2: the merge leaves it out."""
+    store = open_store(copy_store(empty_store, tmp_path), experiment="fallback")
+    events = EventStream([MlflowTracker(store, higher_is_better=False)])
+    problem = ToyProblem(nan_task="t1", nan_after=12)
+    try:
+        run_methods(problem, tiny_config(branches=2, ranking="given"), ("forkmerge",), events)
+    finally:
+        events.close()
+    top, children = read_back(store)
+    fallback = top["forkmerge"].data.tags["fm_optuna.merge_fallback"]
+    assert fallback.startswith("round 4: branch all went non-finite (t1 at step 31)")
+    assert top["forkmerge"].info.status == "FINISHED"
+    (branch,) = [run for run in children if run.data.tags["branch"] == "all"]
+    assert branch.data.tags["fm_optuna.non_finite"].startswith("round 4: training loss became nan")

@@ -182,3 +182,67 @@ def test_each_outer_trial_is_an_mlflow_run_under_the_study_run(tmp_path: Path) -
         history = store.client.get_metric_history(run.info.run_id, "lambda/target")
         assert len(history) == len(trial.intermediate_values)
     assert any("MLflow study run" in line for line in report.tracking["browse"])
+
+
+# --- direction and non-finite trials (issue 8) --------------------------------------------------
+
+
+def test_a_lower_is_better_target_is_minimised_as_itself_with_its_name(tmp_path: Path) -> None:
+    report = tuner(spec_file(tmp_path, n_trials=2)).run()  # the toy target's metric is mse
+    study = optuna.load_study(study_name="toy", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert study.metric_names == ["target_val/mse"]
+    for trial in study.trials:
+        assert trial.value > 0 and trial.user_attrs["val_metrics"]["mse"] == trial.value
+        assert all(v > 0 for v in trial.intermediate_values.values())  # reported as mse too
+    assert report.best_value == min(t.value for t in study.trials)
+
+
+def test_a_study_made_with_the_old_direction_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = spec_file(tmp_path)
+    optuna.create_study(
+        study_name="toy", storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize"
+    )
+    with pytest.raises(ConfigError, match=r"^Parameter `study.name` should name a study that "):
+        tuner(path).run()
+
+
+def test_median_pruner_follows_a_minimised_study() -> None:
+    study = optuna.create_study(direction="minimize")
+    for values in ({50: 1.0}, {50: 2.0}):
+        study.add_trial(
+            create_trial(value=1.0, intermediate_values=values, params={}, distributions={})
+        )
+    pruner = MedianPruner(n_startup_trials=2)
+    worse = create_trial(
+        state=TrialState.RUNNING, intermediate_values={60: 1.8}, params={}, distributions={}
+    )
+    better = create_trial(
+        state=TrialState.RUNNING, intermediate_values={60: 1.2}, params={}, distributions={}
+    )
+    assert pruner.prune(study, worse) is True  # 1.8 > median 1.5 in a minimised study
+    assert pruner.prune(study, better) is False
+
+
+def test_a_trial_whose_loss_goes_nan_fails_with_its_reason_and_is_never_pruned(
+    tmp_path: Path,
+) -> None:
+    from fm_optuna.tracking import StudyTracking, open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="fm-optuna/study/toy")
+    problem = ToyProblem(nan_task="t0", nan_after=0)  # the target: every branch, from step 1
+    report = Tuner(
+        load_spec(spec_file(tmp_path, n_trials=2, pruner="median")),
+        problem=problem,
+        tracking=lambda problem: StudyTracking(store, "toy", higher_is_better=False),
+    ).run()  # a FAIL with a reason counts: the study ends after 2 trials, not never
+    study = optuna.load_study(study_name="toy", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
+    for trial, outcome in zip(study.trials, report.trials, strict=True):
+        reason = trial.user_attrs["fail_reason"]
+        assert reason.startswith("NonFiniteTraining: training loss became nan (task `t0` at step")
+        assert "every branch of round 1 went non-finite" in reason and outcome.reason == reason
+        run = store.client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED"
+        assert run.data.tags["fm_optuna.fail_reason"] == reason
+    assert report.best_value is None

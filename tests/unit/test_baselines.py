@@ -93,7 +93,7 @@ def test_ptft_fine_tunes_only_the_target_after_the_switch() -> None:
     rule = PretrainFinetune().rule_for(problem, config)
     assert rule.switch_step == 6  # type: ignore[attr-defined]
     model = seeded_model(problem, 0)
-    optimizer = make_optimizer(model, config.lr)
+    optimizer = make_optimizer(model, config)
     generator = data_generator(problem, 0, 0)
     reports: list[dict[str, float]] = []
     train(model, optimizer, problem, rule, steps=6, generator=generator, log_every=100)
@@ -127,7 +127,7 @@ def test_train_reports_each_task_over_the_steps_that_trained_it() -> None:
     reports: list[tuple[int, dict[str, float]]] = []
     train(
         model,
-        make_optimizer(model, 1e-3),
+        make_optimizer(model, ForkMergeConfig()),
         problem,
         rule,
         steps=4,

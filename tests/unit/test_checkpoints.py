@@ -40,9 +40,23 @@ CONFIG = ForkMergeConfig(
 )
 
 
-@pytest.mark.parametrize("policy", ["keep", "average"])
-def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, policy: str) -> None:
-    config = ForkMergeConfig(**{**CONFIG.__dict__, "optimizer_policy": policy, "final": "best"})
+@pytest.mark.parametrize(
+    ("policy", "hooks"),
+    [
+        ("keep", {}),
+        ("average", {}),
+        # A schedule is part of each branch's state: resumed runs follow the same curve.
+        ("keep", {"scheduler": "cosine", "clip_grad_norm": 0.5}),
+        ("reset", {"optimizer": "sgd", "momentum": 0.9, "lr": 0.05, "scheduler": "step"}),
+        ("average", {"optimizer": "adamw", "weight_decay": 0.01, "scheduler": "cosine"}),
+    ],
+)
+def test_resume_reproduces_the_uninterrupted_run(
+    tmp_path: Path, policy: str, hooks: dict[str, object]
+) -> None:
+    config = ForkMergeConfig(
+        **{**CONFIG.__dict__, "optimizer_policy": policy, "final": "best", **hooks}
+    )
     uninterrupted = run_forkmerge(ToyProblem(), config)
 
     path = tmp_path / "run.ckpt"

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from fm_optuna.branches import make_plan
+from fm_optuna.config import ForkMergeConfig
 from fm_optuna.merging import convex_combination
-from fm_optuna.training import WeightedSum, train
+from fm_optuna.training import WeightedSum, make_optimization, train
 from tests.conftest import ToyProblem
 
 LR = 0.1
@@ -101,3 +102,24 @@ def test_eq14_nested_branches() -> None:
     coefficients = {"t0": tail[0], "t2": tail[1], "t3": tail[2], "t1": tail[3]}
     assert coefficients["t0"] == pytest.approx(1.0)
     assert_params_close(merged, expected_step(theta, grads, coefficients))
+
+
+def test_eq14_through_the_configured_sgd_optimizer() -> None:
+    """The same identity with the optimizer built from ``optimizer = "sgd"`` (what specs and the
+    CLI name), through the Optimization step every branch uses."""
+    problem, theta = setup(3)
+    grads = gradients(problem, theta)
+    config = ForkMergeConfig(optimizer="sgd", lr=LR)
+    branches = make_plan("pruned", target="t0", ranked_auxiliaries=["t2", "t1"], n_branches=3)
+    states = []
+    for branch in branches:
+        model = copy.deepcopy(theta)
+        optimization = make_optimization(model, config)
+        assert type(optimization.optimizer) is torch.optim.SGD and optimization.scheduler is None
+        rule = WeightedSum(branch.weights)
+        train(model, optimization, problem, rule, steps=1, generator=torch.Generator())
+        states.append(model.state_dict())
+    bar = np.array([0.5, 0.3, 0.2])
+    tail = np.cumsum(bar[::-1])[::-1]
+    coefficients = {"t0": tail[0], "t2": tail[1], "t1": tail[2]}
+    assert_params_close(convex_combination(states, bar), expected_step(theta, grads, coefficients))

@@ -89,20 +89,20 @@ def test_optimizer_policies(policy: str) -> None:
 
 def test_average_policy_averages_moments_with_lambda() -> None:
     from fm_optuna.forkmerge import BranchRun, apply_optimizer_policy
-    from fm_optuna.training import make_optimizer
+    from fm_optuna.training import make_optimization
 
     runs = []
     for scale in (1.0, 3.0):
         model = torch.nn.Linear(2, 1)
-        optimizer = make_optimizer(model, 0.1)
+        optimization = make_optimization(model, config(lr=0.1))
         model(torch.ones(1, 2) * scale).sum().backward()
-        optimizer.step()
-        runs.append(BranchRun(None, model, optimizer, torch.Generator()))  # type: ignore[arg-type]
+        optimization.optimizer.step()
+        runs.append(BranchRun(None, model, optimization, torch.Generator()))  # type: ignore[arg-type]
     expected = (
         0.25 * runs[0].optimizer.state[runs[0].model.weight]["exp_avg"]
         + 0.75 * runs[1].optimizer.state[runs[1].model.weight]["exp_avg"]
     )
-    apply_optimizer_policy(runs, [0.25, 0.75], "average", 0.1)
+    apply_optimizer_policy(runs, [0.25, 0.75], "average", config(lr=0.1))
     for run in runs:
         torch.testing.assert_close(run.optimizer.state[run.model.weight]["exp_avg"], expected)
 

@@ -71,6 +71,13 @@ def test_a_full_spec_parses_into_typed_sections(tmp_path: Path) -> None:
         (('target = "uci"', 'target = "svhn"'), "problem.target", "one of"),
         (("[study]", "[studies]"), "studies", "allowed keys"),
         (("n_trials = 3", "n_trials = 0"), "study.n_trials", "an integer ≥ 1"),
+        (("dt = 50", 'dt = 50\noptimizer = "lbfgs"'), "training.optimizer", "one of adam"),
+        (("dt = 50", 'dt = 50\nscheduler = "linear"'), "training.scheduler", "one of none"),
+        (("dt = 50", "dt = 50\nclip_grad_norm = 0"), "training.clip_grad_norm", "positive"),
+        (("dt = 50", "dt = 50\nclip_grad_norm = nan"), "training.clip_grad_norm", "positive"),
+        (("dt = 50", "dt = 50\nmomentum = inf"), "training.momentum", "a number"),
+        (("dt = 50", 'dt = 50\namp = "yes"'), "training.amp", "true or false"),
+        (("dt = 50", "dt = 50\nmomentum = 0.9"), "momentum", "0 unless optimizer = sgd"),
     ],
 )
 def test_mistakes_name_the_file_and_the_key(
@@ -96,3 +103,21 @@ def test_branches_must_fit_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"space\.branches\.high"):
         check_branches_fit(spec, n_tasks=4)
     check_branches_fit(load_spec(write(tmp_path, GOOD)), n_tasks=4)
+
+
+def test_training_hooks_from_the_spec_reach_the_configuration(tmp_path: Path) -> None:
+    hooks = """dt = 50
+optimizer = "sgd"
+momentum = 0.9
+weight_decay = 1e-4
+scheduler = "step"
+lr_step_size = 40
+lr_gamma = 0.5
+clip_grad_norm = 2.0
+amp = true"""
+    config = load_spec(write(tmp_path, GOOD.replace("dt = 50", hooks, 1))).config()
+    assert (config.optimizer, config.momentum, config.weight_decay) == ("sgd", 0.9, 1e-4)
+    assert (config.scheduler, config.lr_step_size, config.lr_gamma) == ("step", 40, 0.5)
+    assert config.clip_grad_norm == 2.0 and config.amp is True
+    default = load_spec(write(tmp_path, GOOD)).config()
+    assert (default.optimizer, default.scheduler, default.clip_grad_norm) == ("adam", "none", None)
