@@ -203,6 +203,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default=4,
         help="validation chunks of a pruned evaluation (default: 4)",
     )
+    g.add_argument(
+        "--prune-sigmas",
+        type=float,
+        default=2.0,
+        help="a candidate is stopped when it trails the best finished one on the same chunks by "
+        "more than this many standard errors of what the remaining chunks could add "
+        "(default: 2; 0 stops at any deficit)",
+    )
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -216,6 +224,7 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Any:
         grid_resolution=args.grid_resolution,
         pruned_evaluation=args.pruned_evaluation,
         evaluation_chunks=args.evaluation_chunks,
+        prune_sigmas=args.prune_sigmas,
         plan=args.plan,
         branches=args.branches,
         ranking=args.ranking,

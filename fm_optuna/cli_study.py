@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,18 @@ def _int_list(name: str, text: str) -> list[int]:
     return values
 
 
+def _float_list(name: str, text: str) -> list[float]:
+    from fm_optuna.errors import invalid
+
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise invalid(name, text, "a comma-separated list of non-negative numbers, e.g. 0,2")
+    return values
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """``compare --replay DIR``: every strategy on the same saved merge problems."""
     from fm_optuna.benchmarks import build_problem
@@ -268,6 +281,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     check_strategies(strategies)
     budgets = _int_list("budgets", args.budgets)
+    prune_sigmas = _float_list("prune_sigmas", args.prune_sigmas)
     if not args.tolerance >= 0:
         raise invalid("tolerance", args.tolerance, "a non-negative number")
     if args.evaluation_chunks < 2:
@@ -303,6 +317,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             budgets,
             pruned=args.pruned,
             chunks=args.evaluation_chunks,
+            prune_sigmas=prune_sigmas,
             tolerance=args.tolerance,
             lattice_max=args.lattice_max,
             on_run=done,
@@ -421,6 +436,12 @@ def add_commands(sub: Any) -> None:
     )
     g.add_argument(
         "--evaluation-chunks", type=int, default=4, help="chunks of a pruned evaluation (4)"
+    )
+    g.add_argument(
+        "--prune-sigmas",
+        default="2",
+        help="standard errors a pruned candidate must trail the best one by (default: 2); "
+        "a comma-separated list compares several (variants strategy+pruned<z>σ)",
     )
     g.add_argument(
         "--tolerance",

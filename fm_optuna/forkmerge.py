@@ -430,6 +430,7 @@ class _ForkMergeLoop:
                 self.strategy,
                 self.config.merge_trials,
                 chunks=self.config.evaluation_chunks if self.config.pruned_evaluation else 1,
+                prune_sigmas=self.config.prune_sigmas,
             )
         self.timings["search"] += time.perf_counter() - tic
         return self._widen(decision, healthy)

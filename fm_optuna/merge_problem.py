@@ -27,7 +27,13 @@ from torch import nn
 from fm_optuna.errors import invalid
 from fm_optuna.events import MergeCompleted, Observer
 from fm_optuna.merging import BranchStack
-from fm_optuna.search import Candidates, MergeDecision, MergeStrategy, search_merge
+from fm_optuna.search import (
+    PRUNE_SIGMAS,
+    Candidates,
+    MergeDecision,
+    MergeStrategy,
+    search_merge,
+)
 from fm_optuna.tasks import Problem, Split, has_capability
 from fm_optuna.training import seeded_model, target_score
 
@@ -138,6 +144,7 @@ class MergeProblem:
         *,
         chunks: int = 1,
         prune_margin: float = 0.0,
+        prune_sigmas: float = PRUNE_SIGMAS,
         seed: int | None = None,
     ) -> MergeDecision:
         """Run ``strategy`` on this merge (the same call the ForkMerge loop makes)."""
@@ -151,6 +158,7 @@ class MergeProblem:
             warm_start=self.warm_start,
             chunks=chunks,
             prune_margin=prune_margin,
+            prune_sigmas=prune_sigmas,
         )
 
     def to_data(

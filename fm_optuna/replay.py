@@ -27,7 +27,7 @@ import numpy as np
 
 from fm_optuna.errors import invalid, one_of
 from fm_optuna.merge_problem import MergeProblem, load_data
-from fm_optuna.search import MergeDecision
+from fm_optuna.search import PRUNE_SIGMAS, MergeDecision
 from fm_optuna.strategies import STRATEGIES, make_strategy
 from fm_optuna.strategies.grid import simplex_lattice
 from fm_optuna.tasks import Problem, has_capability
@@ -219,11 +219,15 @@ def check_strategies(strategies: Sequence[str]) -> None:
             raise one_of("strategies", strategy, STRATEGIES)
 
 
-def _variants(strategies: Sequence[str], pruned: bool) -> list[tuple[str, str, bool]]:
-    """(label, strategy, pruned) for every compared variant."""
-    out = [(s, s, False) for s in strategies]
+def _variants(
+    strategies: Sequence[str], pruned: bool, sigmas: Sequence[float]
+) -> list[tuple[str, str, float | None]]:
+    """(label, strategy, prune_sigmas or ``None`` for full evaluation) for every variant."""
+    out: list[tuple[str, str, float | None]] = [(s, s, None) for s in strategies]
     if pruned:
-        out += [(f"{s}+pruned", s, True) for s in strategies]
+        for z in sigmas:
+            suffix = "+pruned" if len(sigmas) == 1 else f"+pruned{z:g}σ"
+            out += [(f"{s}{suffix}", s, z) for s in strategies]
     return out
 
 
@@ -234,12 +238,18 @@ def replay(
     *,
     pruned: bool = False,
     chunks: int = 4,
+    prune_sigmas: Sequence[float] = (PRUNE_SIGMAS,),
     tolerance: float = 0.1,
     lattice_max: int = 300,
     on_run: Callable[[ReplayRun], None] | None = None,
 ) -> ReplayComparison:
-    """Run every strategy (and with ``pruned`` its pruned-evaluation variant) on every merge."""
+    """Run every strategy (and with ``pruned`` its pruned-evaluation variant, one per value of
+    ``prune_sigmas``) on every merge."""
     check_strategies(strategies)
+    if not prune_sigmas or any(not (z >= 0 and math.isfinite(z)) for z in prune_sigmas):
+        raise invalid(
+            "prune_sigmas", list(prune_sigmas), "a comma-separated list of non-negative numbers"
+        )
     if not budgets or any(b < 1 for b in budgets):
         raise invalid("budgets", list(budgets), "a comma-separated list of positive integers")
     comparison = ReplayComparison(
@@ -248,6 +258,7 @@ def replay(
             "budgets": sorted(budgets),
             "pruned": pruned,
             "evaluation_chunks": chunks,
+            "prune_sigmas": list(prune_sigmas),
             "tolerance": tolerance,
             "lattice_max": lattice_max,
             "problems": [name for name, _ in merges],
@@ -255,7 +266,7 @@ def replay(
     )
     for name, merge in merges:
         runs = []
-        for label, strategy_name, with_pruning in _variants(strategies, pruned):
+        for label, strategy_name, sigmas in _variants(strategies, pruned, prune_sigmas):
             strategy = make_strategy(strategy_name)
             if strategy.needs_loss_gradient and not has_capability(merge.problem, "target_loss"):
                 continue
@@ -264,7 +275,12 @@ def replay(
             for budget in [max(budgets)] if strategy_name in FIXED_DESIGNS else budgets:
                 if strategy_name == "binary" and budget < merge.n_branches:
                     continue
-                decision = merge.search(strategy, budget, chunks=chunks if with_pruning else 1)
+                decision = merge.search(
+                    strategy,
+                    budget,
+                    chunks=1 if sigmas is None else chunks,
+                    prune_sigmas=PRUNE_SIGMAS if sigmas is None else sigmas,
+                )
                 run = ReplayRun(
                     problem=name,
                     n_branches=merge.n_branches,

@@ -337,33 +337,92 @@ def _add_known_branches(
         )
 
 
-class IncumbentPruner(BasePruner):
-    """Stops a candidate whose running score after k validation chunks trails, by more than
-    ``margin``, the running score of the best finished candidate on the same k chunks.
+#: Trial attributes holding a candidate's per-chunk validation scores and example counts.
+CHUNK_SCORES, CHUNK_EXAMPLES = "chunk_scores", "chunk_examples"
+#: Default standard errors a candidate must trail the incumbent by before it is stopped.
+PRUNE_SIGMAS = 2.0
 
-    The comparison is paired (the same examples), so the noise of a chunk largely cancels. A
-    candidate ahead of every other on every prefix of chunks is never stopped: when the best
-    candidate's lead exceeds the chunk noise, pruning keeps the decision of a full evaluation.
+
+class IncumbentPruner(BasePruner):
+    """Stops a candidate that the validation chunks it has not seen could not plausibly rescue.
+
+    After m of N validation examples, the candidate trails the best finished candidate (the
+    incumbent) on the same examples by δ (a paired comparison: chunk noise shared by both
+    cancels). If the two were equally good on the N − m examples left, the candidate would gain
+    back m·δ only when the rest's summed paired difference exceeds it; that sum has standard
+    deviation σ·√(N − m), with σ the per-example spread of paired differences, estimated from the
+    chunk scores of the finished candidates (and this one's) against the incumbent. The candidate
+    is stopped when
+
+        δ > margin + sigmas · σ · √(N − m) / m,
+
+    so the bar is high after one chunk and falls as the remaining chunks could add less. With
+    ``sigmas = 0`` and ``margin = 0`` any deficit stops a candidate (the aggressive rule).
     """
 
-    def __init__(self, margin: float = 0.0) -> None:
+    def __init__(self, margin: float = 0.0, sigmas: float = PRUNE_SIGMAS) -> None:
         if not margin >= 0.0:
             raise invalid("prune_margin", margin, "a non-negative number")
-        self.margin = margin
+        if not sigmas >= 0.0 or not math.isfinite(sigmas):
+            raise invalid("prune_sigmas", sigmas, "a non-negative number")
+        self.margin, self.sigmas = margin, sigmas
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        step = trial.last_step
-        if step is None:
+        seen = _chunks_of(trial)
+        if not seen:
             return False
         finished = [
             t
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if step in t.intermediate_values and t.value is not None
+            if t.value is not None and len(_chunks_of(t)) >= len(seen)
         ]
         if not finished:
             return False
         incumbent = max(finished, key=lambda t: (t.value, -t.number))
-        return trial.intermediate_values[step] < incumbent.intermediate_values[step] - self.margin
+        reference = _chunks_of(incumbent)
+        m = sum(count for _, count in seen)
+        total = sum(count for _, count in reference)
+        pairs = zip(seen, reference, strict=False)  # the incumbent has every chunk
+        deficit = sum(count * (r - s) for (s, count), (r, _) in pairs) / m
+        if deficit <= self.margin:
+            return False
+        others = [_chunks_of(t) for t in finished if t is not incumbent] + [seen]
+        sigma = paired_spread(reference, others)
+        return deficit > self.margin + self.sigmas * sigma * math.sqrt(max(total - m, 0)) / m
+
+
+def _chunks_of(trial: FrozenTrial) -> list[tuple[float, int]]:
+    """A candidate's (chunk score, examples) so far, from its user attributes."""
+    scores = trial.user_attrs.get(CHUNK_SCORES, ())
+    return list(zip(scores, trial.user_attrs.get(CHUNK_EXAMPLES, ()), strict=True))
+
+
+def paired_spread(
+    reference: Sequence[tuple[float, int]], others: Sequence[Sequence[tuple[float, int]]]
+) -> float:
+    """Per-example standard deviation of paired score differences against ``reference``.
+
+    Each candidate with ≥ 2 chunks gives Σ_c n_c (d_c − d̄)² / (k − 1), d_c the chunk-score
+    difference on chunk c (Var d_c = σ² / n_c); the estimates are averaged. Without any (only
+    the incumbent finished, one chunk seen), the incumbent's own chunk spread stands in: an
+    unpaired, so conservative, estimate.
+    """
+
+    def spread(differences: Sequence[tuple[float, int]]) -> float | None:
+        if len(differences) < 2:
+            return None
+        total = sum(n for _, n in differences)
+        mean = sum(d * n for d, n in differences) / total
+        return sum(n * (d - mean) ** 2 for d, n in differences) / (len(differences) - 1)
+
+    estimates = [
+        spread([(s - r, n) for (s, n), (r, _) in zip(other, reference, strict=False)])
+        for other in others
+    ]
+    variances = [v for v in estimates if v is not None and math.isfinite(v)]
+    if not variances:
+        variances = [v for v in [spread(list(reference))] if v is not None]
+    return math.sqrt(sum(variances) / len(variances)) if variances else 0.0
 
 
 def _score_in_chunks(
@@ -371,16 +430,24 @@ def _score_in_chunks(
 ) -> tuple[float, float, bool]:
     """Score ``weights`` chunk by chunk, reporting the running score; stop when pruned.
 
-    Returns the running score, the share of the validation set scored and whether it was pruned.
+    Each chunk's score and size are kept as the trial's user attributes (what the pruner
+    compares). Returns the running score, the share of the validation set scored and whether
+    it was pruned.
     """
     total = examples = 0.0
     running = math.nan
+    scores: list[float] = []
+    counts: list[int] = []
     with contextlib.closing(chunk_scores(weights, chunks)) as parts:
         for step, (score, count) in enumerate(parts):
             total, examples = total + score * count, examples + count
             running = total / max(examples, 1e-12)
             if not math.isfinite(running):
                 return running, (step + 1) / chunks, False
+            scores.append(float(score))
+            counts.append(int(count))
+            trial.set_user_attr(CHUNK_SCORES, scores)
+            trial.set_user_attr(CHUNK_EXAMPLES, counts)
             trial.report(running, step)
             if step + 1 < chunks and trial.should_prune():
                 return running, (step + 1) / chunks, True
@@ -398,6 +465,7 @@ def search_merge(
     warm_start: Sequence[float] | None = None,
     chunks: int = 1,
     prune_margin: float = 0.0,
+    prune_sigmas: float = PRUNE_SIGMAS,
 ) -> MergeDecision:
     """Choose Λ maximising ``evaluate`` (the target validation score of Σ Λ_b θ_b).
 
@@ -407,8 +475,9 @@ def search_merge(
 
     With ``chunks`` > 1 and candidates that can be scored chunk by chunk, each candidate reports
     its running score after every chunk and :class:`IncumbentPruner` stops those that trail the
-    best finished candidate; only fully evaluated candidates can be chosen, so the decision's
-    score is always a full evaluation.
+    best finished candidate by more than ``prune_margin`` plus ``prune_sigmas`` standard errors
+    of what the remaining chunks could add; only fully evaluated candidates can be chosen, so the
+    decision's score is always a full evaluation.
 
     Example:
         >>> from fm_optuna.strategies import make_strategy
@@ -426,6 +495,7 @@ def search_merge(
     if not isinstance(chunks, int) or chunks < 1:
         raise invalid("evaluation_chunks", chunks, "a positive integer")
     pruned = chunks > 1 and candidates.chunk_scores is not None
+    incumbent_pruner = IncumbentPruner(prune_margin, prune_sigmas)  # checks them, used if pruned
     started = time.perf_counter()
     context = SearchContext(
         n_branches=n_branches,
@@ -462,10 +532,11 @@ def search_merge(
         # A non-finite value makes Optuna mark the trial FAIL, so samplers never learn from it.
         return score if state == "COMPLETE" else math.nan
 
-    pruner = IncumbentPruner(prune_margin) if pruned else optuna.pruners.NopPruner()
     with quiet_optuna():
         study = optuna.create_study(
-            direction="maximize", sampler=strategy.sampler(context), pruner=pruner
+            direction="maximize",
+            sampler=strategy.sampler(context),
+            pruner=incumbent_pruner if pruned else optuna.pruners.NopPruner(),
         )
         if strategy.uses_warm_start:
             _add_known_branches(study, strategy, context, records)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 
@@ -14,7 +15,14 @@ from fm_optuna.errors import ConfigError
 from fm_optuna.events import EventStream
 from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge
 from fm_optuna.merge_problem import MergeProblem, MergeProblemWriter, load_data
-from fm_optuna.search import Candidates, MergeDecision, search_merge
+from fm_optuna.search import (
+    CHUNK_EXAMPLES,
+    CHUNK_SCORES,
+    Candidates,
+    IncumbentPruner,
+    MergeDecision,
+    search_merge,
+)
 from fm_optuna.strategies import make_strategy
 from fm_optuna.tasks import Problem
 from tests.conftest import ToyProblem
@@ -166,3 +174,53 @@ def test_problems_without_chunks_are_evaluated_whole() -> None:
     )
     assert all(t.state == "COMPLETE" and t.fraction == 1.0 for t in decision.trials)
     assert math.isclose(decision.weights[0], 1.0)
+
+
+def pruner_verdict(sigmas: float, seen: list[float], margin: float = 0.0, chunk: int = 125) -> bool:
+    """Whether IncumbentPruner stops a candidate with chunk scores ``seen`` so far, against an
+    incumbent scoring 96 on each of 4 chunks and a finished rival whose paired difference with
+    it varies by ±1–2 points from chunk to chunk (σ per example ≈ 20.4 points)."""
+    study = optuna.create_study(direction="maximize")
+    for chunks in ([96.0] * 4, [95.0, 97.0, 94.0, 98.0]):
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=float(np.mean(chunks)),
+                intermediate_values={k: float(np.mean(chunks[: k + 1])) for k in range(4)},
+                user_attrs={CHUNK_SCORES: chunks, CHUNK_EXAMPLES: [chunk] * 4},
+            )
+        )
+    trial = study.ask()
+    trial.set_user_attr(CHUNK_SCORES, seen)
+    trial.set_user_attr(CHUNK_EXAMPLES, [chunk] * len(seen))
+    trial.report(float(np.mean(seen)), len(seen) - 1)
+    frozen = study.get_trials(deepcopy=False)[trial.number]
+    return IncumbentPruner(margin, sigmas).prune(study, frozen)
+
+
+def test_pruner_keeps_a_deficit_the_remaining_chunks_could_make_up() -> None:
+    # 1 point behind after one chunk: three chunks left could make it up (bar ≈ 2σ√375/125).
+    assert not pruner_verdict(2.0, [95.0])
+    assert pruner_verdict(0.0, [95.0])  # the aggressive rule stops it
+    assert pruner_verdict(2.0, [86.0])  # 10 points behind is beyond what the rest could add
+    # After three chunks the bar has fallen below 1 point (≈ 0.87 here).
+    assert not pruner_verdict(2.0, [95.5, 95.0, 95.5])
+    assert pruner_verdict(2.0, [94.0, 94.0, 94.0])
+    assert not pruner_verdict(0.0, [95.0], margin=1.5)  # a fixed margin adds to the bar
+
+
+def test_prune_sigmas_must_be_a_non_negative_number() -> None:
+    with pytest.raises(ConfigError, match=r"Parameter `prune_sigmas`.*non-negative"):
+        IncumbentPruner(sigmas=-1.0)
+    with pytest.raises(ConfigError, match=r"Parameter `prune_sigmas`.*non-negative"):
+        ForkMergeConfig(prune_sigmas=float("nan"))
+    with pytest.raises(ConfigError, match=r"Parameter `prune_sigmas`"):
+        search_merge(
+            lambda w: 0.0,
+            strategy=make_strategy("grid"),
+            n_branches=2,
+            budget=1,
+            seed=0,
+            branch_scores=(0.0, 0.0),
+            chunks=2,
+            prune_sigmas=-0.5,
+        )
