@@ -12,11 +12,12 @@ import json
 import math
 import statistics
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fm_optuna.errors import ConfigError, NonFiniteTraining
+from fm_optuna.errors import ConfigError, NonFiniteTraining, ProblemWarning
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -30,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    from fm_optuna.benchmarks import BENCHMARKS
+    from fm_optuna.benchmarks import describe_sources
     from fm_optuna.branches import PLANS
     from fm_optuna.config import (
         FINAL_MODELS,
@@ -43,7 +44,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("problem")
     g.add_argument(
-        "--benchmark", default="digits", help=f"one of {', '.join(BENCHMARKS)} (default: digits)"
+        "--benchmark",
+        default="digits",
+        help=f"the problem: {describe_sources()} (e.g. examples.diabetes:build, importable from "
+        "the working directory; default: digits)",
     )
     g.add_argument(
         "--target",
@@ -71,7 +75,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "TOML syntax, bare words as text), e.g. --option image_size=32 --option "
         "domains=clipart,sketch; repeatable",
     )
-    g.add_argument("--batch-size", type=int, default=32, help="per-task batch size (default: 32)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="per-task batch size (default: 32 for a problem whose factory takes batch_size)",
+    )
     g.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
     )
@@ -273,28 +282,32 @@ def benchmark_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def _problem(args: argparse.Namespace) -> Any:
-    from fm_optuna.benchmarks import build_problem
+    from fm_optuna.benchmarks import build_problem, resolve
     from fm_optuna.cli_study import _torch_setup
 
     device = _torch_setup(args)
+    source = resolve(args.benchmark)
     extra = _problem_options(args)
-    return build_problem(args.benchmark, target=args.target, seed=args.seed, device=device, **extra)
+    return build_problem(source, target=args.target, seed=args.seed, device=device, **extra)
 
 
 def _problem_options(args: argparse.Namespace) -> dict[str, Any]:
     """The benchmark options of the command line (what rebuilds the same problem)."""
-    from fm_optuna.benchmarks import BENCHMARKS, options
+    from fm_optuna.benchmarks import BENCHMARKS, resolve
     from fm_optuna.errors import invalid
 
-    extra: dict[str, Any] = {"batch_size": args.batch_size}
+    source = resolve(args.benchmark)
+    extra: dict[str, Any] = {}
+    if args.batch_size is not None or "batch_size" in source.options:
+        extra["batch_size"] = 32 if args.batch_size is None else args.batch_size
     if args.harmful_aux:
-        if args.benchmark != "digits":
+        if not source.accepts("harmful_aux"):
             raise invalid("harmful_aux", True, "used only with --benchmark digits")
         extra["harmful_aux"] = True
     if args.data_dir is not None:
-        if "data_dir" not in options(args.benchmark):
-            readers = [name for name in BENCHMARKS if "data_dir" in options(name)]
-            allowed = f"used only with --benchmark {', '.join(readers)}"
+        if not source.accepts("data_dir"):
+            readers = [name for name in BENCHMARKS if "data_dir" in resolve(name).options]
+            allowed = f"used only with --benchmark {', '.join(readers)} (or a problem taking it)"
             raise invalid("data_dir", args.data_dir, allowed)
         extra["data_dir"] = args.data_dir
     extra.update(benchmark_options(args.option))
@@ -329,7 +342,7 @@ def _print_table(comparisons: list[Any], *, higher_is_better: bool = True) -> No
     target = first.problem["target"]
     metric = first.results[0].target_metric
     print(
-        f"benchmark {first.problem['benchmark']}  target {target}  metric {metric}  "
+        f"benchmark {first.problem.get('benchmark', '-')}  target {target}  metric {metric}  "
         f"T={first.config.total_steps} Δt={first.config.dt} strategy={first.config.strategy}  "
         f"seeds={len(comparisons)}"
     )
@@ -371,7 +384,7 @@ def _print_table(comparisons: list[Any], *, higher_is_better: bool = True) -> No
 def cmd_run(args: argparse.Namespace) -> int:
     from fm_optuna.events import EventStream
     from fm_optuna.experiment import run_methods
-    from fm_optuna.progress import ProgressBars
+    from fm_optuna.progress import ProgressBars, ProgressLines, progress_stream
 
     config = _config(args)
     methods = tuple(m.strip() for m in args.methods.split(","))
@@ -391,18 +404,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     comparisons = []
     for offset in range(args.seeds):
         events = EventStream([ProgressBars(disable=True if args.json else None)])
+        lines = progress_stream(json_output=args.json)
+        if lines is not None:
+            events.observers.append(ProgressLines(lines))
         if store is not None:  # tracking (issue #3)
-            from fm_optuna.tracking import MlflowTracker
+            from fm_optuna.tracking import run_tracker
 
-            higher = problem.task(problem.target).higher_is_better
-            events.observers.append(MlflowTracker(store, higher_is_better=higher))
+            events.observers.append(run_tracker(store, problem))
         seed = args.seed + offset
         if args.save_merge_problems:
             events.observers.append(_merge_problem_writer(args, problem, events, seed))
         try:
             checkpoint = Path(
                 args.checkpoint
-                or f"tracking/checkpoints/run/{args.benchmark}-{problem.target}-seed{seed}.ckpt"
+                or f"tracking/checkpoints/run/{problem.name}-{problem.target}-seed{seed}.ckpt"
             )
             comparisons.append(
                 run_methods(
@@ -429,9 +444,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         planned = for_plan(problem, config.plan)
         _print_table(comparisons, higher_is_better=planned.task(planned.target).higher_is_better)
     if store is not None:  # tracking (issue #3)
+        from fm_optuna.tracking.uris import browse_command
+
         print(
             f"MLflow: experiment {store.experiment_name} in {store.display_uri}; "
-            "browse it with `fm-optuna ui`",
+            f"browse it with `{browse_command(store.uri, store.experiment_name)}`",
             file=sys.stderr,
         )
     return 0
@@ -447,7 +464,7 @@ def _merge_problem_writer(args: argparse.Namespace, problem: Any, events: Any, s
         "seed": args.seed,
         "options": _problem_options(args),
     }
-    folder = Path(args.save_merge_problems) / f"{args.benchmark}-{problem.target}-seed{seed}"
+    folder = Path(args.save_merge_problems) / f"{problem.name}-{problem.target}-seed{seed}"
     return MergeProblemWriter(folder, source, on_saved=artifact_logger(events.observers))
 
 
@@ -458,16 +475,21 @@ def _open_tracking(args: argparse.Namespace, problem: Any) -> Any:
     """The MLflow store and experiment of this invocation (``None`` with --no-tracking)."""
     if args.no_tracking:
         return None
-    from fm_optuna.tracking import default_experiment_name, open_store
+    from fm_optuna.tracking import open_run_store
 
-    experiment = args.experiment or default_experiment_name(args.benchmark, problem.target)
-    return open_store(args.tracking_uri, experiment=experiment)
+    return open_run_store(args.tracking_uri, problem, args.experiment)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from fm_optuna.tracking.ui import run_ui
 
-    return run_ui(args.tracking_uri, port=args.port, announce=lambda line: print(line, flush=True))
+    return run_ui(
+        args.tracking_uri,
+        port=args.port,
+        announce=lambda line: print(line, flush=True),
+        experiment=args.experiment,
+        open_browser=args.open,
+    )
 
 
 def _add_tracking_uri(parser: Any) -> None:  # a parser or an argument group
@@ -576,11 +598,23 @@ def build_parser() -> argparse.ArgumentParser:
         "ui",
         help="browse the tracked runs in the MLflow UI (on 127.0.0.1)",
         description="Start the MLflow UI for the tracking store on 127.0.0.1, print its URL and "
-        "serve until Ctrl-C. See tracking/README.md to serve a store to a team.",
+        "serve until Ctrl-C, with links to the newest experiments' runs tables and their "
+        "latest ForkMerge runs in the model-training view (the links work in a fresh browser). "
+        "See tracking/README.md to serve a store to a team.",
     )
     _add_tracking_uri(ui)
     ui.add_argument(
         "--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000; 0: any free)"
+    )
+    ui.add_argument(
+        "--experiment",
+        default=None,
+        help="link only this experiment (default: the five most recently updated)",
+    )
+    ui.add_argument(
+        "--open",
+        action="store_true",
+        help="open the first runs table in the default web browser",
     )
     ui.set_defaults(handler=cmd_ui)
 
@@ -610,11 +644,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_problem_warnings(command: str) -> None:
+    """Print a :class:`ProblemWarning` as one line (``fm-optuna run: warning: ...``)."""
+    default = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
+        if issubclass(category, ProblemWarning):
+            print(f"fm-optuna {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, *rest, **kwargs)
+
+    warnings.simplefilter("always", ProblemWarning)
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args))
+        with warnings.catch_warnings():
+            _show_problem_warnings(args.command)
+            return int(args.handler(args))
     except ConfigError as error:
         print(f"fm-optuna {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -19,7 +19,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fm_optuna.cli_study import _add_runtime, _add_tracking, _torch_setup, comparison_tracking
+from fm_optuna.cli_study import (
+    _add_runtime,
+    _add_tracking,
+    _torch_setup,
+    comparison_tracking,
+    tracked_comparison,
+)
+from fm_optuna.progress import progress_stream
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -41,34 +48,29 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return spec, config, _torch_setup(args)
 
 
-def _build(spec: Any, target: str | None, device: Any) -> Any:
-    from fm_optuna.benchmarks import build_problem
-    from fm_optuna.errors import ConfigError
-
-    try:
-        return build_problem(
-            spec.problem.benchmark,
-            target=target,
-            seed=spec.study.seed,
-            device=device,
-            **spec.problem.options,
-        )
-    except ConfigError as error:
-        raise ConfigError(f"{spec.path}: {error}") from None
-
-
-def _targets(spec: Any, text: str | None) -> list[str | None]:
-    from fm_optuna.benchmarks import targets
+def _problems(spec: Any, text: str | None, device: Any) -> list[Any]:
+    """The spec's problem for each requested target (``all``: every task the module declares as
+    a target, else every task of the built problem)."""
+    from fm_optuna.benchmarks import resolve
     from fm_optuna.errors import one_of
 
     if text is None:
-        return [spec.problem.target]
-    allowed = targets(spec.problem.benchmark)
+        return [spec.build_problem(device=device)]
+    first = None
+    allowed = resolve(spec.problem.benchmark).targets
+    if allowed is None:  # only the built problem knows its tasks
+        first = spec.build_problem(device=device)
+        allowed = first.task_names
     names = list(allowed) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
     for name in names:
         if name not in allowed:
             raise one_of("targets", name, allowed)
-    return list(dict.fromkeys(names))
+    return [
+        first
+        if first is not None and name == first.target
+        else spec.build_problem(device=device, target=name)
+        for name in dict.fromkeys(names)
+    ]
 
 
 def _fmt(mean: float | None, std: float | None = None, *, scale: float = 1.0) -> str:
@@ -89,11 +91,18 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.methods)  # a bad name fails before anything is built
     spec, config, device = _load(args)
-    problems = [_build(spec, target, device) for target in _targets(spec, args.targets)]
+    problems = _problems(spec, args.targets, device)
     if "forkmerge" in methods:
-        check_branches_fit(spec, len(problems[0].tasks))
+        check_branches_fit(spec, problems[0])
     seeds = [spec.study.seed + i for i in range(args.seeds)]
-    observers = comparison_tracking(args, spec, problems[0], "compare-methods", "target")
+    tracking = comparison_tracking(
+        args,
+        spec,
+        problems[0],
+        "compare-methods",
+        "target",
+        {**config.as_params(), "methods": ",".join(methods), "seeds": seeds},
+    )
     bar = tqdm(
         total=len(problems) * len(seeds) * len(methods),
         desc="compare-methods",
@@ -101,25 +110,35 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
         disable=None,
         file=sys.stderr,
     )
+    lines = progress_stream(json_output=args.json)
 
     def done(target: str, seed: int, method: str, summary: Any) -> None:
         bar.update(1)
         bar.set_postfix_str(f"{target} seed {seed}: {method} test {summary['target_test']:.2f}")
+        if lines is not None:
+            print(
+                f"[compare-methods {bar.n}/{bar.total}] {target} seed {seed}: {method} val "
+                f"{summary['target_val']:.2f} test {summary['target_test']:.2f}",
+                file=lines,
+                flush=True,
+            )
 
-    try:
-        report = compare_methods(
-            problems,
-            config,
-            methods,
-            seeds,
-            references=args.references,
-            observers=observers,
-            on_method=done,
-        )
-    finally:
-        bar.close()
-    out = Path(args.out or Path("tracking") / "compare-methods" / spec.study.name)
-    paths = report.save(out)
+    with tracked_comparison(tracking) as files:
+        try:
+            report = compare_methods(
+                problems,
+                config,
+                methods,
+                seeds,
+                references=args.references,
+                observers=tracking.observers if tracking else None,
+                on_method=done,
+            )
+        finally:
+            bar.close()
+        out = Path(args.out or Path("tracking") / "compare-methods" / spec.study.name)
+        paths = report.save(out)
+        files += paths.values()
     rows, snt = report.rows(), report.snt()
     if args.json:
         payload = {
@@ -192,7 +211,7 @@ def cmd_task_affinity(args: argparse.Namespace) -> int:
     from fm_optuna.training import seeded_model
 
     spec, config, device = _load(args)
-    problem = _build(spec, spec.problem.target, device)
+    problem = spec.build_problem(device=device)
     if len(problem.auxiliaries) < 2:
         raise invalid("spec", spec.path, "a problem with at least two auxiliary tasks to rank")
     steps = args.affinity_steps or config.ranking_steps or config.dt

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,8 @@ import optuna
 from tqdm.auto import tqdm
 
 from fm_optuna.events import MergeCompleted, Observer
+from fm_optuna.progress import ProgressLines, progress_stream
+from fm_optuna.tracking.uris import absolute_uri
 
 STATES = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -59,7 +64,7 @@ def _torch_setup(args: argparse.Namespace) -> Any:
 def cmd_tune(args: argparse.Namespace) -> int:
     from fm_optuna.errors import invalid
     from fm_optuna.spec import load_spec
-    from fm_optuna.study import Tuner, finished_trials, mask_password, target_metric_name
+    from fm_optuna.study import Tuner, finished_trials
 
     spec = load_spec(args.spec)
     if args.n_trials is not None and args.n_trials < 1:
@@ -73,20 +78,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
 
+    lines = progress_stream(json_output=args.json)
+
     def observers(trial: optuna.Trial, config: Any) -> list[Observer]:
-        return [TrialProgress(bar, trial, config.rounds, higher_is_better=tuner.higher_is_better)]
+        shown: list[Observer] = [
+            TrialProgress(bar, trial, config.rounds, higher_is_better=tuner.higher_is_better)
+        ]
+        if lines is not None:
+            shown.append(ProgressLines(lines, prefix=f"trial {trial.number}"))
+        return shown
 
-    def tracking(problem: Any) -> Any:
-        if args.no_tracking:
-            return None
-        from fm_optuna.tracking import StudyTracking, open_store
+    tracking = None
+    if not args.no_tracking:
+        from fm_optuna.tracking import study_tracking
 
-        store = open_store(
-            args.tracking_uri or spec.study.tracking_uri,
-            experiment=f"fm-optuna/study/{spec.study.name}",
-        )
-        target = problem.task(problem.target)
-        return StudyTracking(store, spec.study.name, higher_is_better=target.higher_is_better)
+        tracking = study_tracking(args.tracking_uri or spec.study.tracking_uri, spec.study.name)
 
     tuner = Tuner(
         spec,
@@ -101,6 +107,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         bar.n = min(len(finished_trials(study)), bar.total)
         bar.set_postfix_str(f"trial {trial.number} {trial.state.name} | best {_best_value(study)}")
         bar.refresh()
+        if lines is not None:
+            print(trial_line(study, trial), file=lines, flush=True)
 
     try:
         report = tuner.run(callbacks=[advance])
@@ -109,16 +117,41 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.__dict__, default=lambda o: o.__dict__, indent=2))
         return 0
+    print_tune_report(report, tuner)
+    return 0
+
+
+def trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+    """Optuna's own per-trial log line (``Trial 3 finished with value: ...``)."""
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        best = study.best_trial
+        return (
+            f"Trial {trial.number} finished with value: {trial.value} and parameters: "
+            f"{trial.params}. Best is trial {best.number} with value: {best.value}."
+        )
+    if trial.state == optuna.trial.TrialState.PRUNED:
+        step = max(trial.intermediate_values, default=None)
+        return f"Trial {trial.number} pruned at step {step} (parameters: {trial.params})."
+    return f"Trial {trial.number} {trial.state.name.lower()} (parameters: {trial.params})."
+
+
+def print_tune_report(report: Any, tuner: Any) -> None:
+    """The study's trials, the best one against the baselines, and where to browse it all."""
+    from fm_optuna.study import mask_password, target_metric_name
+
     print(
         f"study {report.study_name} on {report.storage}: {len(report.trials)} trials "
         f"({', '.join(f'{s} {sum(t.state == s for t in report.trials)}' for s in STATES)})"
     )
-    for outcome in report.trials:
-        if outcome.reason is not None:
-            print(f"trial #{outcome.number} {outcome.state}: {outcome.reason}")
+    for trial in report.trials:
+        value = "-" if trial.value is None else f"{trial.value:.4f}"
+        params = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+        print(f"  trial {trial.number:>3}  {trial.state:<8} {value:>8}  {params}")
+        if trial.reason is not None:
+            print(f"      {trial.reason}")
     if report.best_params is None:
         print("no trial has completed yet")
-        return 0
+        return
     params = ", ".join(f"{k}={v}" for k, v in report.best_params.items())
     print(f"best trial #{report.best_trial}: {params}")
     metric = target_metric_name(tuner.problem).removeprefix("target_val/")
@@ -129,16 +162,30 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"  target test ({tuner.problem.target}, from the saved final model "
             f"{report.best_model}): {test}"
         )
-    print(f"browse: optuna-dashboard {mask_password(tuner.storage_url)}")
+    if report.baselines:
+        _print_against_baselines(report, tuner.problem.task(tuner.problem.target))
+    storage = mask_password(absolute_uri(tuner.storage_url))
+    print(f"browse: optuna-dashboard {shlex.quote(storage)}")
     for line in report.tracking.get("browse", []):
         print(f"browse: {line}")
-    return 0
+
+
+def _print_against_baselines(report: Any, target: Any) -> None:
+    metric, sign = report.target_metric, 1.0 if target.higher_is_better else -1.0
+    best_test = (report.best_test or {}).get(metric)
+    print(f"best trial vs baselines at the same budget (target {target.name}, {metric}):")
+    print(f"  {'method':<22} {'val':>8} {'test':>8} {'ForkMerge gain':>15}")
+    rows = [(f"ForkMerge (trial #{report.best_trial})", report.best_value, best_test)]
+    rows += [(name.upper(), r["val"], r["test"]) for name, r in report.baselines.items()]
+    for name, val, test in rows:
+        gap = "-" if best_test is None or test is None else f"{sign * (best_test - test):+.2f}"
+        test_text = "-" if test is None else f"{test:.2f}"
+        print(f"  {name:<22} {val:>8.2f} {test_text:>8} {gap:>15}")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fm_optuna.benchmarks import build_problem
     from fm_optuna.compare import compare_strategies
-    from fm_optuna.errors import ConfigError, invalid
+    from fm_optuna.errors import invalid
     from fm_optuna.spec import check_branches_fit, load_spec
 
     if args.replay is not None:
@@ -165,20 +212,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.branches is not None:
         overrides["branches"] = args.branches
     config = spec.config(**overrides)
-    try:
-        problem = build_problem(
-            spec.problem.benchmark,
-            target=spec.problem.target,
-            seed=spec.study.seed,
-            device=device,
-            **spec.problem.options,
-        )
-    except ConfigError as error:
-        raise ConfigError(f"{spec.path}: {error}") from None
-    check_branches_fit(spec, len(problem.tasks))
+    problem = spec.build_problem(device=device)
+    check_branches_fit(spec, problem)
     seeds = [spec.study.seed + i for i in range(args.seeds)]
+    tracking = comparison_tracking(
+        args, spec, problem, "compare", "strategy", {**config.as_params(), "seeds": seeds}
+    )
     out = Path(args.out or Path("tracking") / "compare" / spec.study.name)
-    observers = comparison_tracking(args, spec, problem, "compare", "strategy")
+    observers = tracking.observers if tracking else None
     if spec.search.save_merge_problems:
         observers = _saving_merge_problems(observers, spec, problem, out / "merge_problems")
     bar = tqdm(
@@ -188,18 +229,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
         disable=None,
         file=sys.stderr,
     )
+    lines = progress_stream(json_output=args.json)
 
     def done(run: Any) -> None:
         bar.update(1)
         bar.set_postfix_str(f"{run.strategy} seed {run.seed}: test {run.test:.2f}")
+        if lines is not None:
+            print(
+                f"[compare {bar.n}/{bar.total}] {run.strategy} seed {run.seed}: val {run.val:.2f} "
+                f"test {run.test:.2f} ({run.seconds:.1f} s)",
+                file=lines,
+                flush=True,
+            )
 
-    try:
-        comparison = compare_strategies(
-            problem, config, strategies, seeds, observers=observers, on_run=done
-        )
-    finally:
-        bar.close()
-    paths = comparison.save(out)
+    with tracked_comparison(tracking) as files:
+        try:
+            comparison = compare_strategies(
+                problem, config, strategies, seeds, observers=observers, on_run=done
+            )
+        finally:
+            bar.close()
+        paths = comparison.save(out)
+        files += paths.values()
     rows = comparison.rows()
     if args.json:
         print(json.dumps({"table": rows, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
@@ -471,29 +522,39 @@ def add_commands(sub: Any) -> None:
 
 
 def comparison_tracking(
-    args: argparse.Namespace, spec: Any, problem: Any, kind: str, tag: str
+    args: argparse.Namespace, spec: Any, problem: Any, kind: str, tag: str, params: dict[str, Any]
 ) -> Any:
-    """An observer factory logging each compared run to MLflow, tagged ``tag=<value>``.
+    """The MLflow parent run of this comparison (``None`` with --no-tracking).
 
-    One experiment per comparison and spec (``fm-optuna/<kind>/<study name>``); the store is
-    opened here, before any training, so an unreachable store is one line and no lost work.
+    One experiment per comparison and spec (``fm-optuna/<kind>/<study name>``), one parent run
+    per invocation; the store is opened here, before any training, so an unreachable store is
+    one line and no lost work.
     """
     if args.no_tracking:
         return None
-    from fm_optuna.tracking import MlflowTracker, open_store
+    from fm_optuna.tracking import open_comparison
 
-    store = open_store(
+    return open_comparison(
         args.tracking_uri or spec.study.tracking_uri,
-        experiment=f"fm-optuna/{kind}/{spec.study.name}",
+        problem,
+        kind=kind,
+        study=spec.study.name,
+        tag=tag,
+        params=params,
     )
-    higher = problem.task(problem.target).higher_is_better
 
-    def observers(value: str, seed: int) -> list[Observer]:
-        return [
-            MlflowTracker(store, tags={tag: value}, run_prefix=f"{value}-", higher_is_better=higher)
-        ]
 
-    return observers
+@contextlib.contextmanager
+def tracked_comparison(tracking: Any) -> Iterator[list[Path]]:
+    """The comparison's parent run ends with the command (see ``ComparisonTracking.active``);
+    where to browse it is printed once it has."""
+    if tracking is None:
+        yield []
+        return
+    with tracking.active() as files:
+        yield files
+    for line in tracking.browse():
+        print(f"browse: {line}", file=sys.stderr)
 
 
 def _add_tracking(parser: argparse.ArgumentParser) -> None:

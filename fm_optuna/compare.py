@@ -21,11 +21,11 @@ import numpy as np
 
 from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import invalid, one_of
-from fm_optuna.events import EventStream, Observer
+from fm_optuna.events import EventStream, Observer, RunFinished
 from fm_optuna.forkmerge import run_forkmerge
 from fm_optuna.ranking import plan_branches
 from fm_optuna.strategies import STRATEGIES
-from fm_optuna.tasks import Problem
+from fm_optuna.tasks import Problem, describe_problem
 from fm_optuna.training import seeded_model, target_score
 
 
@@ -133,6 +133,46 @@ def plot_strategies(rows: list[dict[str, Any]], path: Path, *, metric: str) -> N
     plt.close(figure)
 
 
+def _run_strategy(
+    problem: Problem, config: ForkMergeConfig, events: EventStream, ranking_seconds: float
+) -> StrategyRun:
+    """One ForkMerge run, ended in the event stream with the same final metrics as ``run``'s."""
+    target = problem.task(problem.target)
+    try:
+        result = run_forkmerge(problem, config, events)
+        val = problem.evaluate(result.model, "val", [target.name])[target.name]
+        test = problem.evaluate(result.model, "test", [target.name])[target.name]
+    except Exception:
+        events.emit(RunFinished(run="forkmerge", summary={}, seconds=0.0, status="FAIL"))
+        raise
+    seconds = result.seconds + ranking_seconds
+    events.emit(
+        RunFinished(
+            run="forkmerge",
+            summary={
+                "method": "forkmerge",
+                "target_metric": target.metric,
+                "target_val": val[target.metric],
+                "target_test": test[target.metric],
+                "seconds": seconds,
+                "val": {target.name: val},
+                "test": {target.name: test},
+            },
+            seconds=seconds,
+        )
+    )
+    return StrategyRun(
+        strategy=config.strategy,
+        seed=config.seed,
+        val=val[target.metric],
+        test=test[target.metric],
+        evaluations_per_merge=statistics.mean(d.n_trials for d in result.decisions),
+        merge_seconds_per_round=statistics.mean(d.seconds for d in result.decisions),
+        seconds=seconds,
+        lambdas=[list(w) for w in result.lambda_history],
+    )
+
+
 def compare_strategies(
     problem: Problem,
     base: ForkMergeConfig,
@@ -154,7 +194,7 @@ def compare_strategies(
             "seeds": list(seeds),
             "strategies": list(strategies),
             "target_metric": target.metric,
-            **problem.describe(),
+            **describe_problem(problem),
         }
     )
     for seed in seeds:
@@ -173,22 +213,9 @@ def compare_strategies(
             )
             events = EventStream(observers(strategy, seed) if observers else ())
             try:
-                result = run_forkmerge(problem, config, events)
+                run = _run_strategy(problem, config, events, ranking.seconds)
             finally:
                 events.close()
-            test_metrics = problem.evaluate(result.model, "test", [target.name])[target.name]
-            run = StrategyRun(
-                strategy=strategy,
-                seed=seed,
-                val=problem.evaluate(result.model, "val", [target.name])[target.name][
-                    target.metric
-                ],
-                test=test_metrics[target.metric],
-                evaluations_per_merge=statistics.mean(d.n_trials for d in result.decisions),
-                merge_seconds_per_round=statistics.mean(d.seconds for d in result.decisions),
-                seconds=result.seconds + ranking.seconds,
-                lambdas=[list(w) for w in result.lambda_history],
-            )
             comparison.runs.append(run)
             if on_run is not None:
                 on_run(run)

@@ -68,6 +68,10 @@ class NonFiniteTraining(FmOptunaError):
         )
 
 
+class ProblemWarning(UserWarning):
+    """A problem that runs, but probably not as its author meant (e.g. no task heads found)."""
+
+
 def invalid(parameter: str, value: object, allowed: str) -> ConfigError:
     """Build the house-format error: "Parameter `dt` should be ... Found `dt = 0`."."""
     return ConfigError(

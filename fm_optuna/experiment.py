@@ -44,7 +44,7 @@ from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import one_of
 from fm_optuna.events import EventStream, RunFinished
 from fm_optuna.forkmerge import ForkMergeResult, run_forkmerge
-from fm_optuna.tasks import Problem, Split, TaskMetrics, for_plan
+from fm_optuna.tasks import Problem, Split, TaskMetrics, describe_problem, for_plan
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def run_methods(
         raise one_of("references", references, REFERENCES)
     problem = for_plan(problem, config.plan)  # every method is judged on the same target
     events = events or EventStream()
-    comparison = Comparison(problem=problem.describe(), config=config, references=references)
+    comparison = Comparison(problem=describe_problem(problem), config=config, references=references)
     target = problem.task(problem.target)
     reference_metrics = comparison.reference_metrics
     if references == "tasks":

@@ -44,7 +44,7 @@ from fm_optuna.merging import BranchStack
 from fm_optuna.ranking import Ranking, plan_branches
 from fm_optuna.search import MergeDecision, MergeStrategy
 from fm_optuna.strategies import make_strategy
-from fm_optuna.tasks import Problem, for_plan
+from fm_optuna.tasks import Problem, describe_problem, for_plan
 from fm_optuna.training import (
     Optimization,
     WeightedSum,
@@ -301,7 +301,7 @@ class _ForkMergeLoop:
                 run=self.name,
                 params={
                     **self.config.as_params(),
-                    **self.problem.describe(),
+                    **describe_problem(self.problem),
                     "ranking_method": self.ranking.method,
                     "ranking_order": ",".join(self.ranking.order),
                     "n_branches": len(self.runs),

@@ -32,7 +32,7 @@ from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import invalid, one_of
 from fm_optuna.events import EventStream, Observer, RunFinished
 from fm_optuna.experiment import METHODS, REFERENCES, Comparison, method_kind, run_methods
-from fm_optuna.tasks import Problem
+from fm_optuna.tasks import Problem, describe_problem
 
 ObserverFactory = Callable[[str, int], Sequence[Observer]]  # (target, seed) -> observers
 
@@ -256,7 +256,7 @@ def compare_methods(
             **config.as_params(),
             "seeds": list(seeds),
             "references": references,
-            **{k: v for k, v in problems[0].describe().items() if k != "target"},
+            **{k: v for k, v in describe_problem(problems[0]).items() if k != "target"},
             "targets": targets,
         },
         methods=tuple(methods),

@@ -16,9 +16,9 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fm_optuna.benchmarks import BENCHMARKS, targets
+from fm_optuna.benchmarks import resolve
 from fm_optuna.branches import PLANS
 from fm_optuna.config import (
     FINAL_MODELS,
@@ -30,6 +30,9 @@ from fm_optuna.config import (
 )
 from fm_optuna.errors import ConfigError
 from fm_optuna.strategies import STRATEGIES
+
+if TYPE_CHECKING:
+    from fm_optuna.tasks import Problem
 
 DEFAULT_OPTUNA_STORAGE = "sqlite:///tracking/optuna.db"
 OUTER_SAMPLERS = ("tpe", "random")
@@ -62,11 +65,13 @@ class StudySection:
     heartbeat_seconds: int = 10
     max_retry: int = 2
     checkpoint_dir: str = "tracking/checkpoints"
+    # Baselines trained once with the best trial's budget, for the summary `tune` ends with.
+    baselines: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ProblemSection:
-    benchmark: str = "digits"
+    benchmark: str = "digits"  # a shipped benchmark, a plugin's name or module.path:factory
     target: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)  # benchmark-specific options
 
@@ -112,7 +117,7 @@ class SpaceSection:
 
 @dataclass(frozen=True)
 class StudySpec:
-    path: Path
+    path: Path | str  # the file, or the call that built the spec (named in messages)
     study: StudySection
     problem: ProblemSection
     training: TrainingSection
@@ -149,11 +154,27 @@ class StudySpec:
         values.update(overrides)
         return ForkMergeConfig(**values)
 
+    def build_problem(self, *, device: Any, target: str | None = None) -> Problem:
+        """The ``[problem]`` built (``target`` overrides the spec's) and checked; a mistake is
+        one line naming this file."""
+        from fm_optuna.benchmarks import build_problem
+
+        try:
+            return build_problem(
+                self.problem.benchmark,
+                target=target or self.problem.target,
+                seed=self.study.seed,
+                device=device,
+                **self.problem.options,
+            )
+        except ConfigError as error:
+            raise ConfigError(f"{self.path}: {error}") from None
+
 
 class _Reader:
     """Typed access to one TOML table that remembers the file and the key path for messages."""
 
-    def __init__(self, path: Path, table: Mapping[str, Any], prefix: str) -> None:
+    def __init__(self, path: Path | str, table: Mapping[str, Any], prefix: str) -> None:
         self.path, self.table, self.prefix = path, dict(table), prefix
 
     def error(self, key: str, value: Any, allowed: str) -> ConfigError:
@@ -242,6 +263,74 @@ def _int_range(reader: _Reader, key: str, *, minimum: int) -> IntRange | None:
     return IntRange(low, high, table.bool("log", False))
 
 
+def _baselines(reader: _Reader) -> tuple[str, ...]:
+    from fm_optuna.baselines import BASELINES
+
+    value = reader.table.get("baselines", [])
+    allowed = "a list of baseline names among " + ", ".join(BASELINES)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise reader.error("baselines", value, allowed)
+    for name in value:
+        if name not in BASELINES:
+            raise reader.error("baselines", name, allowed)
+    return tuple(dict.fromkeys(value))
+
+
+def _problem_section(p: _Reader) -> ProblemSection:
+    """[problem]: the problem's source is resolved now (an unimportable module is one line);
+    targets and options are checked against what the factory declares."""
+    benchmark = p.str("benchmark", "digits")
+    try:
+        source = resolve(benchmark)
+    except ConfigError as error:
+        raise ConfigError(f"{p.path}: {error}") from None
+    target = p.str("target", None, source.targets)
+    options = {k: v for k, v in p.table.items() if k not in ("benchmark", "target")}
+    p.check_keys({"benchmark", "target", *source.options} if not source.any_option else p.table)
+    return ProblemSection(benchmark, target, options)
+
+
+def parse_space(table: Mapping[str, Any], *, steps: int, where: str = "space") -> SpaceSection:
+    """The search space of an outer study from a mapping with the keys of a study file's
+    ``[space]`` table, validated as the file would be.
+
+    Example:
+        >>> parse_space({"dt": {"low": 20, "high": 60}, "branches": {"low": 2, "high": 3}},
+        ...             steps=120).dt
+        IntRange(low=20, high=60, log=False)
+    """
+    return _space_section(_Reader(where, table, "space."), steps)
+
+
+def _space_section(r: _Reader, steps: int) -> SpaceSection:
+    r.check_keys(_field_names(SpaceSection))
+    dt = _int_range(r, "dt", minimum=1)
+    if dt is not None and dt.high > steps:
+        raise r.error("dt", r.table["dt"], f"a range within 1..training.steps ({steps})")
+    branches = _int_range(r, "branches", minimum=2)
+    lr = None
+    if "lr" in r.table:
+        lt = r.sub("lr")
+        lt.check_keys({"low", "high", "log"})
+        lr = FloatRange(
+            lt.float("low", 0, positive=True),
+            lt.float("high", 0, positive=True),
+            lt.bool("log", False),
+        )
+        if lr.low > lr.high:
+            raise r.error("lr", r.table["lr"], "a non-empty range (low ≤ high)")
+    policies = r.table.get("optimizer_policy")
+    if policies is not None and (
+        not isinstance(policies, list)
+        or not policies
+        or any(p not in OPTIMIZER_POLICIES for p in policies)
+    ):
+        raise r.error(
+            "optimizer_policy", policies, "a non-empty list of " + ", ".join(OPTIMIZER_POLICIES)
+        )
+    return SpaceSection(dt, branches, lr, tuple(policies) if policies else None)
+
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study specification; every mistake is a one-line ConfigError."""
     path = Path(path)
@@ -269,13 +358,10 @@ def load_spec(path: str | Path) -> StudySpec:
         heartbeat_seconds=s.int("heartbeat_seconds", 10, minimum=1),
         max_retry=s.int("max_retry", 2, minimum=0),
         checkpoint_dir=s.str("checkpoint_dir", "tracking/checkpoints"),
+        baselines=_baselines(s),
     )
 
-    p = root.sub("problem")
-    benchmark = p.str("benchmark", "digits", BENCHMARKS)
-    target = p.str("target", None, targets(benchmark))
-    options = {k: v for k, v in p.table.items() if k not in ("benchmark", "target")}
-    problem = ProblemSection(benchmark, target, options)
+    problem = _problem_section(root.sub("problem"))
 
     t = root.sub("training")
     t.check_keys(_field_names(TrainingSection))
@@ -315,33 +401,7 @@ def load_spec(path: str | Path) -> StudySpec:
         save_merge_problems=q.bool("save_merge_problems", False),
     )
 
-    r = root.sub("space")
-    r.check_keys(_field_names(SpaceSection))
-    dt = _int_range(r, "dt", minimum=1)
-    if dt is not None and dt.high > steps:
-        raise r.error("dt", r.table["dt"], f"a range within 1..training.steps ({steps})")
-    branches = _int_range(r, "branches", minimum=2)
-    lr = None
-    if "lr" in r.table:
-        lt = r.sub("lr")
-        lt.check_keys({"low", "high", "log"})
-        lr = FloatRange(
-            lt.float("low", 0, positive=True),
-            lt.float("high", 0, positive=True),
-            lt.bool("log", False),
-        )
-        if lr.low > lr.high:
-            raise r.error("lr", r.table["lr"], "a non-empty range (low ≤ high)")
-    policies = r.table.get("optimizer_policy")
-    if policies is not None and (
-        not isinstance(policies, list)
-        or not policies
-        or any(p not in OPTIMIZER_POLICIES for p in policies)
-    ):
-        raise r.error(
-            "optimizer_policy", policies, "a non-empty list of " + ", ".join(OPTIMIZER_POLICIES)
-        )
-    space = SpaceSection(dt, branches, lr, tuple(policies) if policies else None)
+    space = _space_section(root.sub("space"), steps)
     spec = StudySpec(path, study, problem, training, search, space)
     try:
         spec.config()  # the fixed part must be a valid configuration on its own
@@ -350,12 +410,13 @@ def load_spec(path: str | Path) -> StudySpec:
     return spec
 
 
-def check_branches_fit(spec: StudySpec, n_tasks: int) -> None:
+def check_branches_fit(spec: StudySpec, problem: Problem) -> None:
     """L (fixed or its searched range) must be makeable from the problem's K tasks."""
+    n_tasks = len(problem.tasks)
     highest = spec.space.branches.high if spec.space.branches else spec.training.branches
     if highest is not None and highest > n_tasks:
         key = "space.branches.high" if spec.space.branches else "training.branches"
         raise ConfigError(
             f"{spec.path}: Parameter `{key}` should be at most {n_tasks} (the tasks of "
-            f"{spec.problem.benchmark}). Found `{key} = {highest}`."
+            f"{problem.name}). Found `{key} = {highest}`."
         )

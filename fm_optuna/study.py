@@ -16,13 +16,14 @@ resumes from the dead trial's last merge checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
 import socket
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,12 +34,12 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from fm_optuna.benchmarks import build_problem
 from fm_optuna.checkpoints import Checkpointer, load_checkpoint, save_checkpoint
+from fm_optuna.checks import check_problem
 from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import ConfigError, NonFiniteTraining
 from fm_optuna.events import EventStream, MergeCompleted, Observer, RunFinished
-from fm_optuna.forkmerge import run_forkmerge
+from fm_optuna.forkmerge import ForkMergeResult, run_forkmerge
 from fm_optuna.merge_problem import MergeProblemWriter, artifact_logger
 from fm_optuna.search import quiet_optuna
 from fm_optuna.spec import StudySpec, check_branches_fit
@@ -208,6 +209,16 @@ def _failed(trial: optuna.Trial, events: EventStream, error: Exception) -> None:
     )
 
 
+def lambda_table(result: ForkMergeResult) -> list[dict[str, float]]:
+    """Λ per merge keyed by branch name, as optuna-dashboard shows a trial's user attribute:
+    ``[{"step": 100, "target": 0.6, "target+top2": 0.4, "all": 0.0}, ...]``."""
+    names = [branch.name for branch in result.branches]
+    return [
+        {"step": step, **{name: round(w, 4) for name, w in zip(names, weights, strict=True)}}
+        for step, weights in zip(result.steps, result.lambda_history, strict=True)
+    ]
+
+
 @dataclass
 class TrialOutcome:
     number: int
@@ -229,6 +240,10 @@ class TuneReport:
     best_model: str | None
     trials: list[TrialOutcome]
     tracking: dict[str, Any]
+    target_metric: str = ""
+    # Baseline → {"val", "test", "seconds"}: the spec's baselines trained with the best trial's
+    # budget (same T, learning rate and seed), for the comparison the summary ends with.
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class Tuner:
@@ -245,14 +260,26 @@ class Tuner:
         device: torch.device | None = None,
         problem: Problem | None = None,
         tracking: Callable[[Problem], StudyObserver] | None = None,
+        config: ForkMergeConfig | None = None,
+        sampler: optuna.samplers.BaseSampler | None = None,
+        pruner: BasePruner | None = None,
     ) -> None:
+        """``problem`` (checked here) replaces the spec's ``[problem]``; ``config`` is the base
+        configuration each trial's suggestions override (default: the spec's); ``sampler`` and
+        ``pruner`` objects replace the spec's named ones."""
         self.spec = spec
         self.storage_url = storage or spec.study.storage
         self.n_trials = n_trials or spec.study.n_trials
         self.observers = observers
+        self.base_config = config or spec.config()
+        self.sampler, self.pruner = sampler, pruner
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.problem = problem or self._build_problem()
-        check_branches_fit(spec, len(self.problem.tasks))
+        if problem is None:
+            problem = spec.build_problem(device=self.device)
+        else:
+            check_problem(problem)
+        self.problem = problem
+        check_branches_fit(spec, self.problem)
         # Opened after every cheap check and before the Optuna storage: a mistake creates nothing.
         self.tracking = tracking(self.problem) if tracking is not None else None
         self.storage = open_storage(
@@ -274,29 +301,18 @@ class Tuner:
 
         return stale
 
-    def _build_problem(self) -> Problem:
-        problem = self.spec.problem
-        try:
-            return build_problem(
-                problem.benchmark,
-                target=problem.target,
-                seed=self.spec.study.seed,
-                device=self.device,
-                **problem.options,
-            )
-        except ConfigError as error:
-            raise ConfigError(f"{self.spec.path}: {error}") from None
+    def _named_sampler(self) -> optuna.samplers.BaseSampler:
+        s = self.spec.study
+        if s.sampler == "tpe":
+            return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(4, self.n_trials))
+        return optuna.samplers.RandomSampler(seed=s.seed)
 
     def create_study(self) -> optuna.Study:
+        sampler = self.sampler or self._named_sampler()
+        pruner = self.pruner or (
+            MedianPruner() if self.spec.study.pruner == "median" else optuna.pruners.NopPruner()
+        )
         s = self.spec.study
-        sampler: optuna.samplers.BaseSampler
-        if s.sampler == "tpe":
-            sampler = optuna.samplers.TPESampler(
-                seed=s.seed, n_startup_trials=min(4, self.n_trials)
-            )
-        else:
-            sampler = optuna.samplers.RandomSampler(seed=s.seed)
-        pruner = MedianPruner() if s.pruner == "median" else optuna.pruners.NopPruner()
         direction = "maximize" if self.higher_is_better else "minimize"
         study = optuna.create_study(
             study_name=s.name,
@@ -334,7 +350,7 @@ class Tuner:
             fixed["optimizer_policy"] = trial.suggest_categorical(
                 "optimizer_policy", list(space.optimizer_policy)
             )
-        return self.spec.config(**fixed)
+        return dataclasses.replace(self.base_config, **fixed)
 
     def checkpoint_path(self, root: int) -> Path:
         return self.checkpoints / f"trial_{root}.ckpt"
@@ -393,12 +409,20 @@ class Tuner:
                 self.model_path(trial.number),
             )
             trial.set_user_attr("final_model", str(self.model_path(trial.number)))
-            trial.set_user_attr("lambda_history", [list(w) for w in result.lambda_history])
+            trial.set_user_attr("lambda_history", lambda_table(result))
             trial.set_user_attr("val_metrics", metrics)
+            target = self.problem.task(self.problem.target)
             events.emit(
                 RunFinished(
                     run="forkmerge",
-                    summary={"target_val": metrics},
+                    # The keys `run`, `compare` and `compare-methods` log too: final/target_val,
+                    # final/val/<target>/<metric>, final/seconds.
+                    summary={
+                        "method": "forkmerge",
+                        "target_metric": target.metric,
+                        "target_val": metrics[target.metric],
+                        "val": {target.name: metrics},
+                    },
                     seconds=result.seconds,
                     status="COMPLETE",
                 )
@@ -431,6 +455,8 @@ class Tuner:
                     gc_after_trial=False,
                 )
         report = self.report(study)
+        if report.best_trial is not None and self.spec.study.baselines:
+            report.baselines = self.baseline_scores(study, study.best_trial)
         if self.tracking is not None:
             self.tracking.finish(report.best_trial, report.best_value, len(report.trials))
             report.tracking["browse"] = self.tracking.browse()
@@ -466,7 +492,32 @@ class Tuner:
             best_model,
             outcomes,
             {},
+            self.problem.task(self.problem.target).metric,
         )
+
+    def baseline_scores(
+        self, study: optuna.Study, best: FrozenTrial
+    ) -> dict[str, dict[str, float]]:
+        """The spec's baselines trained with the best trial's budget; kept in the study's user
+        attributes, so a resumed or shared study trains each of them once."""
+        from fm_optuna.experiment import run_methods
+
+        config = self.suggest(optuna.trial.FixedTrial(best.params))  # type: ignore[arg-type]
+        budget = {"steps": config.total_steps, "lr": config.lr, "seed": config.seed}
+        cached = study.user_attrs.get("baselines", {})
+        scores = {}
+        for method in self.spec.study.baselines:
+            key = f"{method} {budget}"
+            if key not in cached:
+                result = run_methods(self.problem, config, (method,)).results[0]
+                cached[key] = {
+                    "val": result.target_val,
+                    "test": result.target_test,
+                    "seconds": result.seconds,
+                }
+                study.set_user_attr("baselines", cached)
+            scores[method] = cached[key]
+        return scores
 
     def test_saved_model(self, path: str) -> dict[str, float] | None:
         """Test metrics of a trial's saved final model (never retrained)."""

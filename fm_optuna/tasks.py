@@ -24,6 +24,9 @@ TaskMetrics = dict[str, float]
 class Task:
     """One objective: a loss (computed by the problem) and metrics with one primary metric.
 
+    The problem's ``evaluate`` must return ``metric`` among this task's metrics; the merge
+    search and the outer study optimise the target's ``metric`` in its direction.
+
     Args:
         name: Unique task name, e.g. ``"mnist"`` or ``"mu"``.
         metric: Name of the primary metric in the task's metrics, e.g. ``"accuracy"``.
@@ -43,8 +46,30 @@ class Task:
 class Problem(abc.ABC):
     """A multi-task problem: tasks, a target, a model factory, batches and evaluation.
 
-    Subclasses keep their data on ``self.device`` so drawing a batch is an index operation.
-    Every random draw takes an explicit ``torch.Generator`` so that a seed fixes a run.
+    A subclass sets four attributes and implements three methods:
+
+    - ``name`` (str): shown in runs and messages, e.g. ``"diabetes"``;
+    - ``tasks`` (tuple of :class:`Task`): distinct names, each with its primary metric;
+    - ``target`` (str): the name of one of ``tasks``; the others are the auxiliaries;
+    - ``device`` (``torch.device``): where the model and the data live;
+    - :meth:`make_model` returns a fresh ``nn.Module`` (the caller seeds ``torch``); put the
+      task heads under ``model.heads`` (or override :meth:`shared_parameters`);
+    - :meth:`task_losses` returns ``{task: scalar loss tensor}`` for *every* requested task, on
+      batches drawn with the given ``torch.Generator`` (so a seed fixes the data order);
+    - :meth:`evaluate` returns ``{task: {metric: float}}`` for the requested tasks (all when
+      ``None``) on ``"val"`` or ``"test"``, with each task's ``Task.metric`` among the metrics.
+
+    :meth:`describe` (loggable options) and :meth:`shared_parameters` have defaults. Keep the
+    data on ``device`` so drawing a batch is an index operation. A factory
+    ``build(*, target, seed, device, **options) -> Problem`` makes the problem usable from the
+    command line and study files as ``module.path:build``; :func:`fm_optuna.check_problem`
+    checks all of the above on one draw.
+
+    Example:
+        >>> from examples.diabetes import build
+        >>> problem = build(target="progression")
+        >>> problem.target, problem.auxiliaries
+        ('progression', ('bmi', 's5', 'noise'))
     """
 
     name: str
@@ -123,7 +148,8 @@ class Problem(abc.ABC):
         ]
 
     def describe(self) -> dict[str, object]:
-        """Flat, loggable description of the problem's options (sizes, target, ...)."""
+        """Flat, loggable description of the problem's options (sizes, target, ...); no key is
+        required (``benchmark`` and ``target`` are filled in from ``name`` and ``target``)."""
         return {"benchmark": self.name, "target": self.target}
 
 
@@ -131,6 +157,12 @@ def has_capability(problem: Problem, name: str) -> bool:
     """Whether ``problem`` overrides the optional method ``name`` (``target_chunks``,
     ``target_loss``) rather than inheriting :class:`Problem`'s default."""
     return getattr(type(problem), name) is not getattr(Problem, name)
+
+
+def describe_problem(problem: Problem) -> dict[str, object]:
+    """``describe()`` with the keys reports rely on filled in (``benchmark``, ``target``): a
+    problem's own ``describe()`` need not return them."""
+    return {"benchmark": problem.name, "target": problem.target, **problem.describe()}
 
 
 JOINT_TARGET = "all_tasks"

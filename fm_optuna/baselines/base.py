@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from fm_optuna.errors import NonFiniteTraining
 from fm_optuna.events import EventStream, RunStarted, TrainingProgress
+from fm_optuna.tasks import describe_problem
 from fm_optuna.training import (
     UpdateRule,
     data_generator,
@@ -98,7 +99,7 @@ def run_baseline(
             run=baseline.name,
             params={
                 **config.as_params(),
-                **problem.describe(),
+                **describe_problem(problem),
                 "method": baseline.name,
                 **baseline.params(),
             },

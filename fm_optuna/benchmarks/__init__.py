@@ -1,16 +1,38 @@
-"""Benchmarks: one module per problem, registered by name.
+"""Problems by name: the shipped benchmarks, installed plugins and ``module.path:factory``.
 
-Each module exposes ``TARGETS`` (the tasks that may be the target), ``DEFAULT_TARGET`` and
-``build(*, target, seed, device, **options) -> Problem``. Adding a benchmark means adding a
-module and one line to ``_MODULES``.
+A *problem source* is anything that names a factory ``build(*, target, seed, device, **options)
+-> Problem``:
+
+- a shipped benchmark (``digits``, ``qm9``, ...): one module here exposing ``TARGETS``,
+  ``DEFAULT_TARGET`` and ``build``;
+- an installed plugin: an entry point of the group ``fm_optuna.problems`` whose value is
+  ``package.module:factory`` (listed by ``fm-optuna run --help``);
+- ``module.path:factory``: a module importable from the working directory or an installed
+  package, e.g. ``examples.diabetes:build``.
+
+The factory's module may define ``TARGETS`` and ``DEFAULT_TARGET`` as the shipped modules do;
+without them the target is checked against the built problem's tasks
+(:func:`fm_optuna.checks.check_problem`). Its keyword options are its parameters besides
+``target``, ``seed`` and ``device``; a factory with ``**options`` accepts any.
+
+Example:
+    >>> source = resolve("digits")
+    >>> source.default_target, "batch_size" in source.options
+    ('uci', True)
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from fm_optuna.errors import ConfigError, one_of
+from fm_optuna.errors import ConfigError, invalid, one_of
 
 if TYPE_CHECKING:
     import torch
@@ -29,50 +51,202 @@ _MODULES = {
 }
 
 BENCHMARKS: tuple[str, ...] = tuple(_MODULES)
+#: Entry-point group of installed problem plugins: ``name = "package.module:factory"``.
+ENTRY_POINT_GROUP = "fm_optuna.problems"
+_FIXED = ("target", "seed", "device")
+_ALLOWED = (
+    "a shipped benchmark (" + ", ".join(BENCHMARKS) + "), an installed plugin of the entry-point "
+    f"group {ENTRY_POINT_GROUP} or module.path:factory"
+)
 
 
-def _module(benchmark: str) -> Any:
-    if benchmark not in _MODULES:
-        raise one_of("benchmark", benchmark, _MODULES)
-    return importlib.import_module(_MODULES[benchmark])
+@dataclass(frozen=True)
+class ProblemSource:
+    """A resolved problem name: its factory and what is known of it before building.
+
+    Attributes:
+        name: The name as given (``digits``, a plugin's name or ``module.path:factory``).
+        factory: ``factory(*, target, seed, device, **options) -> Problem``.
+        targets: Tasks that may be the target, when the module declares ``TARGETS``.
+        default_target: ``DEFAULT_TARGET`` of the module, if any.
+        options: The factory's keyword options (besides target, seed, device).
+        any_option: Whether the factory takes ``**options``.
+        shipped: One of the benchmarks inside fm_optuna.
+    """
+
+    name: str
+    factory: Callable[..., Problem]
+    targets: tuple[str, ...] | None
+    default_target: str | None
+    options: tuple[str, ...]
+    any_option: bool
+    shipped: bool = False
+
+    def accepts(self, option: str) -> bool:
+        return self.any_option or option in self.options
+
+
+def plugins() -> dict[str, str]:
+    """Installed problem plugins: entry-point name → ``module:factory``."""
+    return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def describe_sources() -> str:
+    """One line for ``--help``: what ``--benchmark`` accepts on this machine."""
+    installed = plugins()
+    extra = f"; installed plugins: {', '.join(sorted(installed))}" if installed else ""
+    return f"one of {', '.join(BENCHMARKS)}{extra}; or module.path:factory"
+
+
+def _import(path: str, name: str) -> Any:
+    """``module.path:attr`` → the attribute; the working directory is importable, as for
+    ``python -m``."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute.isidentifier():
+        raise invalid("benchmark", name, _ALLOWED)
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(
+            f"Parameter `benchmark` should name an importable module. Found `benchmark = "
+            f"{name}` ({type(error).__name__}: {error}; run from the folder that holds it or "
+            "install its package)."
+        ) from None
+    if not hasattr(module, attribute):
+        raise ConfigError(
+            f"Parameter `benchmark` should name a factory of module {module_name}. Found "
+            f"`benchmark = {name}` ({module_name} has no attribute `{attribute}`)."
+        )
+    return module, getattr(module, attribute)
+
+
+def _source(name: str, module: Any, factory: Any, *, shipped: bool = False) -> ProblemSource:
+    if not callable(factory):
+        raise invalid("benchmark", name, "a callable factory returning a fm_optuna.Problem")
+    parameters = inspect.signature(factory).parameters.values()
+    # The shipped modules take **unknown only to reject typos in their own words.
+    any_option = not shipped and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    options = tuple(
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        and p.name not in _FIXED
+    )
+    targets = getattr(module, "TARGETS", None)
+    default = getattr(module, "DEFAULT_TARGET", None)
+    return ProblemSource(
+        name=name,
+        factory=factory,
+        targets=None if targets is None else tuple(targets),
+        default_target=None if default is None else str(default),
+        options=options,
+        any_option=any_option,
+        shipped=shipped,
+    )
+
+
+def resolve(name: str) -> ProblemSource:
+    """The problem source ``name`` stands for; an unknown or unimportable one is a ConfigError.
+
+    Shipped benchmarks come first, then installed plugins, then ``module.path:factory``.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise invalid("benchmark", name, _ALLOWED)
+    if name in _MODULES:
+        module = importlib.import_module(_MODULES[name])
+        return _source(name, module, module.build, shipped=True)
+    installed = plugins()
+    if name in installed:
+        return _source(name, *_import(installed[name], name))
+    if ":" in name:
+        return _source(name, *_import(name, name))
+    raise invalid("benchmark", name, _ALLOWED)
 
 
 def targets(benchmark: str) -> tuple[str, ...]:
-    return tuple(_module(benchmark).TARGETS)
+    """The targets a shipped benchmark (or a module declaring ``TARGETS``) allows; ``()`` when
+    only the built problem knows."""
+    return resolve(benchmark).targets or ()
 
 
 def default_target(benchmark: str) -> str:
-    return str(_module(benchmark).DEFAULT_TARGET)
+    source = resolve(benchmark)
+    if source.default_target is None:
+        raise invalid("target", None, f"given: problem {benchmark} declares no DEFAULT_TARGET")
+    return source.default_target
 
 
 def options(benchmark: str) -> tuple[str, ...]:
-    """The benchmark-specific keyword options of its ``build`` (e.g. ``batch_size``)."""
-    import inspect
+    """The benchmark-specific keyword options of its factory (e.g. ``batch_size``)."""
+    return resolve(benchmark).options
 
-    parameters = inspect.signature(_module(benchmark).build).parameters
-    return tuple(name for name in parameters if name not in ("target", "seed", "device"))
+
+def check_target(source: ProblemSource, target: str | None) -> None:
+    """A target the module declares impossible fails before anything is built."""
+    if target is not None and source.targets is not None and target not in source.targets:
+        raise one_of("target", target, source.targets)
+
+
+def _requires(factory: Callable[..., Any], name: str) -> bool:
+    parameter = inspect.signature(factory).parameters.get(name)
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 def build_problem(
-    benchmark: str,
+    benchmark: str | ProblemSource,
     *,
     target: str | None = None,
     seed: int = 0,
     device: torch.device | None = None,
+    check: bool = True,
     **extra: Any,
 ) -> Problem:
-    """Build a registered benchmark's problem; bad names raise :class:`ConfigError`."""
+    """Build a problem by name and check it (:func:`~fm_optuna.checks.check_problem`).
+
+    ``target=None`` means the module's ``DEFAULT_TARGET``, else the factory's own default.
+    Unknown options, a target outside the problem's tasks or a problem that breaks the
+    :class:`~fm_optuna.tasks.Problem` contract raise :class:`ConfigError` before any training.
+    """
     import torch
 
-    module = _module(benchmark)
-    allowed = options(benchmark)
+    from fm_optuna.checks import check_problem
+    from fm_optuna.tasks import Problem
+
+    source = benchmark if isinstance(benchmark, ProblemSource) else resolve(benchmark)
     for key in extra:
-        if key not in allowed:
+        if not source.accepts(key):
             raise ConfigError(
-                f"Parameter `{key}` is not an option of the {benchmark} benchmark; "
-                f"its options are: {', '.join(allowed)}."
+                f"Parameter `{key}` is not an option of the {source.name} benchmark; "
+                f"its options are: {', '.join(source.options) or 'none'}."
             )
-    target = target or module.DEFAULT_TARGET
-    if target not in module.TARGETS:
-        raise one_of("target", target, module.TARGETS)
-    return module.build(target=target, seed=seed, device=device or torch.device("cpu"), **extra)
+    target = target or source.default_target
+    check_target(source, target)
+    kwargs: dict[str, Any] = {"seed": seed, "device": device or torch.device("cpu"), **extra}
+    if target is not None:
+        kwargs["target"] = target
+    elif _requires(source.factory, "target"):
+        raise invalid("target", None, f"given: {source.name} has no DEFAULT_TARGET")
+    try:
+        inspect.signature(source.factory).bind(**kwargs)
+    except TypeError as error:
+        raise ConfigError(
+            f"Problem factory {source.name} should accept keyword arguments "
+            f"{', '.join(kwargs)} ({error})."
+        ) from None
+    problem = source.factory(**kwargs)
+    if not isinstance(problem, Problem):
+        raise ConfigError(
+            f"Problem factory {source.name} should return a fm_optuna.Problem. Found "
+            f"{type(problem).__name__}."
+        )
+    if target is not None and getattr(problem, "target", None) != target:
+        raise ConfigError(
+            f"Problem {source.name}: asked for target `{target}`, the factory built one with "
+            f"target `{getattr(problem, 'target', None)}`."
+        )
+    if check:
+        check_problem(problem)
+    return problem

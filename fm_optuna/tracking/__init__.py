@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from fm_optuna.tracking.store import TrackingStore, default_experiment_name, open_store
     from fm_optuna.tracking.study import StudyTracking
     from fm_optuna.tracking.uris import DEFAULT_TRACKING_URI, mask_uri, resolve_tracking_uri
+    from fm_optuna.tracking.wiring import (
+        open_comparison,
+        open_run_store,
+        run_tracker,
+        study_tracking,
+    )
 
 _WHERE = {
     "MlflowTracker": "observer",
@@ -35,6 +41,10 @@ _WHERE = {
     "mask_uri": "uris",
     "resolve_tracking_uri": "uris",
     "StudyTracking": "study",
+    "open_comparison": "wiring",
+    "open_run_store": "wiring",
+    "run_tracker": "wiring",
+    "study_tracking": "wiring",
 }
 
 
@@ -52,6 +62,10 @@ __all__ = [
     "default_experiment_name",
     "mask_uri",
     "metric_key",
+    "open_comparison",
+    "open_run_store",
     "open_store",
     "resolve_tracking_uri",
+    "run_tracker",
+    "study_tracking",
 ]

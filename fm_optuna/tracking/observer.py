@@ -23,6 +23,7 @@ import platform
 import re
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,6 +49,7 @@ from fm_optuna.events import (
     RunStarted,
     TrainingProgress,
 )
+from fm_optuna.tracking.notes import MergeRow, lambda_note
 from fm_optuna.tracking.plots import (
     MergeRecord,
     lambda_csv,
@@ -71,6 +73,11 @@ _NO_RUN = ""  # buffer key of runs whose creation failed
 def metric_key(name: str) -> str:
     """A branch or task name made safe inside an MLflow key (``target+top1`` → ``target_top1``)."""
     return re.sub(r"[^\w.\- ]", "_", name) or "_"
+
+
+def artifact_url(run_id: str, path: str) -> str:
+    """A run's artifact as the MLflow UI serves it, relative to the UI's root (for a note)."""
+    return f"get-artifact?path={urllib.parse.quote(path)}&run_uuid={run_id}"
 
 
 def param_key(name: str) -> str:
@@ -157,6 +164,11 @@ class _Run:
     children: dict[str, str | None] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
     merges: list[MergeRecord] = field(default_factory=list)
+    rows: list[MergeRow] = field(default_factory=list)  # the Λ table of the run's note
+    scores: dict[str, float] = field(default_factory=dict)  # branch scores of the latest round
+    tasks: tuple[str, ...] = ()  # per branch, its tasks as text
+    rounds: int | None = None
+    figures_drawn: int = 0  # merges the logged figures show
     summary: Mapping[str, Any] | None = None
     status: str | None = None  # None while running
 
@@ -238,17 +250,16 @@ class MlflowTracker(Observer):
             "target": str(params.get("target", "")),
             "fm_optuna.role": "forkmerge" if event.branches else "baseline",
         }
-        if event.branches:
-            tags[MLFLOW_RUN_NOTE] = (
-                f"ForkMerge with {len(event.branches)} branches (child runs: training losses and "
-                "validation per branch). Here: `lambda/<branch>` at every merge, merged-model "
-                "validation `val/*`, `merge/*`; artifacts `merges/round_NNN.json` (every inner "
-                "trial), `lambda_trajectory.png/.csv`, `simplex_trials.png` (3 branches), "
-                "`summary.md`."
-            )
         run_id = self._create_run(name, tags)
         run = _Run(event.run, name, run_id, params, branches=tuple(event.branches))
         self._runs[event.run] = run
+        if event.branches:
+            run.tasks = tuple(
+                ", ".join(t for t, w in weights.items() if w != 0.0)
+                for weights in event.branches.values()
+            )
+            dt = int(params.get("dt", 0) or 0)
+            run.rounds = math.ceil(event.total_steps / dt) if dt > 0 else None
 
         batch = self._batch(run_id)
         for key, value in params.items():
@@ -256,7 +267,7 @@ class MlflowTracker(Observer):
         for package, version in package_versions().items():
             self._param(batch, f"version/{package}", version)
         taken: set[str] = set()
-        for branch, weights in event.branches.items():
+        for index, (branch, weights) in enumerate(event.branches.items()):
             key = metric_key(branch)
             while key in taken:  # two names that sanitise alike must not share a series
                 key += "_"
@@ -269,17 +280,19 @@ class MlflowTracker(Observer):
                 "branch": branch,
                 "fm_optuna.role": "branch",
             }
-            child_tags.pop(MLFLOW_RUN_NOTE, None)
             if run_id is None:
                 child_id = None
                 self.unlogged["runs"] += 1
             else:
-                child_id = self._create_run(f"{name}/{branch}", child_tags)
+                # Short, so the runs table shows which branch it is: "b0 target".
+                child_id = self._create_run(f"b{index} {branch}", child_tags)
             run.children[branch] = child_id
             child = self._batch(child_id)
             self._param(child, "weights", weights_text(weights))
             self._param(child, "tasks", ",".join(t for t, w in weights.items() if w != 0.0))
             self._param(child, "seed", seed)
+        if event.branches:
+            self._note(run)
         self.flush()  # parameters visible in the UI from the start of the run
 
     @_never_raises
@@ -315,6 +328,7 @@ class MlflowTracker(Observer):
         if run is None:
             return
         stamp = _now_ms()
+        run.scores = dict(event.scores)
         for branch, score in event.scores.items():
             batch = self._batch(run.children.get(branch))
             batch.metrics.append(Metric("val/score", float(score), stamp, event.step))
@@ -381,6 +395,19 @@ class MlflowTracker(Observer):
             json.dumps(_finite_or_none(record), indent=1),
             f"merges/round_{event.round:03d}.json",
         )
+        finite = {b: s for b, s in run.scores.items() if math.isfinite(s)}
+        run.rows.append(
+            MergeRow(
+                round=event.round,
+                step=step,
+                weights=tuple(decision.weights),
+                score=decision.score,
+                best_branch=max(finite, key=finite.__getitem__) if finite else "–",
+                best_branch_score=event.best_branch_score,
+            )
+        )
+        self._note(run)
+        self._log_figures(run)  # overwritten at every merge: a live run shows its trajectory
         self.flush()
 
     @_never_raises
@@ -480,7 +507,7 @@ class MlflowTracker(Observer):
 
     def _finish(self, run: _Run, status: str) -> None:
         run.status = status
-        if run.is_forkmerge and run.merges:
+        if run.is_forkmerge and run.figures_drawn < len(run.merges):
             self._log_figures(run)
         self.flush()
         for run_id in run.run_ids():
@@ -513,8 +540,28 @@ class MlflowTracker(Observer):
             self._workdir = tempfile.TemporaryDirectory(prefix="fm-optuna-tracking-")
         return Path(self._workdir.name)
 
+    def _figure_names(self, run: _Run) -> tuple[str, ...]:
+        names = ("lambda_trajectory.png", "lambda_trajectory.csv")
+        return (*names, "simplex_trials.png") if len(run.branches) == 3 else names
+
+    def _note(self, run: _Run) -> None:
+        """The run's description (markdown, top of its overview): the Λ table so far."""
+        text = lambda_note(
+            run.name,
+            run.branches,
+            run.tasks,
+            run.rows,
+            rounds=run.rounds,
+            figures=self._figure_names(run),
+            images=[("Λ per merge (stacked)", artifact_url(run.run_id, "lambda_trajectory.png"))]
+            if run.rows and run.run_id
+            else [],
+        )
+        self._batch(run.run_id).tags.append(RunTag(MLFLOW_RUN_NOTE, text))
+
     def _log_figures(self, run: _Run) -> None:
         """Regenerate the Λ pictures from every merge so far and log them (overwriting)."""
+        run.figures_drawn = len(run.merges)
         folder = self._scratch() / (run.run_id or "lost")
         folder.mkdir(exist_ok=True)
         names = [run.keys.get(b, b) for b in run.branches]

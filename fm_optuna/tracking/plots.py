@@ -71,7 +71,8 @@ def plot_lambda_trajectory(
     ax.set_xlim(min(steps) if len(steps) > 1 else steps[0] - 1, max(steps) + (len(steps) == 1))
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("training step (merge)")
-    ax.set_ylabel("Λ")
+    # Upright: a rotated "Λ" reads as "<".
+    ax.set_ylabel("Λ", rotation=0, labelpad=10, va="center", fontsize=13)
     ax.set_title(f"Merge weights Λ · {title}" if title else "Merge weights Λ")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", title="branch")
     figure.savefig(path)

@@ -16,6 +16,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from fm_optuna.events import Observer, RunStarted
 from fm_optuna.tracking.observer import MlflowTracker
+from fm_optuna.tracking.uris import browse_command
 
 if TYPE_CHECKING:
     import optuna
@@ -110,7 +111,14 @@ class StudyTracking:
         self.store.client.log_batch(self.study_run_id, tags=tags)
 
     def browse(self) -> list[str]:
-        lines = [f"MLflow experiment {self.store.experiment_name!r} in {self.store.display_uri}"]
+        command = browse_command(self.store.uri, self.store.experiment_name)
+        lines = [
+            f"MLflow experiment {self.store.experiment_name!r} in {self.store.display_uri}: "
+            f"{command}"
+        ]
         if self.study_run_id is not None:
-            lines.append(f"MLflow study run {self.study_run_id} (fm-optuna ui, then open it)")
+            lines.append(
+                f"MLflow study run study-{self.study_name} ({self.study_run_id}): every trial's "
+                "ForkMerge run below it, its overview showing the Λ table"
+            )
         return lines

@@ -9,6 +9,7 @@ any user of the machine could read it with ``ps``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import webbrowser
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -40,6 +42,12 @@ HOST = "127.0.0.1"
 START_TIMEOUT = 180.0
 #: Seconds between SIGINT and SIGTERM, then SIGTERM and SIGKILL, when stopping the server.
 STOP_GRACE = 10.0
+
+
+#: The MLflow UI's classic view. MLflow 3.17 keeps the GenAI / model-training switch in the
+#: browser's local storage (default GenAI, whatever the experiment's ``mlflow.experimentKind``:
+#: mlflow/mlflow#24498); a ``workflowType`` query parameter on the page's route overrides it.
+CLASSIC_VIEW = "workflowType=machine_learning"
 
 
 class _Stop(Exception):
@@ -146,6 +154,22 @@ def _sigterm_as_stop() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _links(url: str, experiment: str | None, announce: Callable[[str], None]) -> list[str]:
+    """Announce the runs tables and runs to open; return the runs-table URLs."""
+    try:
+        lines = browse_links(url, experiment=experiment)
+    except (OSError, ValueError, KeyError) as error:  # the UI still works without the links
+        announce(f"fm-optuna ui: could not list the experiments ({type(error).__name__})")
+        return []
+    if not lines:
+        announce("fm-optuna ui: no experiment yet (`fm-optuna run` or `tune` creates one)")
+        return []
+    announce("fm-optuna ui: open in a browser (runs tables, in the model-training view):")
+    for line in lines:
+        announce(line)
+    return [line.rsplit(" ", 1)[1] for line in lines if "/runs?" in line]
+
+
 def _stop(child: subprocess.Popen[str]) -> None:
     """SIGINT (MLflow forwards it to its workers), then SIGTERM and SIGKILL to the group."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
@@ -160,12 +184,75 @@ def _stop(child: subprocess.Popen[str]) -> None:
             child.wait(timeout=STOP_GRACE)
 
 
+def runs_table_link(url: str, experiment_id: str) -> str:
+    """The experiment's runs table in the model-training view, even in a fresh browser."""
+    return f"{url}/#/experiments/{experiment_id}/runs?{CLASSIC_VIEW}"
+
+
+def run_link(url: str, experiment_id: str, run_id: str) -> str:
+    """A run's overview (its description, parameters, metrics) in the model-training view."""
+    return f"{url}/#/experiments/{experiment_id}/runs/{run_id}?{CLASSIC_VIEW}"
+
+
+def _post(url: str, path: str, body: dict[str, object]) -> dict[str, object]:
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return dict(json.load(response))
+
+
+def browse_links(url: str, *, experiment: str | None = None, limit: int = 5) -> list[str]:
+    """Lines naming the newest experiments' runs tables and each one's latest ForkMerge run.
+
+    Asked of the running server's REST API, so this process never imports MLflow.
+    """
+    found = _post(
+        url,
+        "experiments/search",
+        {"max_results": 100, "order_by": ["last_update_time DESC"]},
+    ).get("experiments", [])
+    experiments = [e for e in found if isinstance(e, dict) and e.get("name") != "Default"]
+    if experiment is not None:
+        experiments = [e for e in experiments if e.get("name") == experiment]
+        if not experiments:
+            raise invalid("experiment", experiment, "the name of an experiment in this store")
+    lines = []
+    for item in experiments[:limit]:
+        experiment_id = str(item["experiment_id"])
+        lines.append(f"  {item['name']}: {runs_table_link(url, experiment_id)}")
+        runs = _post(
+            url,
+            "runs/search",
+            {
+                "experiment_ids": [experiment_id],
+                "filter": "tags.`fm_optuna.role` = 'forkmerge'",
+                "order_by": ["attributes.start_time DESC"],
+                "max_results": 1,
+            },
+        ).get("runs", [])
+        if runs:
+            info = runs[0]["info"]  # type: ignore[index]
+            lines.append(
+                f"    latest ForkMerge run {info['run_name']}: "
+                f"{run_link(url, experiment_id, info['run_id'])}"
+            )
+    if len(experiments) > limit:
+        older = len(experiments) - limit
+        lines.append(f"  ... and {older} older experiments ({url}/#/experiments)")
+    return lines
+
+
 def run_ui(
     uri: str | None = None,
     *,
     port: int = 5000,
     announce: Callable[[str], None],
     log: IO[str] | None = None,
+    experiment: str | None = None,
+    open_browser: bool = False,
 ) -> int:
     """Serve the MLflow UI for ``uri`` on 127.0.0.1 until Ctrl-C (or SIGTERM); return 0.
 
@@ -174,6 +261,8 @@ def run_ui(
         port: TCP port on 127.0.0.1 (0 picks a free one).
         announce: Receives the one-line messages for the user (the URL once it answers).
         log: Where the server's own output goes, passwords masked (default: stderr).
+        experiment: Link only this experiment (default: the five most recently updated).
+        open_browser: Open the first runs table in the default browser once the server answers.
 
     Raises:
         ConfigError: Not a database store, no such SQLite file, or the port is taken.
@@ -212,6 +301,11 @@ def run_ui(
                     raise ConfigError(f"The MLflow server did not answer on {url} in time.")
                 time.sleep(0.25)
             announce(f"fm-optuna ui: MLflow UI at {url}  (Ctrl-C stops it)")
+            links = _links(url, experiment, announce)
+            if open_browser:
+                target = links[0] if links else f"{url}/#/experiments?{CLASSIC_VIEW}"
+                announce(f"fm-optuna ui: opening {target}")
+                webbrowser.open(target)
             code = child.wait()
             pump.join(timeout=2)
             if code != 0:

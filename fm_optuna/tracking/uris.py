@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -121,3 +122,19 @@ def redact(text: str, *uris: str) -> str:
                 if len(form) >= 3:  # masking a 1-2 character password would shred the text
                     text = text.replace(form, "***")
     return text
+
+
+def browse_command(uri: str, experiment: str | None = None) -> str:
+    """What to type, from any folder, to browse the store ``uri`` (password masked).
+
+    Example:
+        >>> browse_command("sqlite:////data/mlflow.db", "fm-optuna/digits-uci")
+        'fm-optuna ui --tracking-uri sqlite:////data/mlflow.db --experiment fm-optuna/digits-uci'
+        >>> browse_command("http://127.0.0.1:5000")
+        'open http://127.0.0.1:5000 in a browser'
+    """
+    uri = absolute_uri(uri)
+    if is_server(uri):
+        return f"open {mask_uri(uri)} in a browser"
+    command = f"fm-optuna ui --tracking-uri {shlex.quote(mask_uri(uri))}"
+    return command if experiment is None else f"{command} --experiment {shlex.quote(experiment)}"

@@ -73,3 +73,19 @@ def test_cli_prints_the_table_saves_files_and_tags_runs(
     store = open_store(uri, experiment="fm-optuna/compare/tiny")
     runs = store.client.search_runs([store.experiment_id], "tags.`fm_optuna.role` = 'forkmerge'")
     assert sorted(r.data.tags["strategy"] for r in runs) == ["grid", "tpe"]
+    # Every compared run ended FINISHED with the same final keys as `run`, under one parent run
+    # of this invocation, which holds the comparison's files.
+    parents = store.client.search_runs([store.experiment_id], "tags.`fm_optuna.role` = 'compare'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.tags["fm_optuna.status"] == "COMPLETE"
+        for key in ("final/target_val", "final/target_test", "final/val/uci/accuracy"):
+            assert key in run.data.metrics, (key, sorted(run.data.metrics))
+    files = {Path(f.path).name for f in store.client.list_artifacts(parent)}
+    assert {"strategies.csv", "strategies.json", "strategies.png"} <= files
+    branches = store.client.search_runs([store.experiment_id], "tags.`fm_optuna.role` = 'branch'")
+    assert branches and all(b.info.status == "FINISHED" for b in branches)
+    assert "browse: MLflow experiment 'fm-optuna/compare/tiny'" in captured.err

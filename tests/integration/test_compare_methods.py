@@ -222,11 +222,21 @@ def test_cli_prints_json_and_saves_the_tables(
     store = open_store(
         f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="fm-optuna/compare-methods/tiny-digits"
     )
-    runs = store.client.search_runs([store.experiment_id], "tags.`fm_optuna.role` != 'branch'")
+    found = store.client.search_runs([store.experiment_id], max_results=100)
+    runs = [r for r in found if r.data.tags["fm_optuna.role"] in ("forkmerge", "baseline")]
     assert sorted(r.data.tags["method"] for r in runs) == sorted(
         ["stl", "ew", "pcgrad", "ptft", "forkmerge"]
     )
     assert {r.data.tags["target"] for r in runs} == {"uci"}
+    # ... all FINISHED with their final metrics, under the invocation's one parent run.
+    (parent,) = [r for r in found if r.data.tags["fm_optuna.role"] == "compare-methods"]
+    assert parent.info.status == "FINISHED"
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"final/target_val", "final/target_test", "final/val/uci/accuracy"} <= set(
+            run.data.metrics
+        )
 
 
 def test_cli_unknown_method_exits_2_before_training(

@@ -2,20 +2,22 @@
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them). The browser is
 kept on loopback: every other host goes to a dead proxy, and Selenium Manager never downloads a
-driver. The screenshot is saved to ``test-artifacts/mlflow_ui.png``.
+driver. Screenshots go to ``test-artifacts/``: the runs table and the run's Λ table and figure.
 """
 
 from __future__ import annotations
 
+import queue
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from fm_optuna.tracking import metric_key
 from tests.integration.test_tracking import (  # empty_store: the session's migrated store
+    EXPERIMENT,
     REPO,
+    UiServer,
     copy_store,
     empty_store,  # noqa: F401
     serve_ui,
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-SCREENSHOT = REPO / "test-artifacts" / "mlflow_ui.png"
+ARTIFACTS = REPO / "test-artifacts"
 
 pytestmark = [
     pytest.mark.browser,
@@ -63,7 +65,37 @@ def chromium(profile: Path) -> WebDriver:
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
 
-def test_run_page_shows_the_run_and_its_lambda_metrics(
+def _links(server: UiServer, timeout: float = 60.0) -> tuple[str, str]:
+    """The runs-table and ForkMerge-run links `fm-optuna ui` prints once the server answers."""
+    deadline = time.monotonic() + timeout
+    while not any("latest ForkMerge run" in line for line in server.stdout):
+        try:
+            server.stdout.append(server.lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        except queue.Empty:
+            pytest.fail(f"fm-optuna ui printed no run link: {server.stdout}")
+    table = next(line for line in server.stdout if f"{EXPERIMENT}: http" in line)
+    run = next(line for line in server.stdout if "latest ForkMerge run" in line)
+    return table.split()[-1], run.split()[-1]
+
+
+def _wait_for(driver: WebDriver, items: list[str], timeout: float = 90.0) -> str:
+    text, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = driver.find_element("tag name", "body").text
+        if all(item in text for item in items):
+            break
+        time.sleep(0.5)
+    return text
+
+
+def _shoot(driver: WebDriver, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    driver.save_screenshot(str(path))
+    return path
+
+
+def test_printed_link_opens_the_runs_table_then_the_lambda_table_and_figure(
     empty_store: Path,  # noqa: F811
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -71,27 +103,60 @@ def test_run_page_shows_the_run_and_its_lambda_metrics(
     monkeypatch.setenv("SE_OFFLINE", "true")  # never let Selenium Manager fetch a driver
     tracked = tracked_run(copy_store(empty_store, tmp_path / "tracking"))
     fm = tracked.runs["forkmerge"]
-    branches = tracked.comparison.forkmerge.branches  # type: ignore[union-attr]
-    expected = [fm.info.run_name, *(f"lambda/{metric_key(b.name)}" for b in branches)]
+    branches = [b.name for b in tracked.comparison.forkmerge.branches]  # type: ignore[union-attr]
 
     with serve_ui(tracked.store.uri) as server:
-        driver = chromium(tmp_path / "profile")
+        table_link, run_link = _links(server)
+        assert "workflowType=machine_learning" in table_link
+        assert fm.info.run_id in run_link
+        driver = chromium(tmp_path / "profile")  # a fresh profile: empty local storage
         try:
-            driver.get(
-                f"{server.url}/#/experiments/{tracked.store.experiment_id}/runs/{fm.info.run_id}"
-            )
-            text, deadline = "", time.monotonic() + 90
-            while time.monotonic() < deadline:
-                text = driver.find_element("tag name", "body").text
-                if all(item in text for item in expected):
-                    break
+            # 1. The printed link lands on the classic runs table, not the GenAI overview.
+            driver.get(table_link)
+            runs = ["forkmerge-seed0", "stl-seed0", "ew-seed0"]
+            table_text = _wait_for(driver, ["Run Name", *runs])
+            table_shot = _shoot(driver, "mlflow_ui_runs_table.png")
+
+            # 2. experiment → run: a click on the ForkMerge run opens its overview, whose
+            # description is the Λ table with the stacked Λ figure.
+            driver.find_element("link text", "forkmerge-seed0").click()
+            run_text = _wait_for(driver, ["Λ per merge", "merged val", "b0 target"])
+            for more in driver.find_elements("xpath", "//*[normalize-space(text())='Show more']"):
+                driver.execute_script("arguments[0].click()", more)
+            heading = driver.find_element("xpath", "//*[contains(text(), 'Λ per merge')]")
+            driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", heading)
+            figure = driver.find_element("css selector", "img[src*='lambda_trajectory.png']")
+            deadline = time.monotonic() + 30
+            while not driver.execute_script("return arguments[0].naturalWidth", figure):
+                assert time.monotonic() < deadline, "the Λ figure did not load"
                 time.sleep(0.5)
-            SCREENSHOT.parent.mkdir(exist_ok=True)
-            driver.save_screenshot(str(SCREENSHOT))
+            width = driver.execute_script("return arguments[0].naturalWidth", figure)
+            run_text = driver.find_element("tag name", "body").text
+            run_shot = _shoot(driver, "mlflow_ui_run_lambda.png")
+            run_url = driver.current_url
+
+            # 3. The printed run link opens the same overview in the model-training view (a
+            # click inside the UI drops the view: MLflow keeps it in local storage only).
+            driver.get(run_link)
+            linked_text = _wait_for(driver, ["Λ per merge", "Model training", "Child runs"])
+            linked_shot = _shoot(driver, "mlflow_ui_run_link.png")
         finally:
             driver.quit()
 
-    assert fm.info.run_name == "forkmerge-seed0"
-    for item in expected:
-        assert item in text, f"{item!r} not on the run page (screenshot: {SCREENSHOT})"
-    assert SCREENSHOT.stat().st_size > 10_000
+    for item in runs:
+        assert item in table_text, f"{item!r} not in the runs table (see {table_shot})"
+    for genai in ("Detect Issues", "Evaluation runs", "Tokens"):
+        assert genai not in table_text, f"GenAI view shown ({genai!r}; see {table_shot})"
+    assert fm.info.run_id in run_url
+    for branch in branches:  # the Λ table's columns and the readable branch run names
+        assert f"Λ {branch}" in run_text, f"no Λ column for {branch} (see {run_shot})"
+    assert [f"b{i} {name}" for i, name in enumerate(branches)] == sorted(
+        c.info.run_name for c in tracked.children
+    )
+    rows = [line for line in run_text.splitlines() if line.split()[:2] == ["4", "40"]]
+    assert rows, f"the last merge's row (round 4, step 40) is not shown (see {run_shot})"
+    assert width > 400, "the stacked Λ figure is not drawn in the overview"
+    assert "Λ per merge" in linked_text and "Child runs" in linked_text
+    assert "Evaluation runs" not in linked_text, f"GenAI view shown (see {linked_shot})"
+    for shot in (table_shot, run_shot, linked_shot):
+        assert shot.stat().st_size > 10_000

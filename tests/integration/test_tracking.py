@@ -527,6 +527,19 @@ def test_ui_serves_the_store_on_loopback_and_stops_on_ctrl_c(tracked: TrackedRun
         with urllib.request.urlopen(request, timeout=30) as response:
             found = json.load(response)["experiment"]
         assert found["experiment_id"] == tracked.store.experiment_id
+        # The links `fm-optuna ui` prints: the runs table and the latest ForkMerge run, both in
+        # the model-training view (the browser test opens them).
+        from fm_optuna.tracking.ui import browse_links
+
+        eid, fm = tracked.store.experiment_id, tracked.runs["forkmerge"]
+        lines = browse_links(server.url, experiment=EXPERIMENT)
+        assert lines == [
+            f"  {EXPERIMENT}: {server.url}/#/experiments/{eid}/runs?workflowType=machine_learning",
+            f"    latest ForkMerge run forkmerge-seed0: {server.url}/#/experiments/{eid}/runs/"
+            f"{fm.info.run_id}?workflowType=machine_learning",
+        ]
+        with pytest.raises(ConfigError, match="experiment"):
+            browse_links(server.url, experiment="no-such-experiment")
     port = int(server.url.rsplit(":", 1)[1])
     with socket.socket() as probe:  # the server is gone: its port is free again
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a server

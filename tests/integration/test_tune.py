@@ -158,7 +158,11 @@ def test_a_dead_workers_trial_fails_is_retried_and_resumes_from_its_last_merge(
     # The resumed trial followed the Λ trajectory of an uninterrupted run with the same settings.
     config = spec.config(dt=retry.params["dt"], branches=retry.params["branches"])
     uninterrupted = run_forkmerge(ToyProblem(), config)
-    assert retry.user_attrs["lambda_history"] == [list(w) for w in uninterrupted.lambda_history]
+    names = [branch.name for branch in uninterrupted.branches]
+    assert retry.user_attrs["lambda_history"] == [  # keyed by branch name, for optuna-dashboard
+        {"step": step, **{name: round(w, 4) for name, w in zip(names, weights, strict=True)}}
+        for step, weights in zip(uninterrupted.steps, uninterrupted.lambda_history, strict=True)
+    ]
     json.dumps(retry.user_attrs)  # user attributes stay JSON
 
 
@@ -181,7 +185,14 @@ def test_each_outer_trial_is_an_mlflow_run_under_the_study_run(tmp_path: Path) -
         assert run.info.status == "FINISHED"
         history = store.client.get_metric_history(run.info.run_id, "lambda/target")
         assert len(history) == len(trial.intermediate_values)
+        if trial.state == TrialState.COMPLETE:  # the keys `run` and `compare` log too
+            assert {"final/target_val", "final/val/t0/mse", "final/seconds"} <= set(
+                run.data.metrics
+            )
+            assert "Λ per merge" in run.data.tags["mlflow.note.content"]
     assert any("MLflow study run" in line for line in report.tracking["browse"])
+    # The browse hint names the store, so it works from any folder.
+    assert any(f"--tracking-uri {store.uri}" in line for line in report.tracking["browse"])
 
 
 # --- direction and non-finite trials (issue 8) --------------------------------------------------
@@ -230,7 +241,9 @@ def test_a_trial_whose_loss_goes_nan_fails_with_its_reason_and_is_never_pruned(
     from fm_optuna.tracking import StudyTracking, open_store
 
     store = open_store(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="fm-optuna/study/toy")
-    problem = ToyProblem(nan_task="t0", nan_after=0)  # the target: every branch, from step 1
+    # The target: its first loss (drawn by the problem check) is finite, then every branch
+    # goes NaN from step 1.
+    problem = ToyProblem(nan_task="t0", nan_after=1)
     report = Tuner(
         load_spec(spec_file(tmp_path, n_trials=2, pruner="median")),
         problem=problem,

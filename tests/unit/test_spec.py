@@ -8,6 +8,7 @@ import pytest
 
 from fm_optuna.errors import ConfigError
 from fm_optuna.spec import check_branches_fit, load_spec
+from fm_optuna.tasks import Problem
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 
@@ -103,11 +104,11 @@ def test_missing_file_and_broken_toml(tmp_path: Path) -> None:
         load_spec(write(tmp_path, "[study\nname="))
 
 
-def test_branches_must_fit_the_problem(tmp_path: Path) -> None:
+def test_branches_must_fit_the_problem(tmp_path: Path, toy_problem: Problem) -> None:
     spec = load_spec(write(tmp_path, GOOD.replace("high = 3 }", "high = 6 }")))
-    with pytest.raises(ConfigError, match=r"space\.branches\.high"):
-        check_branches_fit(spec, n_tasks=4)
-    check_branches_fit(load_spec(write(tmp_path, GOOD)), n_tasks=4)
+    with pytest.raises(ConfigError, match=r"space\.branches\.high.*at most 4 \(the tasks of toy\)"):
+        check_branches_fit(spec, toy_problem)
+    check_branches_fit(load_spec(write(tmp_path, GOOD)), toy_problem)
 
 
 def test_training_hooks_from_the_spec_reach_the_configuration(tmp_path: Path) -> None:

@@ -1,0 +1,117 @@
+"""The ForkMerge run's description in MLflow: the Λ table per merge, rewritten at every merge.
+
+MLflow shows a run's ``mlflow.note.content`` tag as markdown at the top of the run's overview,
+so this is the first thing a user sees of a ForkMerge run: Λ per branch at every merge, the
+merged model's validation score against the best single branch, and where the figures are.
+Plain data in, text out; no MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MergeRow:
+    """One merge as the note shows it."""
+
+    round: int
+    step: int
+    weights: tuple[float, ...]
+    score: float  # merged model's target validation score
+    best_branch: str  # the branch that scored best alone at this merge
+    best_branch_score: float
+
+    @property
+    def gain(self) -> float:
+        return self.score - self.best_branch_score
+
+
+def _number(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else "–"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.2f}" if math.isfinite(value) else "–"
+
+
+def lambda_note(
+    title: str,
+    branches: Sequence[str],
+    tasks: Sequence[str],
+    rows: Sequence[MergeRow],
+    *,
+    rounds: int | None = None,
+    figures: Sequence[str] = (),
+    images: Sequence[tuple[str, str]] = (),
+    limit: int = 8000,
+) -> str:
+    """Markdown: a headline, the Λ table (one row per merge) and what the figures show.
+
+    ``images`` are (caption, URL) pairs shown under the table (the UI serves a run's artifacts
+    at a relative ``get-artifact`` URL). Longer than ``limit`` characters (MLflow's tag limit),
+    the table keeps its latest rows and says how many earlier ones ``lambda_trajectory.csv``
+    holds.
+
+    Example:
+        >>> row = MergeRow(1, 100, (0.7, 0.3), 81.0, "target", 80.0)
+        >>> print(lambda_note("fm", ["target", "all"], ["target", "target+mnist"], [row]))
+        ... # doctest: +ELLIPSIS
+        ### Λ per merge · fm
+        ...
+        | 1 | 100 | **0.70** | 0.30 | 81.00 | target 80.00 | +1.00 |
+        ...
+    """
+    done = f"{len(rows)} of {rounds}" if rounds else str(len(rows))
+    lines = [
+        f"### Λ per merge · {title}",
+        "",
+        "| round | step | " + " | ".join(f"Λ `{b}`" for b in branches)
+        + " | merged val | best branch alone | gain |",
+        "|---:|---:|" + "---:|" * len(branches) + "---:|---|---:|",
+    ]  # fmt: skip
+    table = [_table_row(row) for row in rows]
+    tail = [""]
+    if rows:
+        last = rows[-1]
+        chosen = max(range(len(branches)), key=lambda i: last.weights[i])
+        wins = sum(row.gain > 0 for row in rows)
+        tail += [
+            f"**{done} merges** · latest Λ puts **{last.weights[chosen]:.2f}** on "
+            f"`{branches[chosen]}` · merged validation score **{_number(last.score)}** "
+            f"({_signed(last.gain)} vs the best branch alone, `{last.best_branch}`) · the merge "
+            f"beat every single branch at {wins} of {len(rows)} merges. Λ: the weights of "
+            "θ* = Σ Λ_b θ_b, chosen on the target's validation set (largest in bold).",
+        ]
+    else:
+        tail += [f"No merge yet (0 of {rounds or '?'} merges)."]
+    for caption, url in images:
+        tail += ["", f"![{caption}]({url})"]
+    tail += ["", "Branches (tasks trained together):", ""]
+    tail += [f"- `{name}`: {task_list}" for name, task_list in zip(branches, tasks, strict=True)]
+    if figures:
+        tail += [
+            "",
+            "Figures (Artifacts tab, redrawn at every merge): "
+            + ", ".join(f"`{name}`" for name in figures)
+            + ". Series: `lambda/<branch>`, `val/score`, `merge/gain`; one child run per branch.",
+        ]
+    budget = limit - sum(len(line) + 1 for line in [*lines, *tail]) - 200
+    kept = len(table)
+    while kept > 0 and sum(len(line) + 1 for line in table[-kept:]) > budget:
+        kept -= 1
+    if kept < len(table):
+        omitted = len(table) - kept
+        lines.append(f"| … | {omitted} earlier merges in `lambda_trajectory.csv` |")
+    return "\n".join([*lines, *table[len(table) - kept :], *tail]) + "\n"
+
+
+def _table_row(row: MergeRow) -> str:
+    top = max(range(len(row.weights)), key=lambda i: row.weights[i])
+    cells = [f"**{w:.2f}**" if i == top else f"{w:.2f}" for i, w in enumerate(row.weights)]
+    return (
+        f"| {row.round} | {row.step} | {' | '.join(cells)} | {_number(row.score)} | "
+        f"{row.best_branch} {_number(row.best_branch_score)} | {_signed(row.gain)} |"
+    )
