@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fm_optuna.errors import ConfigError, invalid
 from fm_optuna.events import MergeCompleted, Observer
 
 
@@ -33,11 +34,28 @@ def save_checkpoint(snapshot: dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at ``path``, or ``None`` when there is none yet."""
+    """The checkpoint at ``path``, or ``None`` when there is none yet.
+
+    Raises:
+        ConfigError: The file is not a whole checkpoint (truncated, corrupt, another format).
+    """
+    path = Path(path)
     if not path.exists():
         return None
-    # Our own files only: tensors, plain containers and generator states.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # Our own files only: tensors, plain containers and generator states.
+        snapshot = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # zip, pickle, EOF and torch errors alike: the file is unusable
+        raise _unreadable(path, error) from None
+    if not isinstance(snapshot, dict):
+        raise _unreadable(path, TypeError(f"holds a {type(snapshot).__name__}"))
+    return snapshot
+
+
+def _unreadable(path: Path, error: BaseException) -> ConfigError:
+    lines = str(error).strip().splitlines()
+    why = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return invalid("checkpoint", path, f"a whole fm-optuna checkpoint (it cannot be read: {why})")
 
 
 class Checkpointer(Observer):

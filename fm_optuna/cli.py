@@ -79,7 +79,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=None,
-        help="per-task batch size (default: 32 for a problem whose factory takes batch_size)",
+        help="per-task batch size (default: the problem's own, e.g. digits 32, qm9 64; 32 for a "
+        "factory that requires one)",
     )
     g.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
@@ -198,7 +199,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="inner-study budget for binary, tpe, cmaes, random (default: 20)",
     )
     g.add_argument(
-        "--grid-resolution", type=float, default=0.1, help="lattice step for grid (default: 0.1)"
+        "--grid-resolution",
+        type=float,
+        default=0.1,
+        help="lattice step for grid (default: 0.1)",
     )
     g.add_argument(
         "--pruned-evaluation",
@@ -298,8 +302,10 @@ def _problem_options(args: argparse.Namespace) -> dict[str, Any]:
 
     source = resolve(args.benchmark)
     extra: dict[str, Any] = {}
-    if args.batch_size is not None or "batch_size" in source.options:
-        extra["batch_size"] = 32 if args.batch_size is None else args.batch_size
+    if args.batch_size is not None:
+        extra["batch_size"] = args.batch_size
+    elif _requires_batch_size(source.factory):  # else the problem's own default (qm9: 64)
+        extra["batch_size"] = 32
     if args.harmful_aux:
         if not source.accepts("harmful_aux"):
             raise invalid("harmful_aux", True, "used only with --benchmark digits")
@@ -312,6 +318,13 @@ def _problem_options(args: argparse.Namespace) -> dict[str, Any]:
         extra["data_dir"] = args.data_dir
     extra.update(benchmark_options(args.option))
     return extra
+
+
+def _requires_batch_size(factory: Any) -> bool:
+    import inspect
+
+    parameter = inspect.signature(factory).parameters.get("batch_size")
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 def _check_plan(problem: Any, config: Any) -> None:
@@ -369,6 +382,11 @@ def _print_table(comparisons: list[Any], *, higher_is_better: bool = True) -> No
             f"ranking {fm.ranking.method} ({', '.join(fm.ranking.order)}); "
             f"final round {fm.final_round}"
         )
+        if fm.resumed_from_round:
+            print(
+                f"  resumed after round {fm.resumed_from_round} (step {fm.resumed_at_step}); "
+                f"seconds include {fm.seconds_before_resume:.1f}s before the resume"
+            )
         for round_index, (step, decision) in enumerate(
             zip(fm.steps, fm.decisions, strict=True), start=1
         ):
@@ -398,11 +416,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise invalid("checkpoint", args.checkpoint, "used with a single seed (--seeds 1)")
     problem = _problem(args)
     _check_plan(problem, config)
-    # tracking (issue #3): after the cheap checks (no store for a mistyped command), before any
+    seeds = [args.seed + offset for offset in range(args.seeds)]
+    checkpoints = {seed: _checkpoint_path(args, problem, seed) for seed in seeds}
+    # Every checkpoint is read and checked before any store is opened: a corrupt or mismatched
+    # one is one line and nothing is written.
+    snapshots = {
+        seed: _resume_snapshot(checkpoints[seed], _config(args, seed=seed)) if args.resume else None
+        for seed in seeds
+    }
+    # tracking (issue #3): after every check (no store for a mistyped command), before any
     # training (a store that cannot be opened is one line, not a lost run).
     store = _open_tracking(args, problem)
     comparisons = []
-    for offset in range(args.seeds):
+    for seed in seeds:
         events = EventStream([ProgressBars(disable=True if args.json else None)])
         lines = progress_stream(json_output=args.json)
         if lines is not None:
@@ -411,22 +437,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             from fm_optuna.tracking import run_tracker
 
             events.observers.append(run_tracker(store, problem))
-        seed = args.seed + offset
         if args.save_merge_problems:
             events.observers.append(_merge_problem_writer(args, problem, events, seed))
         try:
-            checkpoint = Path(
-                args.checkpoint
-                or f"tracking/checkpoints/run/{problem.name}-{problem.target}-seed{seed}.ckpt"
-            )
             comparisons.append(
                 run_methods(
                     problem,
                     _config(args, seed=seed),
                     methods,
                     events,
-                    checkpoint=checkpoint if "forkmerge" in methods else None,
-                    resume=args.resume,
+                    checkpoint=checkpoints[seed] if "forkmerge" in methods else None,
+                    resume_from=snapshots[seed],
                 )
             )
         finally:
@@ -466,6 +487,30 @@ def _merge_problem_writer(args: argparse.Namespace, problem: Any, events: Any, s
     }
     folder = Path(args.save_merge_problems) / f"{problem.name}-{problem.target}-seed{seed}"
     return MergeProblemWriter(folder, source, on_saved=artifact_logger(events.observers))
+
+
+def _checkpoint_path(args: argparse.Namespace, problem: Any, seed: int) -> Path:
+    default = f"tracking/checkpoints/run/{problem.name}-{problem.target}-seed{seed}.ckpt"
+    return Path(args.checkpoint or default)
+
+
+def _resume_snapshot(path: Path, config: Any) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` continues from, checked against this run's configuration."""
+    from fm_optuna.checkpoints import load_checkpoint
+    from fm_optuna.forkmerge import check_resumable
+
+    snapshot = load_checkpoint(path)
+    if snapshot is None:
+        print(
+            f"fm-optuna run: no checkpoint at {path} yet: ForkMerge starts from the beginning",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        check_resumable(config, snapshot)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return snapshot
 
 
 # --- tracking (issue #3) ------------------------------------------------------------------------

@@ -30,6 +30,9 @@ class RunStarted(Event):
     branches: Mapping[str, Mapping[str, float]]  # branch name -> task-weighting vector
     total_steps: int
     resumed_at_step: int = 0  # > 0 when the run continues from a checkpoint
+    # (step, decision) of every merge before the resume, rounds 1.. in order: observers that
+    # start afresh (a new MLflow run) restore the whole Λ trajectory from these.
+    resumed_merges: tuple[tuple[int, MergeDecision], ...] = ()
 
 
 @dataclass(frozen=True)

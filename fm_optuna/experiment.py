@@ -28,7 +28,6 @@ every other task, so that S covers every task a method's model serves:
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -39,14 +38,12 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from fm_optuna.baselines import BASELINES, SingleTask, make_baseline, run_baseline
-from fm_optuna.checkpoints import Checkpointer, load_checkpoint
+from fm_optuna.checkpoints import Checkpointer
 from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import one_of
 from fm_optuna.events import EventStream, RunFinished
 from fm_optuna.forkmerge import ForkMergeResult, run_forkmerge
 from fm_optuna.tasks import Problem, Split, TaskMetrics, describe_problem, for_plan
-
-logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -134,6 +131,15 @@ class Comparison:
                     "seconds": fm.ranking.seconds,
                 },
                 "final_round": fm.final_round,
+                # Where a --resume continued (None: one uninterrupted run); the method's
+                # seconds include the time before the resume.
+                "resumed": None
+                if not fm.resumed_from_round
+                else {
+                    "after_round": fm.resumed_from_round,
+                    "at_step": fm.resumed_at_step,
+                    "seconds_before": fm.seconds_before_resume,
+                },
                 "timings": fm.timings,
                 "merges": [
                     {
@@ -247,16 +253,12 @@ def _run_forkmerge(
     config: ForkMergeConfig,
     events: EventStream,
     checkpoint: Path | None,
-    resume: bool,
+    resume_from: Mapping[str, Any] | None,
 ) -> ForkMergeResult:
-    """ForkMerge, checkpointed at every merge to ``checkpoint`` and resumed from it if asked."""
-    if checkpoint is None:
-        return run_forkmerge(problem, config, events)
-    snapshot = load_checkpoint(checkpoint) if resume else None
-    if resume and snapshot is None:
-        logger.warning("no checkpoint at %s yet: ForkMerge starts from the beginning", checkpoint)
-    stream = EventStream([Checkpointer(checkpoint), *events.observers])
-    return run_forkmerge(problem, config, stream, resume_from=snapshot)
+    """ForkMerge, checkpointed at every merge to ``checkpoint``, continuing ``resume_from``."""
+    if checkpoint is not None:
+        events = EventStream([Checkpointer(checkpoint), *events.observers])
+    return run_forkmerge(problem, config, events, resume_from=resume_from)
 
 
 def run_methods(
@@ -267,13 +269,15 @@ def run_methods(
     *,
     references: str = "target",
     checkpoint: Path | None = None,
-    resume: bool = False,
+    resume_from: Mapping[str, Any] | None = None,
 ) -> Comparison:
     """Train every method with the same seed and budget T; TG and Δm are measured against STL.
 
     STL trains first when it is among ``methods``, so every later method's ``RunFinished``
     summary already carries its TG and Δm. ``references="tasks"`` first trains STL for every other
     task (silently: no events) so that Δm covers every task; see the module docstring.
+    ForkMerge writes ``checkpoint`` at every merge and continues the snapshot ``resume_from``
+    (:func:`~fm_optuna.checkpoints.load_checkpoint`) when given.
     """
     for method in methods:
         if method not in METHODS:
@@ -293,11 +297,11 @@ def run_methods(
         comparison.reference_seconds = time.perf_counter() - started
     by_method: dict[str, MethodResult] = {}
     for method in sorted(methods, key=lambda m: m != "stl"):
-        started = time.perf_counter()
+        started, earlier = time.perf_counter(), 0.0  # earlier: seconds before a resume
         try:
             if method == "forkmerge":
-                fm = _run_forkmerge(problem, config, events, checkpoint, resume)
-                comparison.forkmerge, model = fm, fm.model
+                fm = _run_forkmerge(problem, config, events, checkpoint, resume_from)
+                comparison.forkmerge, model, earlier = fm, fm.model, fm.seconds_before_resume
             else:
                 model = run_baseline(make_baseline(method), problem, config, events).model
         except Exception as error:  # the method's tracked run ends FAILED, with the reason
@@ -310,7 +314,7 @@ def run_methods(
             )
             raise
         val, test = evaluate_all(problem, model)
-        seconds = time.perf_counter() - started
+        seconds = earlier + time.perf_counter() - started
         if method == "stl":
             reference_metrics[target.name] = test[target.name]
         result = MethodResult(

@@ -65,6 +65,7 @@ __all__ = [
     "ForkMergeConfig",
     "ForkMergeResult",
     "apply_optimizer_policy",
+    "check_resumable",
     "run_forkmerge",
 ]
 
@@ -93,8 +94,11 @@ class ForkMergeResult:
     steps: list[int]
     ranking: Ranking
     final_round: int
-    seconds: float
+    seconds: float  # the whole run's, including the time spent before a resume
     timings: dict[str, float] = field(default_factory=dict)
+    resumed_from_round: int = 0  # > 0: continued from the checkpoint of this merge round
+    resumed_at_step: int = 0
+    seconds_before_resume: float = 0.0  # training time of the process(es) before the resume
 
     @property
     def lambda_history(self) -> list[tuple[float, ...]]:
@@ -151,6 +155,8 @@ class _Progress:
     best_state: dict[str, torch.Tensor] | None = None
     best_score: float = -math.inf
     best_round: int = 0
+    seconds_before: float = 0.0  # spent by earlier processes (restored from a checkpoint)
+    seconds: float = 0.0  # spent up to the latest merge, earlier processes included
 
     @property
     def warm_start(self) -> tuple[float, ...] | None:
@@ -179,6 +185,7 @@ def _snapshot(
         "config": config.as_params(),
         "round": progress.round,
         "step": progress.step,
+        "seconds": progress.seconds,
         "merged": {k: v.detach().cpu().clone() for k, v in merged.items()},
         "branches": [
             {
@@ -206,7 +213,8 @@ def _snapshot(
 CHECKPOINT_FORMAT = 1
 
 
-def _check_resumable(config: ForkMergeConfig, checkpoint: Mapping[str, Any]) -> None:
+def check_resumable(config: ForkMergeConfig, checkpoint: Mapping[str, Any]) -> None:
+    """Raise a one-line ConfigError unless ``checkpoint`` continues a run of ``config``."""
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise invalid(
             "resume", checkpoint.get("format"), f"a checkpoint of format {CHECKPOINT_FORMAT}"
@@ -227,6 +235,7 @@ def _check_resumable(config: ForkMergeConfig, checkpoint: Mapping[str, Any]) -> 
 
 def _restore_progress(checkpoint: Mapping[str, Any]) -> _Progress:
     progress = _Progress(round=checkpoint["round"], step=checkpoint["step"])
+    progress.seconds_before = progress.seconds = float(checkpoint.get("seconds", 0.0))
     progress.decisions = [MergeDecision.from_dict(d) for d in checkpoint["decisions"]]
     progress.steps = list(checkpoint["steps"])
     if checkpoint["best"] is not None:
@@ -248,6 +257,7 @@ class _ForkMergeLoop:
         resume_from: Mapping[str, Any] | None,
     ) -> None:
         self.problem, self.config, self.events, self.name = problem, config, events, name
+        self.started = time.perf_counter()
         self.strategy: MergeStrategy = make_strategy(
             config.strategy, resolution=config.grid_resolution
         )
@@ -263,6 +273,7 @@ class _ForkMergeLoop:
                 run.optimization.load_state_dict(saved)  # optimizer, scheduler, scaler
                 run.generator.set_state(saved["generator"])
         self.names = tuple(branch.name for branch in branches)
+        self.resumed_from = (self.progress.round, self.progress.step)
         self.timings = {
             "ranking": self.ranking.seconds,
             **dict.fromkeys(("train", "evaluate", "search", "merge"), 0.0),
@@ -278,7 +289,7 @@ class _ForkMergeLoop:
 
     def _resume(self, shared: nn.Module, checkpoint: Mapping[str, Any]) -> list[Branch]:
         """Continue after the checkpoint's merge: θ*, decisions, ranking and RNG as they were."""
-        _check_resumable(self.config, checkpoint)
+        check_resumable(self.config, checkpoint)
         self.progress = _restore_progress(checkpoint)
         saved = checkpoint["ranking"]
         self.ranking = Ranking(**{**saved, "order": tuple(saved["order"])})
@@ -309,6 +320,9 @@ class _ForkMergeLoop:
                 branches={run.branch.name: dict(run.branch.weights) for run in self.runs},
                 total_steps=self.config.total_steps,
                 resumed_at_step=self.progress.step,
+                resumed_merges=tuple(
+                    zip(self.progress.steps, self.progress.decisions, strict=True)
+                ),
             )
         )
 
@@ -499,6 +513,7 @@ class _ForkMergeLoop:
         progress.decisions.append(decision)
         progress.steps.append(step)
         progress.round, progress.step = round_index, step
+        progress.seconds = progress.seconds_before + time.perf_counter() - self.started
         finite_scores = (s for s in merge.branch_scores if math.isfinite(s))
         self.events.emit(
             MergeCompleted(
@@ -521,7 +536,7 @@ class _ForkMergeLoop:
             )
         )
 
-    def result(self, seconds: float) -> ForkMergeResult:
+    def result(self) -> ForkMergeResult:
         final = copy.deepcopy(self.runs[0].model)
         final_round = self.config.rounds
         if self.progress.best_state is not None:
@@ -534,8 +549,11 @@ class _ForkMergeLoop:
             self.progress.steps,
             self.ranking,
             final_round,
-            seconds,
+            self.progress.seconds_before + time.perf_counter() - self.started,
             self.timings,
+            resumed_from_round=self.resumed_from[0],
+            resumed_at_step=self.resumed_from[1],
+            seconds_before_resume=self.progress.seconds_before,
         )
 
 
@@ -551,13 +569,12 @@ def run_forkmerge(
 
     ``resume_from`` is a snapshot taken at a merge (see :class:`~fm_optuna.events.MergeCompleted`);
     the run continues after that merge and, with the same seed, reproduces the Λ trajectory of
-    an uninterrupted run.
+    an uninterrupted run; its result's ``seconds`` include the time spent before the resume.
     """
-    started = time.perf_counter()
     loop = _ForkMergeLoop(
         for_plan(problem, config.plan), config, events or EventStream(), name, resume_from
     )
     loop.announce()
     while not loop.finished:
         loop.run_round()
-    return loop.result(time.perf_counter() - started)
+    return loop.result()

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 DEFAULT_OPTUNA_STORAGE = "sqlite:///tracking/optuna.db"
 OUTER_SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
+REQUIRED_TABLES = ("study", "problem")
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,13 @@ def load_spec(path: str | Path) -> StudySpec:
         raise ConfigError(f"{path}: not valid TOML ({error}).") from None
     root = _Reader(path, document, "")
     root.check_keys({"study", "problem", "training", "search", "space"})
+    missing = [f"[{table}]" for table in REQUIRED_TABLES if table not in document]
+    if missing:
+        # An empty file would otherwise start a whole default study nobody asked for.
+        raise ConfigError(
+            f"{path}: a study file needs a [study] and a [problem] table; "
+            f"missing: {', '.join(missing)}."
+        )
 
     s = root.sub("study")
     s.check_keys(_field_names(StudySection))

@@ -29,6 +29,12 @@ from typing import Any, Protocol
 
 import optuna
 import torch
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.pruners import BasePruner
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
@@ -37,10 +43,12 @@ from optuna.trial import FrozenTrial, TrialState
 from fm_optuna.checkpoints import Checkpointer, load_checkpoint, save_checkpoint
 from fm_optuna.checks import check_problem
 from fm_optuna.config import ForkMergeConfig
+from fm_optuna.databases import check_database
 from fm_optuna.errors import ConfigError, NonFiniteTraining
 from fm_optuna.events import EventStream, MergeCompleted, Observer, RunFinished
 from fm_optuna.forkmerge import ForkMergeResult, run_forkmerge
 from fm_optuna.merge_problem import MergeProblemWriter, artifact_logger
+from fm_optuna.outer_sampler import DistinctSampler
 from fm_optuna.search import quiet_optuna
 from fm_optuna.spec import StudySpec, check_branches_fit
 from fm_optuna.tasks import Problem
@@ -73,7 +81,9 @@ class StudyObserver(Protocol):
 
     def mark_dead(self, study: optuna.Study, trial: FrozenTrial) -> None: ...
 
-    def finish(self, best_trial: int | None, best_value: float | None, n_trials: int) -> None: ...
+    def start(self, study: optuna.Study) -> None: ...
+
+    def finish(self, study: optuna.Study, *, status: str = "FINISHED") -> None: ...
 
     def browse(self) -> list[str]: ...
 
@@ -190,6 +200,15 @@ def _open_storage(
         ) from None
 
 
+def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high, log=distribution.log)
+    if isinstance(distribution, FloatDistribution):
+        return trial.suggest_float(name, distribution.low, distribution.high, log=distribution.log)
+    assert isinstance(distribution, CategoricalDistribution)
+    return trial.suggest_categorical(name, list(distribution.choices))
+
+
 def root_trial_number(trial: FrozenTrial | optuna.Trial) -> int:
     """The first trial of a chain of retries (its checkpoint is shared by the chain)."""
     frozen = (
@@ -280,7 +299,8 @@ class Tuner:
             check_problem(problem)
         self.problem = problem
         check_branches_fit(spec, self.problem)
-        # Opened after every cheap check and before the Optuna storage: a mistake creates nothing.
+        # Both stores are checked before either is created: a mistake in one creates nothing.
+        check_database(self.storage_url, parameter="storage", what="a reachable Optuna storage URL")
         self.tracking = tracking(self.problem) if tracking is not None else None
         self.storage = open_storage(
             self.storage_url,
@@ -303,9 +323,18 @@ class Tuner:
 
     def _named_sampler(self) -> optuna.samplers.BaseSampler:
         s = self.spec.study
-        if s.sampler == "tpe":
-            return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(4, self.n_trials))
-        return optuna.samplers.RandomSampler(seed=s.seed)
+        startup = min(4, self.n_trials)
+
+        def make(seed: int) -> optuna.samplers.BaseSampler:
+            if s.sampler == "tpe":
+                # constant_liar: a worker's proposal accounts for other workers' running trials.
+                return optuna.samplers.TPESampler(
+                    seed=seed, n_startup_trials=startup, constant_liar=True
+                )
+            return optuna.samplers.RandomSampler(seed=seed)
+
+        # Seeded per trial number and never repeating another trial: see fm_optuna.outer_sampler.
+        return DistinctSampler(make, seed=s.seed, space=self.search_space())
 
     def create_study(self) -> optuna.Study:
         sampler = self.sampler or self._named_sampler()
@@ -329,27 +358,35 @@ class Tuner:
                 f"{mask_password(self.storage_url)} that {study.direction.name.lower()}s (made "
                 "before the direction followed the metric?): choose a new study name."
             )
-        study.set_metric_names([target_metric_name(self.problem)])
+        names = [target_metric_name(self.problem)]
+        if study.metric_names != names:
+            try:
+                study.set_metric_names(names)
+            except Exception:  # workers starting together race to insert the same attribute
+                if study.metric_names != names:
+                    raise
         return study
 
     @property
     def higher_is_better(self) -> bool:
         return self.problem.task(self.problem.target).higher_is_better
 
+    def search_space(self) -> dict[str, BaseDistribution]:
+        """The outer study's parameters and their distributions, as :meth:`suggest` uses them."""
+        space: dict[str, BaseDistribution] = {}
+        spec = self.spec.space
+        if spec.dt is not None:
+            space["dt"] = IntDistribution(spec.dt.low, spec.dt.high, log=spec.dt.log)
+        if spec.branches is not None:
+            space["branches"] = IntDistribution(spec.branches.low, spec.branches.high)
+        if spec.lr is not None:
+            space["lr"] = FloatDistribution(spec.lr.low, spec.lr.high, log=spec.lr.log)
+        if spec.optimizer_policy is not None:
+            space["optimizer_policy"] = CategoricalDistribution(list(spec.optimizer_policy))
+        return space
+
     def suggest(self, trial: optuna.Trial) -> ForkMergeConfig:
-        space, fixed = self.spec.space, {}
-        if space.dt is not None:
-            fixed["dt"] = trial.suggest_int("dt", space.dt.low, space.dt.high, log=space.dt.log)
-        if space.branches is not None:
-            fixed["branches"] = trial.suggest_int(
-                "branches", space.branches.low, space.branches.high
-            )
-        if space.lr is not None:
-            fixed["lr"] = trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log)
-        if space.optimizer_policy is not None:
-            fixed["optimizer_policy"] = trial.suggest_categorical(
-                "optimizer_policy", list(space.optimizer_policy)
-            )
+        fixed = {name: _suggest(trial, name, d) for name, d in self.search_space().items()}
         return dataclasses.replace(self.base_config, **fixed)
 
     def checkpoint_path(self, root: int) -> Path:
@@ -446,19 +483,29 @@ class Tuner:
         # The progress bar says what Optuna's per-trial INFO lines would, without the flood.
         with quiet_optuna(optuna.logging.WARNING):
             study = self.create_study()
-            if len(finished_trials(study)) < self.n_trials:
-                study.optimize(
-                    self.objective,
-                    n_trials=None,
-                    callbacks=[self._stop_at_total, *callbacks],
-                    catch=(RuntimeError, FloatingPointError),
-                    gc_after_trial=False,
-                )
+            if self.tracking is not None:
+                self.tracking.start(study)
+            status = "FAILED"
+            try:
+                if len(finished_trials(study)) < self.n_trials:
+                    study.optimize(
+                        self.objective,
+                        n_trials=None,
+                        callbacks=[self._stop_at_total, *callbacks],
+                        catch=(RuntimeError, FloatingPointError),
+                        gc_after_trial=False,
+                    )
+                status = "FINISHED"
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise
+            finally:  # the study's MLflow run never stays RUNNING after this invocation
+                if self.tracking is not None:
+                    self.tracking.finish(study, status=status)
         report = self.report(study)
         if report.best_trial is not None and self.spec.study.baselines:
             report.baselines = self.baseline_scores(study, study.best_trial)
         if self.tracking is not None:
-            self.tracking.finish(report.best_trial, report.best_value, len(report.trials))
             report.tracking["browse"] = self.tracking.browse()
         return report
 

@@ -56,6 +56,7 @@ from fm_optuna.tracking.plots import (
     plot_lambda_trajectory,
     plot_simplex_trials,
 )
+from fm_optuna.tracking.store import owner_tags
 from fm_optuna.tracking.uris import mask_uri
 
 if TYPE_CHECKING:
@@ -210,7 +211,7 @@ class MlflowTracker(Observer):
     ) -> None:
         self.store = store
         self.invocation = uuid.uuid4().hex[:12]
-        self._tags = {"fm_optuna.invocation": self.invocation, **(tags or {})}
+        self._tags = {"fm_optuna.invocation": self.invocation, **owner_tags(), **(tags or {})}
         self._prefix = run_prefix
         self._higher_is_better = higher_is_better
         self._flush_every = max(1, flush_every)
@@ -291,9 +292,76 @@ class MlflowTracker(Observer):
             self._param(child, "weights", weights_text(weights))
             self._param(child, "tasks", ",".join(t for t, w in weights.items() if w != 0.0))
             self._param(child, "seed", seed)
+        self._restore_merges(run, event)
         if event.branches:
             self._note(run)
         self.flush()  # parameters visible in the UI from the start of the run
+
+    def _restore_merges(self, run: _Run, event: RunStarted) -> None:
+        """A resumed run's new MLflow run gets the merges made before the resume (from the
+        checkpoint), so its metrics, CSV and figures hold the whole Λ trajectory."""
+        if not event.resumed_merges:
+            return
+        self._batch(run.run_id).tags.append(
+            RunTag("fm_optuna.resumed_from_round", str(len(event.resumed_merges)))
+        )
+        for round_index, (step, decision) in enumerate(event.resumed_merges, start=1):
+            self._log_decision(run, round_index, step, tuple(run.branches), decision)
+            run.rows.append(  # the branches' scores of those rounds are not in the checkpoint
+                MergeRow(
+                    round=round_index,
+                    step=step,
+                    weights=tuple(decision.weights),
+                    score=decision.score,
+                    best_branch="(before the resume)",
+                    best_branch_score=math.nan,
+                )
+            )
+            record = {
+                "round": round_index,
+                "step": step,
+                "branches": list(run.branches),
+                "lambda": dict(zip(run.branches, decision.weights, strict=True)),
+                "score": decision.score,
+                "restored_from_checkpoint": True,
+                "n_trials": decision.n_trials,
+                "decision": decision.to_dict(),
+            }
+            self._log_text(
+                run.run_id,
+                json.dumps(_finite_or_none(record), indent=1),
+                f"merges/round_{round_index:03d}.json",
+            )
+
+    def _log_decision(
+        self, run: _Run, round_index: int, step: int, branches: Sequence[str], decision: Any
+    ) -> None:
+        """Λ and the inner study's figures of one merge, and its record for the pictures."""
+        stamp = _now_ms()
+        batch = self._batch(run.run_id)
+        for branch, weight in zip(branches, decision.weights, strict=True):
+            key = run.keys.get(branch, metric_key(branch))
+            batch.metrics.append(Metric(f"lambda/{key}", float(weight), stamp, step))
+            self._batch(run.children.get(branch)).metrics.append(
+                Metric("merge/lambda", float(weight), stamp, step)
+            )
+        for name, value in (
+            ("merge/n_trials", decision.n_trials),
+            ("merge/search_seconds", decision.seconds),
+            ("merge/best_score", decision.score),
+            ("merge/round", round_index),
+            ("val/score", decision.score),
+        ):
+            batch.metrics.append(Metric(name, float(value), stamp, step))
+        run.merges.append(
+            MergeRecord(
+                round=round_index,
+                step=step,
+                weights=tuple(decision.weights),
+                score=decision.score,
+                trials=tuple((t.weights, t.score, t.source) for t in decision.trials),
+            )
+        )
 
     @_never_raises
     def on_training_progress(self, event: TrainingProgress) -> None:
@@ -346,21 +414,11 @@ class MlflowTracker(Observer):
         if run is None:
             return
         decision, step, stamp = event.decision, event.step, _now_ms()
+        self._log_decision(run, event.round, step, event.branches, decision)
         batch = self._batch(run.run_id)
-        for branch, weight in zip(event.branches, decision.weights, strict=True):
-            key = run.keys.get(branch, metric_key(branch))
-            batch.metrics.append(Metric(f"lambda/{key}", float(weight), stamp, step))
-            self._batch(run.children.get(branch)).metrics.append(
-                Metric("merge/lambda", float(weight), stamp, step)
-            )
         for name, value in (
-            ("merge/n_trials", decision.n_trials),
-            ("merge/search_seconds", decision.seconds),
-            ("merge/best_score", decision.score),
             ("merge/gain", event.gain),
             ("merge/best_branch_score", event.best_branch_score),
-            ("merge/round", event.round),
-            ("val/score", decision.score),
         ):
             batch.metrics.append(Metric(name, float(value), stamp, step))
         for name, value in event.merged_metrics.items():
@@ -368,16 +426,6 @@ class MlflowTracker(Observer):
         if decision.fallback is not None:  # the latest fallback; every one is in merges/*.json
             text = f"round {event.round}: {decision.fallback}"
             batch.tags.append(RunTag("fm_optuna.merge_fallback", text[:_PARAM_LIMIT]))
-
-        run.merges.append(
-            MergeRecord(
-                round=event.round,
-                step=step,
-                weights=tuple(decision.weights),
-                score=decision.score,
-                trials=tuple((t.weights, t.score, t.source) for t in decision.trials),
-            )
-        )
         record = {
             "round": event.round,
             "step": step,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -11,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fm_optuna.databases import check_database
 from fm_optuna.errors import ConfigError
 from fm_optuna.tracking.uris import (
     absolute_uri,
@@ -32,6 +36,34 @@ logger = logging.getLogger("fm_optuna.tracking")
 #: Seconds to wait for a database or server when opening the store (MLflow itself would retry a
 #: dead database for minutes before giving up).
 CONNECT_TIMEOUT = 5
+#: Tags naming the process that owns a run, so a later invocation can end the runs of a dead one.
+HOST_TAG, PID_TAG = "fm_optuna.host", "fm_optuna.pid"
+
+
+def owner_tags() -> dict[str, str]:
+    """This process as the owner of the runs it opens (see :func:`end_orphaned_runs`)."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _process_is_gone(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):
+        return False  # someone else's process: alive
+    return False
+
+
+def quiet_mlflow_logging() -> None:
+    """MLflow's own log lines and tracebacks never reach the user's terminal: what matters is
+    reported by fm-optuna in one line (a store error) or in its warnings."""
+    for name in ("mlflow", "alembic", "huey"):
+        logger_ = logging.getLogger(name)
+        logger_.handlers = [logging.NullHandler()]
+        logger_.propagate = False
 
 
 @dataclass
@@ -80,6 +112,8 @@ def _check_database(uri: str) -> None:
 
     path = sqlite_path(uri)
     if path is not None:
+        # A read-only file or folder is one line here, before MLflow touches it.
+        check_database(uri, parameter="tracking_uri", what="a writable MLflow tracking store")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -121,6 +155,7 @@ def _client(uri: str, attempts: int = 5) -> MlflowClient:
     """
     from mlflow import MlflowClient
 
+    quiet_mlflow_logging()  # after MLflow's import, which installs its own stderr handler
     for attempt in range(attempts):
         try:
             client = MlflowClient(tracking_uri=uri)
@@ -196,11 +231,55 @@ def open_store(uri: str | None = None, *, experiment: str) -> TrackingStore:
             f"Parameter `experiment` should name an active experiment; `{experiment}` is "
             f"deleted in `{mask_uri(uri)}` (restore it in the MLflow UI or choose another name)."
         )
+    _probe_writes(client, found.experiment_id, uri)
     logger.debug("tracking to %s, experiment %s", mask_uri(uri), experiment)
-    return TrackingStore(
+    store = TrackingStore(
         uri=uri,
         experiment_id=found.experiment_id,
         experiment_name=experiment,
         artifact_location=found.artifact_location,
         client=client,
     )
+    end_orphaned_runs(store)
+    return store
+
+
+def _probe_writes(client: MlflowClient, experiment_id: str, uri: str) -> None:
+    """One real write now: a store that can be read but not written (a read-only file, a user
+    without INSERT) is one line at start, not lost tracking and tracebacks mid-run."""
+    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    try:
+        client.set_experiment_tag(experiment_id, "fm_optuna.last_opened", stamp)
+    except Exception as error:
+        raise _fail(uri, f"it cannot be written ({_first_line(error, uri)})") from None
+
+
+def end_orphaned_runs(store: TrackingStore) -> int:
+    """End (KILLED) the runs left RUNNING by a dead fm-optuna process on this machine.
+
+    A killed ``fm-optuna run`` (or worker) cannot end its own runs; the next invocation that
+    opens the experiment does. Runs of live processes, and of other machines (whose processes
+    cannot be checked from here), are left alone. Best effort: returns how many were ended.
+    """
+    host = socket.gethostname().replace("'", "")
+    try:
+        runs = store.client.search_runs(
+            [store.experiment_id],
+            f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+            max_results=1000,
+        )
+    except Exception as error:
+        logger.debug("could not look for orphaned runs: %s", store.redact(str(error)))
+        return 0
+    ended = 0
+    for run in runs:
+        pid = run.data.tags.get(PID_TAG, "")
+        if not pid.isdigit() or not _process_is_gone(int(pid)):
+            continue
+        try:
+            store.client.set_tag(run.info.run_id, "fm_optuna.status", "KILLED")
+            store.client.set_terminated(run.info.run_id, status="KILLED")
+            ended += 1
+        except Exception as error:
+            logger.debug("could not end run %s: %s", run.info.run_id, store.redact(str(error)))
+    return ended

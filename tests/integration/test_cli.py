@@ -114,6 +114,7 @@ def test_the_table_names_every_method_and_the_lambda_of_each_merge(tmp_path: Pat
             ["compare", "--replay", "nowhere", "--prune-sigmas", "0,x"],
             "Parameter `prune_sigmas` should be a comma-separated list of non-negative numbers",
         ),
+        (["bench", "--grid-resolution=inf"], "Parameter `grid_resolution` should be a positive"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(
@@ -185,6 +186,46 @@ def test_run_resume_continues_forkmerge_after_its_last_merge(tmp_path: Path) -> 
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [m["lambda"] for m in json.loads(resumed.stdout)["forkmerge"]["merges"]] == expected
     assert load_checkpoint(partial)["round"] == 4
+
+
+def test_an_empty_study_file_names_the_missing_tables_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "empty.toml").write_text("")
+    result = fm("tune", "empty.toml", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "missing: [study], [problem]" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.toml"]
+
+
+def test_a_wrong_digits_option_lists_only_real_options(tmp_path: Path) -> None:
+    result = fm("run", "--option", "colour=red", cwd=tmp_path)
+    assert result.returncode == 2
+    allowed = result.stderr.strip().split("its options are: ", 1)[1]
+    assert "batch_size" in allowed and "unknown" not in allowed
+
+
+@pytest.mark.parametrize("damage", ["truncated", "another configuration"])
+def test_resume_from_a_bad_checkpoint_is_one_line_and_creates_no_store(
+    tmp_path: Path, damage: str
+) -> None:
+    """Tracking is on: the checks run before the MLflow store would be created."""
+    from fm_optuna.checkpoints import Checkpointer
+    from fm_optuna.events import EventStream
+    from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge
+    from tests.conftest import ToyProblem
+
+    checkpoint = tmp_path / "run.ckpt"
+    config = ForkMergeConfig(dt=10, total_steps=20, merge_trials=2, branches=2, ranking="given")
+    run_forkmerge(ToyProblem(), config, EventStream([Checkpointer(checkpoint)]))
+    if damage == "truncated":
+        whole = checkpoint.read_bytes()
+        checkpoint.write_bytes(whole[: len(whole) // 2])
+    args = ["run", "--methods", "forkmerge", "--dt", "10", "--steps", "20", "--merge-trials", "2"]
+    result = fm(*args, "--checkpoint", "run.ckpt", "--resume", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "run.ckpt" in result.stderr and result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]  # no tracking/mlflow.db
 
 
 def test_training_hook_flags_reach_the_configuration() -> None:

@@ -78,9 +78,8 @@ import json, sys
 from fm_optuna.tracking import open_store
 store = open_store(sys.argv[1], experiment=sys.argv[2])
 runs = {{}}
-for run_id in sys.argv[3:]:
-    run = store.client.get_run(run_id)
-    runs[run_id] = [run.data.tags, run.info.status]
+for run in store.client.search_runs([store.experiment_id]):  # every run, branches included
+    runs[run.info.run_id] = [run.data.tags, run.info.status]
 print(json.dumps(runs))
 """
 
@@ -169,6 +168,9 @@ def test_two_workers_share_the_study_and_a_killed_trial_is_retried(
     assert [t.number for t in trials if t.state == TrialState.FAIL] == [killed_number]
     assert all(t.state != TrialState.RUNNING for t in trials)
     assert len({t.number for t in trials}) == len(trials)
+    # No configuration proposed twice (42 points in the space, far from exhausted).
+    configurations = [tuple(sorted(t.params.items())) for t in finished]
+    assert len(set(configurations)) == len(configurations), configurations
 
     # The MLflow runs match the trials: one run per trial under the study's run, same state.
     # Read in a child process: MLflow's engine would leave pooled connections to this one.
@@ -183,6 +185,10 @@ def test_two_workers_share_the_study_and_a_killed_trial_is_retried(
         TrialState.PRUNED: "KILLED",
         TrialState.FAIL: "FAILED",
     }
+    # Nothing left RUNNING: not the study's run, not the killed trial's branch runs.
+    assert {status for _, status in runs.values()} <= {"FINISHED", "FAILED", "KILLED"}
+    study_runs = [tags for tags, _ in runs.values() if tags.get("fm_optuna.role") == "study"]
+    assert len(study_runs) == 1, "the start-up race left one study run"
     for trial, run_id in zip(trials, run_ids, strict=True):
         tags, status = runs[run_id]
         assert tags["optuna.trial"] == str(trial.number)

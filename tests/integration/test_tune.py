@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -130,8 +129,43 @@ class Die(Observer):
         if event.round == 2:
             os.kill(os.getpid(), signal.SIGKILL)  # after the checkpoint of round 2 is written
 
-Tuner(load_spec({spec!r}), problem=ToyProblem(), observers=lambda trial, config: [Die()]).run()
+def tracking(problem):
+    from fm_optuna.tracking import StudyTracking, open_store
+    store = open_store({mlflow!r}, experiment="fm-optuna/study/toy")
+    return StudyTracking(store, "toy", higher_is_better=False)
+
+Tuner(
+    load_spec({spec!r}),
+    problem=ToyProblem(),
+    observers=lambda trial, config: [Die()],
+    tracking=tracking,
+).run()
 """
+
+
+def finished_params(storage: str, name: str = "toy") -> list[tuple[object, ...]]:
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    return [tuple(sorted(t.params.items())) for t in trials if t.state in done]
+
+
+def test_a_seeded_single_worker_study_is_reproducible(tmp_path: Path) -> None:
+    runs = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        tuner(spec_file(tmp_path / folder, n_trials=3)).run()
+        runs.append(finished_params(f"sqlite:///{tmp_path / folder / 'optuna.db'}"))
+    assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
+def test_extending_a_study_proposes_no_finished_parameters(tmp_path: Path) -> None:
+    """A second invocation (a re-run after a crash, or --n-trials) used to restart the seeded
+    start-up sampling and repeat trial 0's configuration as trial 3."""
+    path = spec_file(tmp_path, n_trials=3)
+    tuner(path).run()
+    tuner(path, n_trials=6).run()
+    params = finished_params(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(params) == 6 and len(set(params)) == 6
 
 
 def test_a_dead_workers_trial_fails_is_retried_and_resumes_from_its_last_merge(
@@ -140,12 +174,18 @@ def test_a_dead_workers_trial_fails_is_retried_and_resumes_from_its_last_merge(
     path = spec_file(tmp_path, n_trials=2)
     spec = load_spec(path)
     script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(WORKER.format(root=str(ROOT), spec=str(path))))
+    mlflow = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script.write_text(WORKER.format(root=str(ROOT), spec=str(path), mlflow=mlflow))
     died = subprocess.run([sys.executable, str(script)], cwd=ROOT, env={**os.environ}, timeout=300)
     assert died.returncode == -9
     time.sleep(2.5)  # > grace period (2 × heartbeat): the trial is now stale
 
-    report = tuner(path).run()
+    from fm_optuna.tracking import StudyTracking, open_store
+
+    store = open_store(mlflow, experiment="fm-optuna/study/toy")
+    report = tuner(
+        path, tracking=lambda problem: StudyTracking(store, "toy", higher_is_better=False)
+    ).run()
     study = optuna.load_study(study_name="toy", storage=spec.study.storage)
     states = [t.state for t in study.trials]
     assert states[0] == TrialState.FAIL
@@ -164,6 +204,21 @@ def test_a_dead_workers_trial_fails_is_retried_and_resumes_from_its_last_merge(
         for step, weights in zip(uninterrupted.steps, uninterrupted.lambda_history, strict=True)
     ]
     json.dumps(retry.user_attrs)  # user attributes stay JSON
+    params = finished_params(spec.study.storage)
+    assert len(set(params)) == len(params), "a finished configuration was proposed again"
+
+    # MLflow after the SIGKILLed worker and the re-run: no run is left RUNNING, the dead trial's
+    # run and its branch runs are FAILED, and the study has one run, ended with its best.
+    runs = store.client.search_runs([store.experiment_id])
+    assert {run.info.status for run in runs} <= {"FINISHED", "FAILED", "KILLED"}
+    dead = study.trials[0].user_attrs["mlflow_run_id"]
+    branches = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == dead]
+    assert branches and {r.info.status for r in branches} == {"FAILED"}
+    assert store.client.get_run(dead).info.status == "FAILED"
+    (study_run,) = [r for r in runs if r.data.tags.get("fm_optuna.role") == "study"]
+    assert study_run.info.status == "FINISHED"
+    assert study_run.data.metrics["best/value"] == pytest.approx(report.best_value)
+    assert study_run.data.metrics["best/dt"] == report.best_params["dt"]
 
 
 def test_each_outer_trial_is_an_mlflow_run_under_the_study_run(tmp_path: Path) -> None:

@@ -93,3 +93,19 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path: Path) ->
 
 def test_no_checkpoint_yet_is_none(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "missing.ckpt") is None
+
+
+def test_a_truncated_checkpoint_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(Crash):
+        run_forkmerge(ToyProblem(), CONFIG, EventStream([Checkpointer(path), CrashAfterRound(1)]))
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ConfigError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert f"Found `checkpoint = {path}`" in message and "a whole fm-optuna checkpoint" in message
+    assert "\n" not in message
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="checkpoint"):
+        load_checkpoint(path)

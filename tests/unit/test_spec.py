@@ -111,6 +111,26 @@ def test_branches_must_fit_the_problem(tmp_path: Path, toy_problem: Problem) -> 
     check_branches_fit(load_spec(write(tmp_path, GOOD)), toy_problem)
 
 
+@pytest.mark.parametrize(
+    ("text", "missing"),
+    [
+        ("", "[study], [problem]"),
+        ("# nothing yet\n", "[study], [problem]"),
+        ('[problem]\nbenchmark = "digits"\n', "[study]"),
+        ('[study]\nname = "s"\n', "[problem]"),
+    ],
+)
+def test_a_file_without_its_study_or_problem_table_is_one_line(
+    tmp_path: Path, text: str, missing: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_spec(path)
+    message = str(error.value)
+    assert str(path) in message and f"missing: {missing}." in message
+    assert "\n" not in message
+
+
 def test_training_hooks_from_the_spec_reach_the_configuration(tmp_path: Path) -> None:
     hooks = """dt = 50
 optimizer = "sgd"

@@ -1,0 +1,72 @@
+"""Checking a database URL (Optuna storage, MLflow store) before anything is created in it.
+
+A command checks every store it will use first and creates them only once all checks pass, so
+a mistake in one of them leaves no new file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from fm_optuna.errors import ConfigError
+
+#: Seconds to wait for a database server.
+CONNECT_TIMEOUT = 5
+
+
+def _masked(url: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL (``None`` for other URLs and in-memory databases)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    return None if not path or path == ":memory:" else Path(path)
+
+
+def _writable_folder(folder: Path) -> bool:
+    while not folder.exists():  # the nearest folder that exists is where ours will be created
+        if folder.parent == folder:
+            return False
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+
+
+def check_database(url: str, *, parameter: str, what: str) -> None:
+    """Raise a one-line ConfigError unless ``url`` can be opened for writing; create nothing.
+
+    SQLite: the file (if it exists) and its folder must be writable (SQLite writes its journal
+    beside the file). Other databases: one connection with a short timeout.
+    """
+    path = sqlite_file(url)
+    if path is not None:
+        if path.exists() and (path.is_dir() or not os.access(path, os.R_OK | os.W_OK)):
+            raise _fail(url, parameter, what, f"the file {path} is not writable")
+        if not _writable_folder(path.parent):
+            raise _fail(url, parameter, what, f"cannot write in the folder {path.parent}")
+        return
+    if url.startswith("sqlite"):
+        return
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT})
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as error:  # driver missing, refused, bad password, ...
+        lines = str(error).strip().splitlines()
+        raise _fail(url, parameter, what, lines[0] if lines else type(error).__name__) from None
+
+
+def _fail(url: str, parameter: str, what: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"Parameter `{parameter}` should be {what}. Found `{parameter} = {_masked(url)}` "
+        f"({_masked(why)})."
+    )
