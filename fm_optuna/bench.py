@@ -127,6 +127,14 @@ def _fastest(repeats: int, measure: Callable[[], Any]) -> Any:
     )
 
 
+def _passes(result: Any) -> float:
+    return sum(decision.validation_passes for decision in result.decisions)
+
+
+def _final_val(result: Any) -> float:
+    return result.decisions[-1].score if result.decisions else float("nan")
+
+
 def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) -> dict[str, Any]:
     def forkmerge() -> tuple[float, Any]:
         result = run_forkmerge(problem, config)
@@ -135,8 +143,15 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
     def equal_weighting() -> float:
         return run_baseline(make_baseline("ew"), problem, config).seconds
 
+    def pruned() -> tuple[float, Any]:
+        result = run_forkmerge(problem, ForkMergeConfig(**{**config.__dict__, **pruning}))
+        return result.seconds - result.timings["ranking"], result
+
+    pruning = {"pruned_evaluation": True}
     alone = _fastest(repeats, lambda: train_branches_alone(problem, config))
     fm_seconds, fm = _fastest(repeats, forkmerge)
+    # The same run with pruned candidate evaluation: same seed, same training, cheaper search.
+    pruned_seconds, fm_pruned = _fastest(repeats, pruned)
     # tracking (issue #3): right after the same run untracked, so both see the same machine.
     tracked, store_open, in_observer, tracking_error = _fastest(
         repeats, lambda: tracked_forkmerge(problem, config)
@@ -162,6 +177,18 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
                 "goal": 0.05,
                 "what": "share of the ForkMerge run spent in the inner studies (evaluations "
                 "included)",
+            },
+            "merge-search share, pruned evaluation": {
+                "value": fm_pruned.timings["search"] / pruned_seconds,
+                "goal": 0.05,
+                "what": f"the same with --pruned-evaluation ({config.evaluation_chunks} "
+                "validation chunks; candidates trailing the best are stopped)",
+            },
+            "pruned / full validation passes": {
+                "value": _passes(fm_pruned) / max(_passes(fm), 1e-12),
+                "goal": 0.5,
+                "what": "validation forwards of the pruned search over the full one "
+                f"(decision val {_final_val(fm_pruned):.2f} vs {_final_val(fm):.2f})",
             },
             "forkmerge / ew": {
                 "value": fm_seconds / ew,
@@ -192,6 +219,7 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
             "ew": ew,
             **overhead,
             "train": t["train"],
+            "search_pruned": fm_pruned.timings["search"],
             "ranking": t["ranking"],
             "forkmerge_untracked": fm.seconds,  # tracking (issue #3): pre-pass included
             "forkmerge_tracked": tracked,

@@ -208,6 +208,26 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default=0.1,
         help="lattice step for grid (default: 0.1)",
     )
+    g.add_argument(
+        "--pruned-evaluation",
+        action="store_true",
+        help="score candidates chunk by chunk on the validation set and stop those that trail "
+        "the best one (the chosen merge is always fully evaluated)",
+    )
+    g.add_argument(
+        "--evaluation-chunks",
+        type=int,
+        default=4,
+        help="validation chunks of a pruned evaluation (default: 4)",
+    )
+    g.add_argument(
+        "--prune-sigmas",
+        type=float,
+        default=2.0,
+        help="a candidate is stopped when it trails the best finished one on the same chunks by "
+        "more than this many standard errors of what the remaining chunks could add "
+        "(default: 2; 0 stops at any deficit)",
+    )
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -220,6 +240,9 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Any:
         strategy=args.strategy,
         merge_trials=args.merge_trials,
         grid_resolution=args.grid_resolution,
+        pruned_evaluation=args.pruned_evaluation,
+        evaluation_chunks=args.evaluation_chunks,
+        prune_sigmas=args.prune_sigmas,
         plan=args.plan,
         branches=args.branches,
         ranking=args.ranking,
@@ -269,11 +292,20 @@ def benchmark_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def _problem(args: argparse.Namespace) -> Any:
-    from fm_optuna.benchmarks import BENCHMARKS, build_problem, resolve
+    from fm_optuna.benchmarks import build_problem, resolve
     from fm_optuna.cli_study import _torch_setup
-    from fm_optuna.errors import invalid
 
     device = _torch_setup(args)
+    source = resolve(args.benchmark)
+    extra = _problem_options(args)
+    return build_problem(source, target=args.target, seed=args.seed, device=device, **extra)
+
+
+def _problem_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark options of the command line (what rebuilds the same problem)."""
+    from fm_optuna.benchmarks import BENCHMARKS, resolve
+    from fm_optuna.errors import invalid
+
     source = resolve(args.benchmark)
     extra: dict[str, Any] = {}
     if args.batch_size is not None:
@@ -291,7 +323,7 @@ def _problem(args: argparse.Namespace) -> Any:
             raise invalid("data_dir", args.data_dir, allowed)
         extra["data_dir"] = args.data_dir
     extra.update(benchmark_options(args.option))
-    return build_problem(source, target=args.target, seed=args.seed, device=device, **extra)
+    return extra
 
 
 def _requires_batch_size(factory: Any) -> bool:
@@ -302,11 +334,14 @@ def _requires_batch_size(factory: Any) -> bool:
 
 
 def _check_plan(problem: Any, config: Any) -> None:
-    """Validate L against the problem's tasks before any training starts."""
+    """Validate L and the merge strategy against the problem before any training starts."""
     from fm_optuna.branches import make_plan
+    from fm_optuna.merge_problem import check_strategy_supported
+    from fm_optuna.strategies import make_strategy
     from fm_optuna.tasks import for_plan
 
     planned = for_plan(problem, config.plan)
+    check_strategy_supported(planned, make_strategy(config.strategy))
     make_plan(
         "pruned" if config.plan == "joint" else config.plan,
         target=planned.target,
@@ -409,6 +444,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             from fm_optuna.tracking import run_tracker
 
             events.observers.append(run_tracker(store, problem))
+        if args.save_merge_problems:
+            events.observers.append(_merge_problem_writer(args, problem, events, seed))
         try:
             comparisons.append(
                 run_methods(
@@ -443,6 +480,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _merge_problem_writer(args: argparse.Namespace, problem: Any, events: Any, seed: int) -> Any:
+    """Saves every merge problem of this seed's ForkMerge run (and logs it to MLflow if on)."""
+    from fm_optuna.merge_problem import MergeProblemWriter, artifact_logger
+
+    source = {
+        "benchmark": args.benchmark,
+        "target": problem.target,
+        "seed": args.seed,
+        "options": _problem_options(args),
+    }
+    folder = Path(args.save_merge_problems) / f"{problem.name}-{problem.target}-seed{seed}"
+    return MergeProblemWriter(folder, source, on_saved=artifact_logger(events.observers))
 
 
 def _checkpoint_path(args: argparse.Namespace, problem: Any, seed: int) -> Path:
@@ -569,6 +620,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="ForkMerge checkpoint written at every merge (default: "
         "tracking/checkpoints/run/<benchmark>-<target>-seed<seed>.ckpt)",
+    )
+    run.add_argument(
+        "--save-merge-problems",
+        metavar="DIR",
+        default=None,
+        help="save what every merge search saw (branch states, scores, how to rebuild the data) "
+        "under DIR/<benchmark>-<target>-seed<seed>/, and as MLflow artifacts when tracking; "
+        "replay them with `fm-optuna compare --replay DIR`",
     )
     run.add_argument(
         "--resume",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import shlex
 import sys
 from collections.abc import Iterator
@@ -187,6 +188,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fm_optuna.errors import invalid
     from fm_optuna.spec import check_branches_fit, load_spec
 
+    if args.replay is not None:
+        if args.spec is not None:
+            raise invalid("spec", args.spec, "left out with --replay (the saved merges say it all)")
+        return cmd_replay(args)
+    if args.spec is None:
+        raise invalid("spec", None, "a study specification (or --replay DIR)")
     spec = load_spec(args.spec)
     if args.seeds < 1:
         raise invalid("seeds", args.seeds, "a positive integer")
@@ -212,6 +219,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     tracking = comparison_tracking(
         args, spec, problem, "compare", "strategy", {**config.as_params(), "seeds": seeds}
     )
+    out = Path(args.out or Path("tracking") / "compare" / spec.study.name)
+    observers = tracking.observers if tracking else None
+    if spec.search.save_merge_problems:
+        observers = _saving_merge_problems(observers, spec, problem, out / "merge_problems")
     bar = tqdm(
         total=len(strategies) * len(seeds),
         desc="compare",
@@ -235,16 +246,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     with tracked_comparison(tracking) as files:
         try:
             comparison = compare_strategies(
-                problem,
-                config,
-                strategies,
-                seeds,
-                observers=tracking.observers if tracking else None,
-                on_run=done,
+                problem, config, strategies, seeds, observers=observers, on_run=done
             )
         finally:
             bar.close()
-        out = Path(args.out or Path("tracking") / "compare" / spec.study.name)
         paths = comparison.save(out)
         files += paths.values()
     rows = comparison.rows()
@@ -272,6 +277,159 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
     print(f"saved {paths['csv']}, {paths['json']}, {paths['plot']}")
     return 0
+
+
+def _saving_merge_problems(observers: Any, spec: Any, problem: Any, folder: Path) -> Any:
+    """Wrap an observer factory so that every compared run also saves its merge problems."""
+    from fm_optuna.merge_problem import MergeProblemWriter, artifact_logger
+
+    source = {
+        "benchmark": spec.problem.benchmark,
+        "target": problem.target,
+        "seed": spec.study.seed,
+        "options": dict(spec.problem.options),
+    }
+
+    def with_writer(value: str, seed: int) -> list[Observer]:
+        others = list(observers(value, seed)) if observers else []
+        writer = MergeProblemWriter(
+            folder / f"{value}-seed{seed}", source, on_saved=artifact_logger(others)
+        )
+        return [*others, writer]
+
+    return with_writer
+
+
+def _int_list(name: str, text: str) -> list[int]:
+    from fm_optuna.errors import invalid
+
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise invalid(name, text, "a comma-separated list of positive integers, e.g. 5,10,20")
+    return values
+
+
+def _float_list(name: str, text: str) -> list[float]:
+    from fm_optuna.errors import invalid
+
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise invalid(name, text, "a comma-separated list of non-negative numbers, e.g. 0,2")
+    return values
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """``compare --replay DIR``: every strategy on the same saved merge problems."""
+    from fm_optuna.benchmarks import build_problem
+    from fm_optuna.errors import invalid
+    from fm_optuna.replay import check_strategies, find_merge_problems, load_merge_problems, replay
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    check_strategies(strategies)
+    budgets = _int_list("budgets", args.budgets)
+    prune_sigmas = _float_list("prune_sigmas", args.prune_sigmas)
+    if not args.tolerance >= 0:
+        raise invalid("tolerance", args.tolerance, "a non-negative number")
+    if args.evaluation_chunks < 2:
+        raise invalid("evaluation_chunks", args.evaluation_chunks, "an integer of at least 2")
+    paths = find_merge_problems(Path(args.replay))
+    device = _torch_setup(args)
+    store = None
+    if not args.no_tracking:
+        from fm_optuna.tracking import open_store
+
+        store = open_store(args.tracking_uri, experiment="fm-optuna/compare/replay")
+
+    def build(source: Any) -> Any:
+        return build_problem(
+            source["benchmark"],
+            target=source["target"],
+            seed=source["seed"],
+            device=device,
+            **source.get("options", {}),
+        )
+
+    merges = load_merge_problems(paths, build)
+    bar = tqdm(desc="replay", unit="search", disable=None, file=sys.stderr)
+
+    def done(run: Any) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"L={run.n_branches} {run.strategy}@{run.budget}: {run.regret:.3f}")
+
+    try:
+        comparison = replay(
+            merges,
+            strategies,
+            budgets,
+            pruned=args.pruned,
+            chunks=args.evaluation_chunks,
+            prune_sigmas=prune_sigmas,
+            tolerance=args.tolerance,
+            lattice_max=args.lattice_max,
+            on_run=done,
+        )
+    finally:
+        bar.close()
+    out = Path(args.out or Path("tracking") / "compare" / "replay")
+    paths_out = comparison.save(out)
+    rows = comparison.rows()
+    if store is not None:
+        _log_replay(store, comparison, rows, list(paths_out.values()))
+    if args.json:
+        files = {k: str(v) for k, v in paths_out.items()}
+        print(json.dumps({"table": rows, "files": files}, indent=2, default=str))
+        return 0
+    print(
+        f"replayed {len(merges)} merge problems from {args.replay}; regret in target validation "
+        f"score vs the best known Λ (tolerance {args.tolerance})"
+    )
+    header = (
+        f"{'L':>2} {'strategy':<16} {'budget':>6} {'val passes':>10} {'regret':>15} "
+        f"{'≤tol':>5} {'passes→tol':>10} {'s/eval':>7} {'test':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        reach = row["passes_to_tolerance_median"]
+        print(
+            f"{row['L']:>2} {row['strategy']:<16} {row['budget']:>6} {row['val_passes']:>10.1f} "
+            f"{row['regret_mean']:>7.3f} ± {row['regret_std']:<5.3f} "
+            f"{row['within_tolerance']:>5.0%} {'-' if reach is None else f'{reach:.1f}':>10} "
+            f"{row['seconds_per_evaluation']:>7.3f} "
+            f"{row['test_mean']:>7.2f} ± {row['test_std']:<4.2f}"
+        )
+    print(f"saved {paths_out['csv']}, {paths_out['json']}, {paths_out['plot']}")
+    return 0
+
+
+def _log_replay(store: Any, comparison: Any, rows: list[Any], files: list[Path]) -> None:
+    """One finished MLflow run per strategy (metrics per budget), the files on the first."""
+    from fm_optuna.tracking.files import log_result_run
+
+    for index, (n, strategy) in enumerate(comparison.groups()):
+        metrics = {}
+        for row in rows:
+            if row["L"] == n and row["strategy"] == strategy:
+                b = row["budget"]
+                metrics[f"regret_mean/budget_{b}"] = row["regret_mean"]
+                metrics[f"regret_std/budget_{b}"] = row["regret_std"]
+                metrics[f"val_passes/budget_{b}"] = row["val_passes"]
+                metrics[f"test_mean/budget_{b}"] = row["test_mean"]
+                metrics[f"seconds_per_evaluation/budget_{b}"] = row["seconds_per_evaluation"]
+        log_result_run(
+            store,
+            f"replay-L{n}-{strategy}",
+            params={"L": n, "strategy": strategy, **comparison.config},
+            metrics=metrics,
+            files=files if index == 0 else [],
+            tags={"strategy": strategy, "L": str(n)},
+        )
 
 
 def add_commands(sub: Any) -> None:
@@ -302,15 +460,52 @@ def add_commands(sub: Any) -> None:
 
     compare = sub.add_parser(
         "compare",
-        help="compare merge-search strategies on the same training",
+        help="compare merge-search strategies on the same training or on saved merges",
         description="Train ForkMerge once per inner strategy and seed with the same Δt, L "
-        "and seeds; print and save a table (CSV, JSON) and a score-vs-cost plot.",
+        "and seeds; print and save a table (CSV, JSON) and a score-vs-cost plot. With --replay "
+        "DIR, run every strategy on exactly the same saved merge problems (see `fm-optuna run "
+        "--save-merge-problems`) at several budgets: regret vs the best known Λ, anytime "
+        "curves, evaluations to come within --tolerance, seconds per evaluation, test score.",
     )
-    compare.add_argument("spec", help="a study specification, e.g. studies/digits.toml")
+    compare.add_argument(
+        "spec", nargs="?", default=None, help="a study specification, e.g. studies/digits.toml"
+    )
     compare.add_argument(
         "--strategies",
         default="grid,binary,greedy,tpe,cmaes,random",
-        help="comma-separated strategies (default: all six)",
+        help="comma-separated strategies (default: grid,binary,greedy,tpe,cmaes,random; "
+        "also gp, gradient)",
+    )
+    g = compare.add_argument_group("replay (saved merge problems)")
+    g.add_argument(
+        "--replay", metavar="DIR", default=None, help="replay the merge problems saved under DIR"
+    )
+    g.add_argument(
+        "--budgets", default="5,10,20,40", help="inner-study budgets (default: 5,10,20,40)"
+    )
+    g.add_argument(
+        "--pruned", action="store_true", help="also run each strategy with pruned evaluation"
+    )
+    g.add_argument(
+        "--evaluation-chunks", type=int, default=4, help="chunks of a pruned evaluation (4)"
+    )
+    g.add_argument(
+        "--prune-sigmas",
+        default="2",
+        help="standard errors a pruned candidate must trail the best one by (default: 2); "
+        "a comma-separated list compares several (variants strategy+pruned<z>σ)",
+    )
+    g.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.1,
+        help="regret counted as reaching the best (target score units; default 0.1 = 0.1 pp)",
+    )
+    g.add_argument(
+        "--lattice-max",
+        type=int,
+        default=300,
+        help="run grid's 0.1 lattice only up to this many points (default: 300, i.e. L ≤ 4)",
     )
     compare.add_argument("--seeds", type=int, default=3, help="seeds per strategy (default: 3)")
     compare.add_argument(

@@ -61,6 +61,12 @@ class ForkMergeConfig:
             ``random``).
         merge_trials: Inner-study budget for the strategies that take one.
         grid_resolution: Lattice step of ``grid``.
+        pruned_evaluation: Score merge candidates chunk by chunk on the validation set and stop
+            those that trail the best finished candidate (problems without ``target_chunks``
+            evaluate whole); the chosen Λ is always fully evaluated.
+        evaluation_chunks: Validation chunks of a pruned evaluation.
+        prune_sigmas: How many standard errors of what the remaining chunks could add a
+            candidate must trail the best finished one by before it is stopped (0: any deficit).
         plan: ``pruned`` (Alg. 4), ``pairwise`` (Alg. 1/2) or ``joint`` (App. A.4).
         branches: L, the number of branches (``None``: the plan's default).
         ranking: ``prepass`` (short target+aux runs ranked by target validation, the official
@@ -101,6 +107,9 @@ class ForkMergeConfig:
     strategy: str = "grid"
     merge_trials: int = 20
     grid_resolution: float = 0.1
+    pruned_evaluation: bool = False
+    evaluation_chunks: int = 4
+    prune_sigmas: float = 2.0
     plan: str = "pruned"
     branches: int | None = None
     ranking: str = "prepass"
@@ -131,6 +140,13 @@ class ForkMergeConfig:
             raise one_of("strategy", self.strategy, STRATEGIES)
         if not isinstance(self.merge_trials, int) or self.merge_trials < 1:
             raise invalid("merge_trials", self.merge_trials, "a positive integer")
+        if not isinstance(self.pruned_evaluation, bool):
+            raise invalid("pruned_evaluation", self.pruned_evaluation, "true or false")
+        if not isinstance(self.evaluation_chunks, int) or self.evaluation_chunks < 2:
+            raise invalid("evaluation_chunks", self.evaluation_chunks, "an integer of at least 2")
+        check_finite("prune_sigmas", self.prune_sigmas, "a non-negative number")
+        if self.prune_sigmas < 0:
+            raise invalid("prune_sigmas", self.prune_sigmas, "a non-negative number")
         if self.plan not in PLANS:
             raise one_of("plan", self.plan, PLANS)
         if self.ranking not in RANKINGS:

@@ -87,6 +87,10 @@ class MergeCompleted(Event):
     best_branch_score: float
     # Full resumable state of the run at this merge, built only if an observer asks for it.
     snapshot: Callable[[], dict[str, Any]] | None = field(default=None, compare=False, repr=False)
+    # What the merge search saw, as data (fm_optuna.merge_problem), built only if asked for.
+    merge_problem: Callable[[], dict[str, Any]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     @property
     def gain(self) -> float:

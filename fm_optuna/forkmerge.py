@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -40,9 +39,10 @@ from fm_optuna.events import (
     RunStarted,
     TrainingProgress,
 )
+from fm_optuna.merge_problem import MergeProblem, check_strategy_supported
 from fm_optuna.merging import BranchStack
 from fm_optuna.ranking import Ranking, plan_branches
-from fm_optuna.search import MergeDecision, MergeStrategy, search_merge
+from fm_optuna.search import MergeDecision, MergeStrategy
 from fm_optuna.strategies import make_strategy
 from fm_optuna.tasks import Problem, describe_problem, for_plan
 from fm_optuna.training import (
@@ -261,6 +261,7 @@ class _ForkMergeLoop:
         self.strategy: MergeStrategy = make_strategy(
             config.strategy, resolution=config.grid_resolution
         )
+        check_strategy_supported(problem, self.strategy)
         shared = seeded_model(problem, config.seed)
         if resume_from is None:
             branches = self._set_up(shared)
@@ -332,9 +333,21 @@ class _ForkMergeLoop:
         branch_scores = self.evaluate_branches(round_index, step)
         healthy = [index for index, run in enumerate(self.runs) if run.diverged is None]
         stack = BranchStack([self.runs[index].model.state_dict() for index in healthy])
-        decision = self.search(stack, healthy, branch_scores, round_index)
+        merge = MergeProblem(
+            problem=self.problem,
+            stack=stack,
+            names=tuple(self.names[index] for index in healthy),
+            branch_scores=tuple(branch_scores[index] for index in healthy),
+            round=round_index,
+            step=step,
+            seed=self.config.seed * 7919 + round_index,
+            warm_start=_restrict(self.progress.warm_start, healthy),
+            # A scratch model for the candidates; every branch is re-forked from θ* afterwards.
+            model=self.runs[healthy[0]].model,
+        )
+        decision = self.search(merge, healthy)
         merged = self.merge_and_fork(stack, healthy, decision)
-        self.record(round_index, step, decision, merged, branch_scores)
+        self.record(round_index, step, decision, merged, merge)
 
     def train_branches(self, round_index: int) -> int:
         """Every branch trains the next Δt steps (fewer in a last, shorter round).
@@ -420,35 +433,18 @@ class _ForkMergeLoop:
         )
         return scores
 
-    def search(
-        self,
-        stack: BranchStack,
-        healthy: Sequence[int],
-        branch_scores: Sequence[float],
-        round_index: int,
-    ) -> MergeDecision:
+    def search(self, merge: MergeProblem, healthy: Sequence[int]) -> MergeDecision:
         """The inner study: Λ on the simplex maximising the target's validation score, over the
         branches whose training stayed finite (the others get Λ = 0)."""
         tic = time.perf_counter()
-        # A scratch model for the candidates; every branch is re-forked from θ* afterwards.
-        candidate = self.runs[healthy[0]].model
-        scores = [branch_scores[index] for index in healthy]
-
-        def evaluate(weights: np.ndarray) -> float:
-            candidate.load_state_dict(stack.combine(weights))
-            return target_score(self.problem, candidate)[0]
-
         if len(healthy) == 1:
-            decision = MergeDecision((1.0,), scores[0], (), 0.0, self.strategy.name)
+            decision = MergeDecision((1.0,), merge.branch_scores[0], (), 0.0, self.strategy.name)
         else:
-            decision = search_merge(
-                evaluate,
-                strategy=self.strategy,
-                n_branches=len(healthy),
-                budget=self.config.merge_trials,
-                seed=self.config.seed * 7919 + round_index,
-                branch_scores=scores,
-                warm_start=_restrict(self.progress.warm_start, healthy),
+            decision = merge.search(
+                self.strategy,
+                self.config.merge_trials,
+                chunks=self.config.evaluation_chunks if self.config.pruned_evaluation else 1,
+                prune_sigmas=self.config.prune_sigmas,
             )
         self.timings["search"] += time.perf_counter() - tic
         return self._widen(decision, healthy)
@@ -506,7 +502,7 @@ class _ForkMergeLoop:
         step: int,
         decision: MergeDecision,
         merged: dict[str, torch.Tensor],
-        branch_scores: Sequence[float],
+        merge: MergeProblem,
     ) -> None:
         """Keep the decision (and the best merge for ``final="best"``); tell the observers."""
         progress = self.progress
@@ -518,7 +514,7 @@ class _ForkMergeLoop:
         progress.steps.append(step)
         progress.round, progress.step = round_index, step
         progress.seconds = progress.seconds_before + time.perf_counter() - self.started
-        finite_scores = (s for s in branch_scores if math.isfinite(s))
+        finite_scores = (s for s in merge.branch_scores if math.isfinite(s))
         self.events.emit(
             MergeCompleted(
                 run=self.name,
@@ -530,6 +526,12 @@ class _ForkMergeLoop:
                 best_branch_score=max(finite_scores, default=-math.inf),
                 snapshot=functools.partial(
                     _snapshot, self.config, self.runs, self.ranking, progress, merged
+                ),
+                merge_problem=functools.partial(
+                    merge.to_data,
+                    # The decision over the searched branches (a diverged one sat out).
+                    decision=decision if len(decision.weights) == merge.n_branches else None,
+                    config=self.config.as_params(),
                 ),
             )
         )

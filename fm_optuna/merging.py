@@ -77,16 +77,31 @@ class BranchStack:
     def combine(self, weights: Sequence[float] | np.ndarray) -> dict[str, torch.Tensor]:
         """The convex combination Σ_b Λ_b θ_b as a new state dict (same key order)."""
         lam = check_simplex(weights, self.n_branches)
-        dominant = int(np.argmax(lam))
+        with torch.no_grad():
+            return self.combine_tensor(torch.as_tensor(lam, dtype=torch.float64))
+
+    def combine_tensor(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Σ_b Λ_b θ_b for Λ given as a tensor, differentiable in Λ (no simplex check).
+
+        The ``gradient`` merge strategy descends a validation loss through this.
+        """
+        dominant = int(torch.argmax(weights.detach()))
         merged: dict[str, torch.Tensor] = {}
         for key in self._keys:
             if key in self._float:
                 stacked = self._float[key]
-                coefficients = torch.as_tensor(lam, dtype=stacked.dtype, device=stacked.device)
+                coefficients = weights.to(dtype=stacked.dtype, device=stacked.device)
                 merged[key] = torch.tensordot(coefficients, stacked, dims=1)
             else:
                 merged[key] = self._other[key][dominant].clone()
         return merged
+
+    def branch(self, index: int) -> dict[str, torch.Tensor]:
+        """Branch ``index``'s own state, as it was stacked."""
+        return {
+            key: self._float[key][index] if key in self._float else self._other[key][index]
+            for key in self._keys
+        }
 
 
 def convex_combination(

@@ -5,7 +5,9 @@ decision is an in-memory study whose trials can be inspected. Adaptive designs (
 the paper's greedy Algorithm 3) are samplers too: :class:`DesignSampler` asks a generator for
 the next point and feeds it the previous trial's score.
 
-Entry point: :func:`search_merge`.
+Entry point: :func:`search_merge`. What it searches over is :class:`Candidates`: the full
+validation score of a Λ and, when the problem offers them, its score chunk by chunk (for pruned
+evaluation) and the gradient of a differentiable validation loss (for ``gradient``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
@@ -29,6 +32,27 @@ from fm_optuna.errors import invalid
 from fm_optuna.merging import normalise
 
 Design = Generator[np.ndarray, float, None]
+#: Λ ↦ (validation loss, ∂loss/∂Λ): what a gradient-based strategy needs.
+LossGradient = Callable[[np.ndarray], tuple[float, np.ndarray]]
+#: Λ ↦ its target score on consecutive validation chunks, lazily: (chunk score, examples).
+ChunkScores = Callable[[np.ndarray, int], Iterator[tuple[float, int]]]
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """How a merge search measures a candidate Λ.
+
+    Attributes:
+        score: The target validation score of Σ Λ_b θ_b on the whole validation split.
+        chunk_scores: ``(Λ, n)`` → the score on each of ``n`` consecutive validation chunks with
+            its example count, computed lazily; their size-weighted mean is ``score``. ``None``:
+            the problem cannot split its validation set, so candidates are scored whole.
+        loss_gradient: Λ → (differentiable validation loss, its gradient in Λ), or ``None``.
+    """
+
+    score: Callable[[np.ndarray], float]
+    chunk_scores: ChunkScores | None = None
+    loss_gradient: LossGradient | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +65,9 @@ class MergeTrial:
     state: str
     #: "evaluated" by this search, or "branch": a single branch whose score was already known.
     source: str = "evaluated"
+    #: Share of the validation set this candidate was scored on (< 1 when pruned: ``score`` is
+    #: then the running score on that share, never compared with full scores).
+    fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +95,11 @@ class MergeDecision:
         """Candidates this search evaluated (known single-branch scores excluded)."""
         return sum(1 for t in self.trials if t.source == "evaluated")
 
+    @property
+    def validation_passes(self) -> float:
+        """Validation forwards spent, in whole validation sets (pruned candidates count part)."""
+        return sum(t.fraction for t in self.trials if t.source == "evaluated")
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MergeDecision:
         return cls(
@@ -80,6 +112,7 @@ class MergeDecision:
                     float(t["score"]),
                     str(t["state"]),
                     str(t.get("source", "evaluated")),
+                    float(t.get("fraction", 1.0)),
                 )
                 for t in data["trials"]
             ),
@@ -102,6 +135,7 @@ class MergeDecision:
                     "score": t.score,
                     "state": t.state,
                     "source": t.source,
+                    "fraction": t.fraction,
                 }
                 for t in self.trials
             ],
@@ -117,6 +151,7 @@ class SearchContext:
     seed: int
     branch_scores: tuple[float, ...]  # each branch's own target validation score
     warm_start: tuple[float, ...] | None = None
+    loss_gradient: LossGradient | None = None  # for strategies with ``needs_loss_gradient``
 
     @property
     def greedy_order(self) -> list[int]:
@@ -140,6 +175,9 @@ class MergeStrategy(abc.ABC):
     #: the single branches' known scores are given to the sampler as completed trials (free:
     #: the loop has already evaluated every branch). Exhaustive and scripted designs opt out.
     uses_warm_start: ClassVar[bool] = False
+    #: Whether the strategy follows the gradient of a differentiable validation loss, which only
+    #: problems with ``target_loss`` offer (checked before training).
+    needs_loss_gradient: ClassVar[bool] = False
 
     @abc.abstractmethod
     def n_trials(self, n_branches: int, budget: int) -> int:
@@ -299,8 +337,125 @@ def _add_known_branches(
         )
 
 
+#: Trial attributes holding a candidate's per-chunk validation scores and example counts.
+CHUNK_SCORES, CHUNK_EXAMPLES = "chunk_scores", "chunk_examples"
+#: Default standard errors a candidate must trail the incumbent by before it is stopped.
+PRUNE_SIGMAS = 2.0
+
+
+class IncumbentPruner(BasePruner):
+    """Stops a candidate that the validation chunks it has not seen could not plausibly rescue.
+
+    After m of N validation examples, the candidate trails the best finished candidate (the
+    incumbent) on the same examples by δ (a paired comparison: chunk noise shared by both
+    cancels). If the two were equally good on the N − m examples left, the candidate would gain
+    back m·δ only when the rest's summed paired difference exceeds it; that sum has standard
+    deviation σ·√(N − m), with σ the per-example spread of paired differences, estimated from the
+    chunk scores of the finished candidates (and this one's) against the incumbent. The candidate
+    is stopped when
+
+        δ > margin + sigmas · σ · √(N − m) / m,
+
+    so the bar is high after one chunk and falls as the remaining chunks could add less. With
+    ``sigmas = 0`` and ``margin = 0`` any deficit stops a candidate (the aggressive rule).
+    """
+
+    def __init__(self, margin: float = 0.0, sigmas: float = PRUNE_SIGMAS) -> None:
+        if not margin >= 0.0:
+            raise invalid("prune_margin", margin, "a non-negative number")
+        if not sigmas >= 0.0 or not math.isfinite(sigmas):
+            raise invalid("prune_sigmas", sigmas, "a non-negative number")
+        self.margin, self.sigmas = margin, sigmas
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        seen = _chunks_of(trial)
+        if not seen:
+            return False
+        finished = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and len(_chunks_of(t)) >= len(seen)
+        ]
+        if not finished:
+            return False
+        incumbent = max(finished, key=lambda t: (t.value, -t.number))
+        reference = _chunks_of(incumbent)
+        m = sum(count for _, count in seen)
+        total = sum(count for _, count in reference)
+        pairs = zip(seen, reference, strict=False)  # the incumbent has every chunk
+        deficit = sum(count * (r - s) for (s, count), (r, _) in pairs) / m
+        if deficit <= self.margin:
+            return False
+        others = [_chunks_of(t) for t in finished if t is not incumbent] + [seen]
+        sigma = paired_spread(reference, others)
+        return deficit > self.margin + self.sigmas * sigma * math.sqrt(max(total - m, 0)) / m
+
+
+def _chunks_of(trial: FrozenTrial) -> list[tuple[float, int]]:
+    """A candidate's (chunk score, examples) so far, from its user attributes."""
+    scores = trial.user_attrs.get(CHUNK_SCORES, ())
+    return list(zip(scores, trial.user_attrs.get(CHUNK_EXAMPLES, ()), strict=True))
+
+
+def paired_spread(
+    reference: Sequence[tuple[float, int]], others: Sequence[Sequence[tuple[float, int]]]
+) -> float:
+    """Per-example standard deviation of paired score differences against ``reference``.
+
+    Each candidate with ≥ 2 chunks gives Σ_c n_c (d_c − d̄)² / (k − 1), d_c the chunk-score
+    difference on chunk c (Var d_c = σ² / n_c); the estimates are averaged. Without any (only
+    the incumbent finished, one chunk seen), the incumbent's own chunk spread stands in: an
+    unpaired, so conservative, estimate.
+    """
+
+    def spread(differences: Sequence[tuple[float, int]]) -> float | None:
+        if len(differences) < 2:
+            return None
+        total = sum(n for _, n in differences)
+        mean = sum(d * n for d, n in differences) / total
+        return sum(n * (d - mean) ** 2 for d, n in differences) / (len(differences) - 1)
+
+    estimates = [
+        spread([(s - r, n) for (s, n), (r, _) in zip(other, reference, strict=False)])
+        for other in others
+    ]
+    variances = [v for v in estimates if v is not None and math.isfinite(v)]
+    if not variances:
+        variances = [v for v in [spread(list(reference))] if v is not None]
+    return math.sqrt(sum(variances) / len(variances)) if variances else 0.0
+
+
+def _score_in_chunks(
+    trial: optuna.Trial, weights: np.ndarray, chunk_scores: ChunkScores, chunks: int
+) -> tuple[float, float, bool]:
+    """Score ``weights`` chunk by chunk, reporting the running score; stop when pruned.
+
+    Each chunk's score and size are kept as the trial's user attributes (what the pruner
+    compares). Returns the running score, the share of the validation set scored and whether
+    it was pruned.
+    """
+    total = examples = 0.0
+    running = math.nan
+    scores: list[float] = []
+    counts: list[int] = []
+    with contextlib.closing(chunk_scores(weights, chunks)) as parts:
+        for step, (score, count) in enumerate(parts):
+            total, examples = total + score * count, examples + count
+            running = total / max(examples, 1e-12)
+            if not math.isfinite(running):
+                return running, (step + 1) / chunks, False
+            scores.append(float(score))
+            counts.append(int(count))
+            trial.set_user_attr(CHUNK_SCORES, scores)
+            trial.set_user_attr(CHUNK_EXAMPLES, counts)
+            trial.report(running, step)
+            if step + 1 < chunks and trial.should_prune():
+                return running, (step + 1) / chunks, True
+    return running, 1.0, False
+
+
 def search_merge(
-    evaluate: Callable[[np.ndarray], float],
+    evaluate: Callable[[np.ndarray], float] | Candidates,
     *,
     strategy: MergeStrategy,
     n_branches: int,
@@ -308,12 +463,21 @@ def search_merge(
     seed: int,
     branch_scores: Sequence[float],
     warm_start: Sequence[float] | None = None,
+    chunks: int = 1,
+    prune_margin: float = 0.0,
+    prune_sigmas: float = PRUNE_SIGMAS,
 ) -> MergeDecision:
     """Choose Λ maximising ``evaluate`` (the target validation score of Σ Λ_b θ_b).
 
     Non-finite scores are recorded as failed trials and never chosen; ties go to the earliest
     trial. If every candidate is non-finite, the best single branch (by ``branch_scores``) is
     kept and the decision says so in ``fallback``.
+
+    With ``chunks`` > 1 and candidates that can be scored chunk by chunk, each candidate reports
+    its running score after every chunk and :class:`IncumbentPruner` stops those that trail the
+    best finished candidate by more than ``prune_margin`` plus ``prune_sigmas`` standard errors
+    of what the remaining chunks could add; only fully evaluated candidates can be chosen, so the
+    decision's score is always a full evaluation.
 
     Example:
         >>> from fm_optuna.strategies import make_strategy
@@ -322,7 +486,16 @@ def search_merge(
         >>> [round(w, 1) for w in d.weights]
         [0.3, 0.7]
     """
+    candidates = evaluate if isinstance(evaluate, Candidates) else Candidates(score=evaluate)
     strategy.check(n_branches, budget)
+    if strategy.needs_loss_gradient and candidates.loss_gradient is None:
+        raise invalid(
+            "strategy", strategy.name, "a strategy the problem supports (it has no target_loss)"
+        )
+    if not isinstance(chunks, int) or chunks < 1:
+        raise invalid("evaluation_chunks", chunks, "a positive integer")
+    pruned = chunks > 1 and candidates.chunk_scores is not None
+    incumbent_pruner = IncumbentPruner(prune_margin, prune_sigmas)  # checks them, used if pruned
     started = time.perf_counter()
     context = SearchContext(
         n_branches=n_branches,
@@ -330,26 +503,41 @@ def search_merge(
         seed=seed,
         branch_scores=tuple(float(s) for s in branch_scores),
         warm_start=None if warm_start is None else tuple(float(w) for w in warm_start),
+        loss_gradient=candidates.loss_gradient,
     )
     records: list[MergeTrial] = []
 
     def objective(trial: optuna.Trial) -> float:
         weights = strategy.suggest(trial, n_branches)
-        score = float(evaluate(weights))
+        if pruned:
+            assert candidates.chunk_scores is not None
+            score, fraction, stopped = _score_in_chunks(
+                trial, weights, candidates.chunk_scores, chunks
+            )
+        else:
+            score, fraction, stopped = float(candidates.score(weights)), 1.0, False
         finite = math.isfinite(score)
+        state = "PRUNED" if stopped else "COMPLETE" if finite and fraction == 1.0 else "FAIL"
         records.append(
             MergeTrial(
                 number=len(records),
                 weights=tuple(float(w) for w in weights),
                 score=score if finite else math.nan,
-                state="COMPLETE" if finite else "FAIL",
+                state=state,
+                fraction=fraction,
             )
         )
+        if stopped:
+            raise optuna.TrialPruned(f"trails the best candidate after {fraction:.0%} of val")
         # A non-finite value makes Optuna mark the trial FAIL, so samplers never learn from it.
-        return score if finite else math.nan
+        return score if state == "COMPLETE" else math.nan
 
     with quiet_optuna():
-        study = optuna.create_study(direction="maximize", sampler=strategy.sampler(context))
+        study = optuna.create_study(
+            direction="maximize",
+            sampler=strategy.sampler(context),
+            pruner=incumbent_pruner if pruned else optuna.pruners.NopPruner(),
+        )
         if strategy.uses_warm_start:
             _add_known_branches(study, strategy, context, records)
             if context.warm_start is not None:

@@ -104,6 +104,10 @@ class SearchSection:
     strategy: str = "greedy"
     merge_trials: int = 20
     grid_resolution: float = 0.1
+    pruned_evaluation: bool = False
+    evaluation_chunks: int = 4
+    prune_sigmas: float = 2.0
+    save_merge_problems: bool = False  # every merge's problem to the output folder and MLflow
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,9 @@ class StudySpec:
             "strategy": self.search.strategy,
             "merge_trials": self.search.merge_trials,
             "grid_resolution": self.search.grid_resolution,
+            "pruned_evaluation": self.search.pruned_evaluation,
+            "evaluation_chunks": self.search.evaluation_chunks,
+            "prune_sigmas": self.search.prune_sigmas,
             "seed": self.study.seed,
         }
         values.update(overrides)
@@ -238,6 +245,13 @@ class _Reader:
 
 def _field_names(cls: type) -> set[str]:
     return {f.name for f in fields(cls)}
+
+
+def _non_negative(table: _Reader, key: str, default: float) -> float:
+    value = table.float(key, default)
+    if value < 0:
+        raise table.error(key, value, "a non-negative number")
+    return value
 
 
 def _int_range(reader: _Reader, key: str, *, minimum: int) -> IntRange | None:
@@ -406,6 +420,10 @@ def load_spec(path: str | Path) -> StudySpec:
         strategy=q.str("strategy", "greedy", STRATEGIES),
         merge_trials=q.int("merge_trials", 20, minimum=1),
         grid_resolution=q.float("grid_resolution", 0.1, positive=True),
+        pruned_evaluation=q.bool("pruned_evaluation", False),
+        evaluation_chunks=q.int("evaluation_chunks", 4, minimum=2),
+        prune_sigmas=_non_negative(q, "prune_sigmas", 2.0),
+        save_merge_problems=q.bool("save_merge_problems", False),
     )
 
     space_table = root.sub("space")

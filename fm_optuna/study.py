@@ -47,6 +47,7 @@ from fm_optuna.databases import check_database
 from fm_optuna.errors import ConfigError, NonFiniteTraining
 from fm_optuna.events import EventStream, MergeCompleted, Observer, RunFinished
 from fm_optuna.forkmerge import ForkMergeResult, run_forkmerge
+from fm_optuna.merge_problem import MergeProblemWriter, artifact_logger
 from fm_optuna.outer_sampler import DistinctSampler
 from fm_optuna.search import quiet_optuna
 from fm_optuna.spec import StudySpec, check_branches_fit
@@ -394,6 +395,23 @@ class Tuner:
     def model_path(self, number: int) -> Path:
         return self.checkpoints / f"trial_{number}_final.pt"
 
+    def merge_problems(self, number: int) -> Path:
+        """Where trial ``number`` saves its merge problems (``search.save_merge_problems``)."""
+        return self.checkpoints / "merge_problems" / f"trial_{number}"
+
+    def _merge_problem_writer(
+        self, trial: optuna.Trial, observers: Sequence[Observer]
+    ) -> MergeProblemWriter:
+        """Saves every merge of this trial's run, logged to its MLflow run when tracked."""
+        source = {
+            "benchmark": self.spec.problem.benchmark,
+            "target": self.problem.target,
+            "seed": self.spec.study.seed,
+            "options": dict(self.spec.problem.options),
+        }
+        folder = self.merge_problems(trial.number)
+        return MergeProblemWriter(folder, source, on_saved=artifact_logger(observers))
+
     def objective(self, trial: optuna.Trial) -> float:
         config = self.suggest(trial)
         root = root_trial_number(trial)
@@ -407,6 +425,8 @@ class Tuner:
         extra = list(self.tracking.observers(trial, config)) if self.tracking is not None else []
         if self.observers is not None:
             extra += self.observers(trial, config)
+        if self.spec.search.save_merge_problems:
+            extra.append(self._merge_problem_writer(trial, extra))
         reporter = PruningReporter(trial, higher_is_better=self.higher_is_better)
         events = EventStream([Checkpointer(checkpoint_path), *extra, reporter])
         try:

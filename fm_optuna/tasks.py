@@ -8,7 +8,7 @@ batches and for per-task validation/test metrics; it knows nothing of images or 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -111,6 +111,28 @@ class Problem(abc.ABC):
     ) -> dict[str, TaskMetrics]:
         """Metrics of ``tasks`` (all tasks when ``None``) on ``split``, model in eval mode."""
 
+    def target_chunks(
+        self, model: nn.Module, split: Split = "val", chunks: int = 1
+    ) -> Iterator[tuple[float, int]]:
+        """Optional: the target's score on ``chunks`` consecutive parts of ``split``, lazily.
+
+        Yields ``(score, examples)`` per part, oriented like :meth:`Task.score`; the
+        example-weighted mean over all parts is the target's score on the whole split. A merge
+        search with pruned evaluation stops reading as soon as a candidate cannot win, so a part
+        should cost only its own forwards. Default: the whole split as one part (no saving).
+        """
+        metrics = self.evaluate(model, split, [self.target])[self.target]
+        yield self.task(self.target).score(metrics), 1
+
+    def target_loss(self, model: nn.Module, split: Split = "val") -> torch.Tensor:
+        """Optional: the target's mean loss on ``split``, differentiable in the model's parameters
+        and buffers, model in eval mode (what the ``gradient`` merge strategy descends).
+
+        Problems that do not override it do not support ``gradient``
+        (see :func:`has_capability`).
+        """
+        raise NotImplementedError(f"{self.name} has no differentiable target_loss")
+
     def shared_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The trainable parameters every task's loss goes through (the trunk, θ_s).
 
@@ -129,6 +151,12 @@ class Problem(abc.ABC):
         """Flat, loggable description of the problem's options (sizes, target, ...); no key is
         required (``benchmark`` and ``target`` are filled in from ``name`` and ``target``)."""
         return {"benchmark": self.name, "target": self.target}
+
+
+def has_capability(problem: Problem, name: str) -> bool:
+    """Whether ``problem`` overrides the optional method ``name`` (``target_chunks``,
+    ``target_loss``) rather than inheriting :class:`Problem`'s default."""
+    return getattr(type(problem), name) is not getattr(Problem, name)
 
 
 def describe_problem(problem: Problem) -> dict[str, object]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
@@ -103,6 +103,28 @@ class ToyProblem(Problem):
                 out[task] = {"mse": float(nn.functional.mse_loss(model(x, task), y))}
         model.train(was_training)
         return out
+
+    def target_chunks(
+        self, model: nn.Module, split: Split = "val", chunks: int = 1
+    ) -> Iterator[tuple[float, int]]:
+        x, y = self.data[self.target][split]
+        for part_x, part_y in zip(
+            torch.tensor_split(x, chunks), torch.tensor_split(y, chunks), strict=True
+        ):
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                mse = float(nn.functional.mse_loss(model(part_x, self.target), part_y))
+            model.train(was_training)
+            yield -mse, len(part_y)
+
+    def target_loss(self, model: nn.Module, split: Split = "val") -> torch.Tensor:
+        x, y = self.data[self.target][split]
+        was_training = model.training
+        model.eval()
+        loss = nn.functional.mse_loss(model(x, self.target), y)
+        model.train(was_training)
+        return loss
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -422,6 +422,25 @@ class DigitsProblem(Problem):
                 head = model.head_of(task)
                 results[task] = classify(model, images, [(head, labels)])[0]
         return results
+
+    def target_chunks(
+        self, model: nn.Module, split: Split = "val", chunks: int = 1
+    ) -> Iterator[tuple[float, int]]:
+        """The target's accuracy on ``chunks`` consecutive parts of ``split`` (for pruning)."""
+        images, labels = self._eval[split][self.target]
+        head = model.head_of(self.target)
+        for part, part_labels in zip(
+            torch.tensor_split(images, chunks), torch.tensor_split(labels, chunks), strict=True
+        ):
+            with eval_mode(model):
+                accuracy = classify(model, part, [(head, part_labels)])[0]["accuracy"]
+            yield accuracy, len(part_labels)
+
+    def target_loss(self, model: nn.Module, split: Split = "val") -> torch.Tensor:
+        """Mean cross-entropy of the target on ``split``, differentiable (for ``gradient``)."""
+        images, labels = self._eval[split][self.target]
+        with eval_mode(model):
+            return F.cross_entropy(model(images, self.target), labels)
 
     def split_sizes(self) -> dict[str, dict[str, int]]:
         """Number of images per task and split (``noisy_mnist`` evaluates on its training set)."""

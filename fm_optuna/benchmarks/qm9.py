@@ -41,7 +41,7 @@ All tasks share their inputs: one batch of molecules per step serves every reque
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -268,6 +268,7 @@ class QM9Problem(Problem):
         self._chunks = {split: self._graphs[split].chunks(EVAL_CHUNK) for split in ("val", "test")}
         self._mean = self.mean.to(device)
         self._std = self.std.to(device)
+        self._parts: dict[tuple[str, int], list[GraphBatch]] = {}  # target_chunks' batches
 
     def make_model(self) -> MPNN:
         """The MPNN trunk with one linear head per target (all 11, whatever the target)."""
@@ -318,6 +319,39 @@ class QM9Problem(Problem):
         n = max(start, 1)
         mae, loss = (absolute / n).tolist(), (squared / n).tolist()
         return {task: {"mae": mae[k], "loss": loss[k]} for k, task in enumerate(names)}
+
+    def target_chunks(
+        self, model: nn.Module, split: Split = "val", chunks: int = 1
+    ) -> Iterator[tuple[float, int]]:
+        """The target's −MAE on ``chunks`` consecutive parts of ``split`` (for pruning)."""
+        column = self._columns([self.target])[0]
+        graphs = self._graphs[split]
+        key = (split, chunks)
+        if key not in self._parts:
+            members = torch.arange(len(graphs), device=self.device)
+            self._parts[key] = [graphs.batch(part) for part in members.tensor_split(chunks)]
+        start = 0
+        for part in self._parts[key]:
+            stop = start + part.num_graphs
+            with torch.no_grad(), eval_mode(model):
+                predicted = model(part, [self.target])[:, 0].double()
+            raw = self._y_raw[split][start:stop, column]
+            mae = float((predicted * self._std[column] + self._mean[column] - raw).abs().mean())
+            yield self.task(self.target).score({"mae": mae}), stop - start
+            start = stop
+
+    def target_loss(self, model: nn.Module, split: Split = "val") -> torch.Tensor:
+        """Mean squared error of the target on the normalised scale, differentiable."""
+        column = self._columns([self.target])[0]
+        total = torch.zeros((), device=self.device)
+        start = 0
+        with eval_mode(model):
+            for chunk in self._chunks[split]:
+                stop = start + chunk.num_graphs
+                predicted = model(chunk, [self.target])[:, 0]
+                total = total + (predicted - self._y[split][start:stop, column]).pow(2).sum()
+                start = stop
+        return total / max(start, 1)
 
     def split_sizes(self) -> dict[str, int]:
         return {split: len(graphs) for split, graphs in self._graphs.items()}

@@ -14,13 +14,15 @@ from fm_optuna.errors import one_of
 from fm_optuna.search import MergeStrategy
 from fm_optuna.strategies.binary import Binary
 from fm_optuna.strategies.cmaes import CmaEs
+from fm_optuna.strategies.gp import Gp
+from fm_optuna.strategies.gradient import Gradient
 from fm_optuna.strategies.greedy import Greedy
 from fm_optuna.strategies.grid import Grid
 from fm_optuna.strategies.random import Random
 from fm_optuna.strategies.tpe import Tpe
 
 STRATEGIES: dict[str, type[MergeStrategy]] = {
-    cls.name: cls for cls in (Grid, Binary, Greedy, Tpe, CmaEs, Random)
+    cls.name: cls for cls in (Grid, Binary, Greedy, Tpe, CmaEs, Random, Gp, Gradient)
 }
 
 
@@ -33,4 +35,15 @@ def make_strategy(name: str, **options: Any) -> MergeStrategy:
     return cls(**{k: v for k, v in options.items() if k in accepted and v is not None})
 
 
-__all__ = ["STRATEGIES", "Binary", "CmaEs", "Greedy", "Grid", "Random", "Tpe", "make_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "Binary",
+    "CmaEs",
+    "Gp",
+    "Gradient",
+    "Greedy",
+    "Grid",
+    "Random",
+    "Tpe",
+    "make_strategy",
+]

@@ -109,6 +109,11 @@ def test_the_table_names_every_method_and_the_lambda_of_each_merge(tmp_path: Pat
         (["run", "--clip-grad-norm", "-1"], "Parameter `clip_grad_norm` should be a positive"),
         (["run", "--lr", "inf"], "Parameter `lr` should be a positive number"),
         (["run", "--momentum", "0.9"], "Parameter `momentum` should be 0 unless optimizer = sgd"),
+        (["run", "--prune-sigmas", "-1"], "Parameter `prune_sigmas` should be a non-negative"),
+        (
+            ["compare", "--replay", "nowhere", "--prune-sigmas", "0,x"],
+            "Parameter `prune_sigmas` should be a comma-separated list of non-negative numbers",
+        ),
         (["bench", "--grid-resolution=inf"], "Parameter `grid_resolution` should be a positive"),
     ],
 )

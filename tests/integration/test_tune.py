@@ -314,3 +314,28 @@ def test_a_trial_whose_loss_goes_nan_fails_with_its_reason_and_is_never_pruned(
         assert run.info.status == "FAILED"
         assert run.data.tags["fm_optuna.fail_reason"] == reason
     assert report.best_value is None
+
+
+def test_tune_saves_every_trials_merge_problems_when_the_spec_asks(tmp_path: Path) -> None:
+    from fm_optuna.merge_problem import MergeProblem, load_data
+    from fm_optuna.tracking import StudyTracking, open_store
+
+    path = spec_file(tmp_path, n_trials=2)
+    path.write_text(
+        path.read_text().replace("merge_trials = 4", "merge_trials = 4\nsave_merge_problems = true")
+    )
+    store = open_store(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="fm-optuna/study/toy")
+    tune = tuner(path, tracking=lambda problem: StudyTracking(store, "toy", higher_is_better=False))
+    tune.run()
+    study = optuna.load_study(study_name="toy", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    for trial in study.trials:
+        saved = sorted(tune.merge_problems(trial.number).glob("*.pt"))
+        assert len(saved) == len(trial.intermediate_values)  # one per merge
+        data = load_data(saved[-1])
+        assert data["source"]["benchmark"] == "digits"
+        merge = MergeProblem.from_data(data, ToyProblem())
+        weights = data["decision"]["weights"]
+        assert merge.score(weights) == data["decision"]["score"]  # the same candidate score
+        run_id = trial.user_attrs["mlflow_run_id"]
+        logged = [a.path for a in store.client.list_artifacts(run_id, "merge_problems")]
+        assert sorted(Path(p).name for p in logged) == [p.name for p in saved]

@@ -8,13 +8,22 @@ import numpy as np
 import pytest
 
 from fm_optuna.errors import ConfigError
-from fm_optuna.search import MergeDecision, search_merge
+from fm_optuna.search import Candidates, MergeDecision, search_merge
 from fm_optuna.strategies import STRATEGIES, make_strategy
 from fm_optuna.strategies.grid import simplex_lattice
 
 # Budget and L∞ tolerance within which each strategy must find the interior optimum
 # Λ* = (0.2, 0.5, 0.3) of f(Λ) = −‖Λ − Λ*‖². grid and greedy ignore the budget (lattice / α grid).
-TOLERANCE = {"grid": 1e-9, "greedy": 0.05, "binary": 0.05, "tpe": 0.1, "cmaes": 0.1, "random": 0.1}
+TOLERANCE = {
+    "grid": 1e-9,
+    "greedy": 0.05,
+    "binary": 0.05,
+    "tpe": 0.1,
+    "cmaes": 0.1,
+    "random": 0.1,
+    "gp": 0.1,
+    "gradient": 0.1,
+}
 BUDGET = 30
 OPTIMUM = np.array([0.2, 0.5, 0.3])
 
@@ -27,11 +36,27 @@ def vertex_scores(objective, n: int) -> tuple[float, ...]:
     return tuple(objective(np.eye(n)[i]) for i in range(n))
 
 
+def numeric_loss_gradient(objective):
+    """The loss −objective and its central-difference gradient: what ``gradient`` follows."""
+
+    def loss_gradient(weights: np.ndarray) -> tuple[float, np.ndarray]:
+        step = 1e-4
+        grad = np.array(
+            [
+                (objective(weights - step * e) - objective(weights + step * e)) / (2 * step)
+                for e in np.eye(len(weights))
+            ]
+        )
+        return -objective(weights), grad
+
+    return loss_gradient
+
+
 def search(
     name: str, objective, n: int, *, seed: int = 0, budget: int = BUDGET, **kw
 ) -> MergeDecision:
     return search_merge(
-        objective,
+        Candidates(score=objective, loss_gradient=numeric_loss_gradient(objective)),
         strategy=make_strategy(name),
         n_branches=n,
         budget=budget,

@@ -79,6 +79,11 @@ def test_a_full_spec_parses_into_typed_sections(tmp_path: Path) -> None:
         (("dt = 50", "dt = 50\nmomentum = inf"), "training.momentum", "a number"),
         (("dt = 50", 'dt = 50\namp = "yes"'), "training.amp", "true or false"),
         (("dt = 50", "dt = 50\nmomentum = 0.9"), "momentum", "0 unless optimizer = sgd"),
+        (
+            ('strategy = "tpe"', 'strategy = "tpe"\nprune_sigmas = -1'),
+            "search.prune_sigmas",
+            "a non-negative number",
+        ),
     ],
 )
 def test_mistakes_name_the_file_and_the_key(
@@ -142,3 +147,10 @@ amp = true"""
     assert config.clip_grad_norm == 2.0 and config.amp is True
     default = load_spec(write(tmp_path, GOOD)).config()
     assert (default.optimizer, default.scheduler, default.clip_grad_norm) == ("adam", "none", None)
+
+
+def test_prune_sigmas_reaches_the_run_configuration(tmp_path: Path) -> None:
+    spec = load_spec(
+        write(tmp_path, GOOD.replace('strategy = "tpe"', 'strategy = "tpe"\nprune_sigmas = 1.5', 1))
+    )
+    assert spec.search.prune_sigmas == 1.5 and spec.config().prune_sigmas == 1.5

@@ -1,0 +1,61 @@
+"""``compare --replay``: every strategy on the same saved merge problems."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fm_optuna.cli import main
+from fm_optuna.events import EventStream
+from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge
+from fm_optuna.merge_problem import MergeProblemWriter
+from fm_optuna.replay import find_merge_problems, load_merge_problems, replay
+from tests.conftest import ToyProblem
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("merges")
+    config = ForkMergeConfig(total_steps=4, dt=2, branches=3, ranking="given", strategy="greedy")
+    run_forkmerge(ToyProblem(), config, EventStream([MergeProblemWriter(folder, {"toy": 1})]))
+    return folder
+
+
+def test_replay_runs_every_strategy_on_the_same_problems(saved: Path, tmp_path: Path) -> None:
+    built: list[object] = []
+
+    def build(source: object) -> ToyProblem:
+        built.append(source)
+        return ToyProblem()
+
+    merges = load_merge_problems(find_merge_problems(saved), build)
+    assert len(merges) == 2 and built == [{"toy": 1}]  # one rebuild per recipe
+    comparison = replay(merges, ["grid", "tpe", "gradient"], [3, 6], pruned=True)
+    labels = {r.strategy for r in comparison.runs}
+    assert labels == {"grid", "tpe", "gradient", "grid+pruned", "tpe+pruned", "gradient+pruned"}
+    for run in comparison.runs:
+        assert run.regret >= 0 and run.regret == comparison.best[run.problem] - run.val
+        assert run.curve[-1][1] <= comparison.best[run.problem]
+        assert run.passes <= run.evaluations
+    grid = [r for r in comparison.runs if r.strategy == "grid"]
+    assert all(r.evaluations == 66 and r.budget == 6 for r in grid)  # the lattice, run once
+    rows = comparison.rows()
+    assert {(row["strategy"], row["budget"]) for row in rows if row["strategy"] == "tpe"} == {
+        ("tpe", 3),
+        ("tpe", 6),
+    }
+    paths = comparison.save(tmp_path)
+    table = json.loads(paths["json"].read_text())["table"]
+    assert len(table) == len(rows) and paths["plot"].stat().st_size > 0
+    assert paths["csv"].read_text().startswith("L,strategy,budget")
+
+
+def test_replay_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--replay", str(tmp_path / "missing"), "--no-tracking"]) == 2
+    assert main(["compare", "--no-tracking"]) == 2
+    assert main(["compare", "--replay", str(tmp_path), "--budgets", "0,5"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3
+    assert "`replay`" in lines[0] and "`spec`" in lines[1] and "`budgets`" in lines[2]
