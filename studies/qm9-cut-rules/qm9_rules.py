@@ -1,25 +1,38 @@
 """Δm over STL of ForkMerge with two cut rules on QM9, from `compare-methods` outputs.
 
-Reads <rule>-<target>-s<seed>/methods.json beside this file (one `compare-methods --seeds 1` run per
-seed, from a copy of studies/qm9.toml with `[study] seed` set, so the seeds run in parallel): the
-`gaps` runs hold STL and ForkMerge with the older rule, the `auto` runs ForkMerge with the new
-default; the same seeds, so the same STL and the same pre-pass ranking. Δm per target and seed =
+Reads <rule>-<target>-s<seed>/methods.json beside this file: one `compare-methods --methods
+stl,forkmerge --seeds 1` run per rule, target and seed, from qm9_<rule>_s<seed>.toml (a copy of
+studies/qm9.toml with `[study] seed` set). Both rules start from the same seed, so they share the
+STL run and the pre-pass ranking; only the branches Alg. 4 keeps differ. Δm per target and seed =
 (STL − ForkMerge) / STL on the test MAE (Appendix C.1, lower is better), averaged over seeds,
 then over targets (as `compare-methods` does).
+
+Prints, for every rule, target and seed, the branches kept and how far the largest pre-pass drop
+stands out of the others (the `auto` rule cuts at a drop only above its threshold); then the
+test-MAE table, Δm per target, and the paired comparison: per seed, Δm over the targets of `gaps`
+minus that of `auto`, with its spread over the seeds.
+
+    python studies/qm9-cut-rules/qm9_rules.py            # μ, HOMO and LUMO
+    python studies/qm9-cut-rules/qm9_rules.py mu         # one target
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-TARGETS = [t for t in sys.argv[1:]] or ["mu", "homo", "lumo"]
+RULES = ("gaps", "auto")
+TARGETS = sys.argv[1:] or ["mu", "homo", "lumo"]
+T_95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}  # two-sided 95 % t quantile by number of seeds
 
 
 def runs(rule: str, target: str) -> dict[int, dict]:
+    """Seed → the compare-methods run of ``rule`` on ``target``."""
     found = {}
     for path in sorted(HERE.glob(f"{rule}-{target}-s*/methods.json")):
         for run in json.loads(path.read_text())["runs"]:
@@ -27,41 +40,114 @@ def runs(rule: str, target: str) -> dict[int, dict]:
     return found
 
 
-def test_mae(run: dict, method: str) -> float:
-    return next(r["target_test"] for r in run["results"] if r["method"] == method)
+def test_mae(run: dict, method: str) -> float | None:
+    return next((r["target_test"] for r in run["results"] if r["method"] == method), None)
 
 
-def fmt(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+def kept(run: dict) -> str:
+    """The intermediate branches, e.g. ``top5`` (the plan always keeps target only and all)."""
+    names = [n.removeprefix("target+") for n in run["forkmerge"]["branches"]]
+    return ",".join(n for n in names if n not in ("target", "all")) or "-"
+
+
+def standout(relevance: list[float]) -> str:
+    """Largest drop / median drop, against the `auto` threshold (fm_optuna.branches)."""
+    drops = [a - b for a, b in itertools.pairwise(relevance)]
+    largest = max(range(len(drops)), key=lambda i: drops[i])
+    ratio = drops[largest] / statistics.median(drops)
+    threshold = max(8.0, 4.0 * math.sqrt(len(drops)))
+    return (
+        f"largest drop at top{largest + 1}: {ratio:.1f} × median (stands out above {threshold:.0f})"
+    )
+
+
+def fmt(values: list[float], scale: float = 1.0, sign: str = "", digits: int = 3) -> str:
+    mean, std = statistics.mean(values), statistics.stdev(values)
+    return f"{scale * mean:{sign}.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def relative(stl: list[float], fm: list[float]) -> list[float]:
+    return [(b - m) / b for b, m in zip(stl, fm, strict=True)]
 
 
 def main() -> None:
-    rows: dict[str, dict[str, list[float]]] = {"STL": {}, "gaps": {}, "auto": {}}
-    delta: dict[str, list[float]] = {"gaps": [], "auto": []}
+    by_rule = {rule: {t: runs(rule, t) for t in TARGETS} for rule in RULES}
+    seeds = sorted(set.intersection(*(set(by_rule[r][t]) for r in RULES for t in TARGETS)))
+    print(f"seeds {seeds}; targets {', '.join(TARGETS)}")
+    stl: dict[str, list[float]] = {}
     for target in TARGETS:
-        gaps, auto = runs("gaps", target), runs("auto", target)
-        seeds = sorted(set(gaps) & set(auto))
-        stl = [test_mae(gaps[s], "stl") for s in seeds]
-        rows["STL"][target] = stl
-        for rule, by_seed in (("gaps", gaps), ("auto", auto)):
-            fm = [test_mae(by_seed[s], "forkmerge") for s in seeds]
-            rows[rule][target] = fm
-            delta[rule].append(statistics.mean((b - m) / b for b, m in zip(stl, fm, strict=True)))
+        for rule in RULES:
             for s in seeds:
-                plan = by_seed[s]["forkmerge"]
-                names = ", ".join(plan["branches"])
-                order = ",".join(plan["ranking"]["order"])
-                print(f"{rule:5} {target:5} seed {s}: {names}  (ranking {order})")
-        same = all(
+                run = by_rule[rule][target][s]
+                ranking = run["forkmerge"]["ranking"]
+                print(
+                    f"{rule:5} {target:5} seed {s}: kept {kept(run):6} "
+                    f"{standout(ranking['relevance'])}; ranking {','.join(ranking['order'])}"
+                )
+        gaps, auto = by_rule["gaps"][target], by_rule["auto"][target]
+        # The μ runs of `auto` trained ForkMerge only (STL is the `gaps` runs' on the same seed).
+        pairs = [(test_mae(gaps[s], "stl"), test_mae(auto[s], "stl")) for s in seeds]
+        stl[target] = [g if g is not None else a for g, a in pairs]
+        both = [(g, a) for g, a in pairs if g is not None and a is not None]
+        same_stl = f"{sum(g == a for g, a in both)} of {len(both)} seeds run twice"
+        same_order = all(
             gaps[s]["forkmerge"]["ranking"]["order"] == auto[s]["forkmerge"]["ranking"]["order"]
             for s in seeds
         )
-        print(f"{target}: same pre-pass ranking under both rules: {same}")
-    print("| method | " + " | ".join(TARGETS) + " | Δm |")
-    for name, per_target in rows.items():
-        cells = [fmt(per_target[t]) for t in TARGETS]
-        dm = "0" if name == "STL" else f"{100 * statistics.mean(delta[name]):+.1f} %"
-        print(f"| {name} | " + " | ".join(cells) + f" | {dm} |")
+        print(f"{target}: STL identical under both rules on {same_stl}; same ranking: {same_order}")
+
+    fm = {
+        r: {t: [test_mae(by_rule[r][t][s], "forkmerge") for s in seeds] for t in TARGETS}
+        for r in RULES
+    }
+    # Δm of each rule per target and seed, then per seed over the targets (the paired unit).
+    per_target = {r: {t: relative(stl[t], fm[r][t]) for t in TARGETS} for r in RULES}
+    per_seed = {
+        r: [statistics.mean(per_target[r][t][i] for t in TARGETS) for i in range(len(seeds))]
+        for r in RULES
+    }
+
+    print("\ntest MAE (mean ± std over seeds) and Δm over the targets")
+    print(
+        "| method | branches kept (seeds "
+        + ", ".join(map(str, seeds))
+        + ") | "
+        + " | ".join(TARGETS)
+        + " | Δm |"
+    )
+    print("| STL | — | " + " | ".join(fmt(stl[t]) for t in TARGETS) + " | 0 |")
+    for r in RULES:
+        branches = "; ".join(
+            f"{t}: " + ", ".join(kept(by_rule[r][t][s]) for s in seeds) for t in TARGETS
+        )
+        cells = " | ".join(fmt(fm[r][t]) for t in TARGETS)
+        print(f"| {r} | {branches} | {cells} | {100 * statistics.mean(per_seed[r]):+.1f} % |")
+
+    print("\nΔm per target in % (mean ± std over seeds)")
+    for r in RULES:
+        cells = ", ".join(f"{t} {fmt(per_target[r][t], 100, '+', 1)}" for t in TARGETS)
+        print(f"{r:5}: {cells}")
+
+    print("\npaired, gaps − auto, in points of Δm (per seed: " + ", ".join(map(str, seeds)) + ")")
+    for t in TARGETS:
+        diff = [g - a for g, a in zip(per_target["gaps"][t], per_target["auto"][t], strict=True)]
+        values = ", ".join(f"{100 * d:+.1f}" for d in diff)
+        print(f"{t:5}: {values}  → {fmt(diff, 100, '+', 1)}")
+    diff = [g - a for g, a in zip(per_seed["gaps"], per_seed["auto"], strict=True)]
+    mean, std = statistics.mean(diff), statistics.stdev(diff)
+    t_stat = mean / (std / math.sqrt(len(diff)))
+    critical = T_95.get(len(diff), 2.0)
+    values = ", ".join(f"{100 * d:+.1f}" for d in diff)
+    print(f"over the targets: {values}  → {fmt(diff, 100, '+', 1)}; paired t = {t_stat:.2f}")
+    verdict = (
+        f"{'gaps' if mean > 0 else 'auto'} is better beyond the seed spread"
+        if abs(t_stat) > critical
+        else "neither rule is better beyond the seed spread"
+    )
+    print(
+        f"{verdict} (|t| {'>' if abs(t_stat) > critical else '≤'} {critical}, 95 %, "
+        f"{len(diff)} seeds)"
+    )
 
 
 if __name__ == "__main__":
