@@ -129,10 +129,17 @@ def main() -> None:
         print(f"{r:5}: {cells}")
 
     print("\npaired, gaps − auto, in points of Δm (per seed: " + ", ".join(map(str, seeds)) + ")")
+    pairs = []
     for t in TARGETS:
         diff = [g - a for g, a in zip(per_target["gaps"][t], per_target["auto"][t], strict=True)]
+        pairs += diff
         values = ", ".join(f"{100 * d:+.1f}" for d in diff)
         print(f"{t:5}: {values}  → {fmt(diff, 100, '+', 1)}")
+    ties = sum(d == 0 for d in pairs)  # both rules kept the same branches: the same run
+    print(
+        f"target-seed pairs where gaps is better: {sum(d > 0 for d in pairs)}, auto: "
+        f"{sum(d < 0 for d in pairs)}, identical: {ties}"
+    )
     diff = [g - a for g, a in zip(per_seed["gaps"], per_seed["auto"], strict=True)]
     mean, std = statistics.mean(diff), statistics.stdev(diff)
     t_stat = mean / (std / math.sqrt(len(diff)))
