@@ -7,13 +7,14 @@ STL run and the pre-pass ranking; only the branches Alg. 4 keeps differ. Δm per
 (STL − ForkMerge) / STL on the test MAE (Appendix C.1, lower is better), averaged over seeds,
 then over targets (as `compare-methods` does).
 
-Prints, for every rule, target and seed, the branches kept and how far the largest pre-pass drop
+Prints, for every rule, target and seed, the branches kept (and those the rule would keep with the
+default L = 4, planned from the same ranking, not trained) and how far the largest pre-pass drop
 stands out of the others (the `auto` rule cuts at a drop only above its threshold); then the
 test-MAE table, Δm per target, and the paired comparison: per seed, Δm over the targets of `gaps`
 minus that of `auto`, with its spread over the seeds.
 
-    python studies/qm9-cut-rules/qm9_rules.py            # μ, HOMO and LUMO
-    python studies/qm9-cut-rules/qm9_rules.py mu         # one target
+    PYTHONPATH=. python studies/qm9-cut-rules/qm9_rules.py    # μ, HOMO and LUMO
+    PYTHONPATH=. python studies/qm9-cut-rules/qm9_rules.py mu # one target
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import math
 import statistics
 import sys
 from pathlib import Path
+
+from fm_optuna.branches import make_plan
 
 HERE = Path(__file__).parent
 RULES = ("gaps", "auto")
@@ -61,6 +64,20 @@ def standout(relevance: list[float]) -> str:
     )
 
 
+def planned_at(run: dict, rule: str, n_branches: int) -> str:
+    """What ``rule`` would keep with ``n_branches`` on this run's ranking (planned, not trained)."""
+    ranking = run["forkmerge"]["ranking"]
+    plan = make_plan(
+        "pruned",
+        target=run["target"],
+        ranked_auxiliaries=ranking["order"],
+        n_branches=n_branches,
+        relevance=ranking["relevance"],
+        cut=rule,
+    )
+    return ",".join(b.name.removeprefix("target+") for b in plan[1:-1])
+
+
 def fmt(values: list[float], scale: float = 1.0, sign: str = "", digits: int = 3) -> str:
     mean, std = statistics.mean(values), statistics.stdev(values)
     return f"{scale * mean:{sign}.{digits}f} ± {scale * std:.{digits}f}"
@@ -82,6 +99,7 @@ def main() -> None:
                 ranking = run["forkmerge"]["ranking"]
                 print(
                     f"{rule:5} {target:5} seed {s}: kept {kept(run):6} "
+                    f"(at L = 4: {planned_at(run, rule, 4) + ')':11} "
                     f"{standout(ranking['relevance'])}; ranking {','.join(ranking['order'])}"
                 )
         gaps, auto = by_rule["gaps"][target], by_rule["auto"][target]
@@ -89,12 +107,16 @@ def main() -> None:
         pairs = [(test_mae(gaps[s], "stl"), test_mae(auto[s], "stl")) for s in seeds]
         stl[target] = [g if g is not None else a for g, a in pairs]
         both = [(g, a) for g, a in pairs if g is not None and a is not None]
-        same_stl = f"{sum(g == a for g, a in both)} of {len(both)} seeds run twice"
+        same_stl = (
+            f"identical under both rules on {sum(g == a for g, a in both)} of {len(both)} seeds"
+            if both
+            else "trained in one rule's runs only"
+        )
         same_order = all(
             gaps[s]["forkmerge"]["ranking"]["order"] == auto[s]["forkmerge"]["ranking"]["order"]
             for s in seeds
         )
-        print(f"{target}: STL identical under both rules on {same_stl}; same ranking: {same_order}")
+        print(f"{target}: STL {same_stl}; same pre-pass ranking under both rules: {same_order}")
 
     fm = {
         r: {t: [test_mae(by_rule[r][t][s], "forkmerge") for s in seeds] for t in TARGETS}
