@@ -11,7 +11,9 @@ Prints, for every rule, target and seed, the branches kept (and those the rule w
 default L = 4, planned from the same ranking, not trained) and how far the largest pre-pass drop
 stands out of the others (the `auto` rule cuts at a drop only above its threshold); then the
 test-MAE table, Δm per target, and the paired comparison: per seed, Δm over the targets of `gaps`
-minus that of `auto`, with its spread over the seeds.
+minus that of `auto`, with its spread over the seeds. Where merge-<target>-s<seed> runs exist
+(ForkMerge only, `ranking = "merge"`: the Λ_k of one Alg. 2 merge of the pairwise branches as
+relevance, cut `auto`), it adds them against the same STL and paired with `auto`.
 
     PYTHONPATH=. python studies/qm9-cut-rules/qm9_rules.py    # μ, HOMO and LUMO
     PYTHONPATH=. python studies/qm9-cut-rules/qm9_rules.py mu # one target
@@ -87,10 +89,11 @@ def relative(stl: list[float], fm: list[float]) -> list[float]:
     return [(b - m) / b for b, m in zip(stl, fm, strict=True)]
 
 
-def main() -> None:
-    by_rule = {rule: {t: runs(rule, t) for t in TARGETS} for rule in RULES}
-    seeds = sorted(set.intersection(*(set(by_rule[r][t]) for r in RULES for t in TARGETS)))
-    print(f"seeds {seeds}; targets {', '.join(TARGETS)}")
+Runs = dict[str, dict[str, dict[int, dict]]]  # rule → target → seed → run
+
+
+def print_plans(by_rule: Runs, seeds: list[int]) -> dict[str, list[float]]:
+    """Print each run's branches and ranking; return STL's test MAE per target (seed order)."""
     stl: dict[str, list[float]] = {}
     for target in TARGETS:
         for rule in RULES:
@@ -117,39 +120,27 @@ def main() -> None:
             for s in seeds
         )
         print(f"{target}: STL {same_stl}; same pre-pass ranking under both rules: {same_order}")
+    return stl
 
-    fm = {
-        r: {t: [test_mae(by_rule[r][t][s], "forkmerge") for s in seeds] for t in TARGETS}
-        for r in RULES
-    }
-    # Δm of each rule per target and seed, then per seed over the targets (the paired unit).
-    per_target = {r: {t: relative(stl[t], fm[r][t]) for t in TARGETS} for r in RULES}
-    per_seed = {
-        r: [statistics.mean(per_target[r][t][i] for t in TARGETS) for i in range(len(seeds))]
-        for r in RULES
-    }
 
+def print_table(
+    by_rule: Runs, seeds: list[int], stl: dict[str, list[float]], per_seed: dict[str, list[float]]
+) -> None:
     print("\ntest MAE (mean ± std over seeds) and Δm over the targets")
-    print(
-        "| method | branches kept (seeds "
-        + ", ".join(map(str, seeds))
-        + ") | "
-        + " | ".join(TARGETS)
-        + " | Δm |"
-    )
+    seed_list = ", ".join(map(str, seeds))
+    print(f"| method | branches kept (seeds {seed_list}) | " + " | ".join(TARGETS) + " | Δm |")
     print("| STL | — | " + " | ".join(fmt(stl[t]) for t in TARGETS) + " | 0 |")
     for r in RULES:
         branches = "; ".join(
             f"{t}: " + ", ".join(kept(by_rule[r][t][s]) for s in seeds) for t in TARGETS
         )
-        cells = " | ".join(fmt(fm[r][t]) for t in TARGETS)
+        cells = " | ".join(
+            fmt([test_mae(by_rule[r][t][s], "forkmerge") for s in seeds]) for t in TARGETS
+        )
         print(f"| {r} | {branches} | {cells} | {100 * statistics.mean(per_seed[r]):+.1f} % |")
 
-    print("\nΔm per target in % (mean ± std over seeds)")
-    for r in RULES:
-        cells = ", ".join(f"{t} {fmt(per_target[r][t], 100, '+', 1)}" for t in TARGETS)
-        print(f"{r:5}: {cells}")
 
+def print_paired(per_target: dict[str, dict[str, list[float]]], seeds: list[int]) -> None:
     print("\npaired, gaps − auto, in points of Δm (per seed: " + ", ".join(map(str, seeds)) + ")")
     pairs = []
     for t in TARGETS:
@@ -162,7 +153,10 @@ def main() -> None:
         f"target-seed pairs where gaps is better: {sum(d > 0 for d in pairs)}, auto: "
         f"{sum(d < 0 for d in pairs)}, identical: {ties}"
     )
-    diff = [g - a for g, a in zip(per_seed["gaps"], per_seed["auto"], strict=True)]
+    diff = [
+        statistics.mean(per_target["gaps"][t][i] - per_target["auto"][t][i] for t in TARGETS)
+        for i in range(len(seeds))
+    ]
     mean, std = statistics.mean(diff), statistics.stdev(diff)
     t_stat = mean / (std / math.sqrt(len(diff)))
     critical = T_95.get(len(diff), 2.0)
@@ -177,6 +171,65 @@ def main() -> None:
         f"{verdict} (|t| {'>' if abs(t_stat) > critical else '≤'} {critical}, 95 %, "
         f"{len(diff)} seeds)"
     )
+
+
+def print_merge_ranking(
+    by_rule: Runs, stl: dict[str, list[float]], per_target: dict[str, dict[str, list[float]]]
+) -> None:
+    """The merge-weight ranking's runs (cut auto), where they exist, against STL and `auto`."""
+    for target in TARGETS:
+        merged = runs("merge", target)
+        if not merged:
+            continue
+        seeds = sorted(merged)
+        index = {s: i for i, s in enumerate(sorted(by_rule["auto"][target]))}
+        print(f"\nranking merge (Λ_k of one Alg. 2 merge), cut auto, {target}, seeds {seeds}")
+        for s in seeds:
+            ranking = merged[s]["forkmerge"]["ranking"]
+            weights = ", ".join(f"{w:.2f}" for w in ranking["relevance"])
+            print(
+                f"seed {s}: kept {kept(merged[s]):6} ranking {','.join(ranking['order'])} "
+                f"(Λ_k {weights}; {ranking['seconds']:.0f} s to rank)"
+            )
+        fm = [test_mae(merged[s], "forkmerge") for s in seeds]
+        base = [stl[target][index[s]] for s in seeds]
+        delta = relative(base, fm)
+        paired = [
+            d - per_target["auto"][target][index[s]] for d, s in zip(delta, seeds, strict=True)
+        ]
+        print(
+            f"test MAE {fmt(fm) if len(fm) > 1 else f'{fm[0]:.3f}'}; Δm vs STL "
+            + ", ".join(f"{100 * d:+.1f}" for d in delta)
+            + " %; paired with auto (pre-pass): "
+            + ", ".join(f"{100 * d:+.1f}" for d in paired)
+            + (f" → {fmt(paired, 100, '+', 1)} points" if len(paired) > 1 else " points")
+        )
+
+
+def main() -> None:
+    by_rule = {rule: {t: runs(rule, t) for t in TARGETS} for rule in RULES}
+    seeds = sorted(set.intersection(*(set(by_rule[r][t]) for r in RULES for t in TARGETS)))
+    print(f"seeds {seeds}; targets {', '.join(TARGETS)}")
+    stl = print_plans(by_rule, seeds)
+    # Δm of each rule per target and seed, then per seed over the targets (the paired unit).
+    per_target = {
+        r: {
+            t: relative(stl[t], [test_mae(by_rule[r][t][s], "forkmerge") for s in seeds])
+            for t in TARGETS
+        }
+        for r in RULES
+    }
+    per_seed = {
+        r: [statistics.mean(per_target[r][t][i] for t in TARGETS) for i in range(len(seeds))]
+        for r in RULES
+    }
+    print_table(by_rule, seeds, stl, per_seed)
+    print("\nΔm per target in % (mean ± std over seeds)")
+    for r in RULES:
+        cells = ", ".join(f"{t} {fmt(per_target[r][t], 100, '+', 1)}" for t in TARGETS)
+        print(f"{r:5}: {cells}")
+    print_paired(per_target, seeds)
+    print_merge_ranking(by_rule, stl, per_target)
 
 
 if __name__ == "__main__":
