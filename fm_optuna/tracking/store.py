@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from fm_optuna.databases import check_database
 from fm_optuna.errors import ConfigError
+from fm_optuna.processes import process_is_gone
 from fm_optuna.tracking.uris import (
     absolute_uri,
     artifact_root,
@@ -43,18 +44,6 @@ HOST_TAG, PID_TAG = "fm_optuna.host", "fm_optuna.pid"
 def owner_tags() -> dict[str, str]:
     """This process as the owner of the runs it opens (see :func:`end_orphaned_runs`)."""
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
-
-
-def _process_is_gone(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OSError):
-        return False  # someone else's process: alive
-    return False
 
 
 def quiet_mlflow_logging() -> None:
@@ -274,7 +263,7 @@ def end_orphaned_runs(store: TrackingStore) -> int:
     ended = 0
     for run in runs:
         pid = run.data.tags.get(PID_TAG, "")
-        if not pid.isdigit() or not _process_is_gone(int(pid)):
+        if not pid.isdigit() or not process_is_gone(int(pid)):
             continue
         try:
             store.client.set_tag(run.info.run_id, "fm_optuna.status", "KILLED")
