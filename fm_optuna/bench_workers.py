@@ -9,7 +9,7 @@ With ``--repeats`` the two measurements alternate and the ratio of the summed ra
 since which trials get pruned, and so what a trial costs, varies from run to run.
 
     python -m fm_optuna.bench_workers studies/digits.toml \\
-        --storage postgresql://user:password@127.0.0.1/optuna --trials 8 --workers 2
+        --storage postgresql://user:password@127.0.0.1/optuna --trials 12 --repeats 2
 
 Goal on a 2-core machine with 2 workers: ≥ 1.7 (``--threads 1`` per worker, the default).
 """
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fm_optuna.bench_workers", description=__doc__)
     parser.add_argument("spec", nargs="+", help="a study specification (see above)")
     parser.add_argument("--storage", required=False, help="a storage all workers share")
-    parser.add_argument("--trials", type=int, default=8, help="finished trials per measurement")
+    parser.add_argument("--trials", type=int, default=12, help="finished trials per measurement")
     parser.add_argument("--workers", type=int, default=2, help="workers of the second run")
     parser.add_argument("--repeats", type=int, default=1, help="measurements of each (alternated)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

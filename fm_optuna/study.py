@@ -41,7 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 from fm_optuna.checkpoints import Checkpointer, load_checkpoint, save_checkpoint
 from fm_optuna.checks import check_problem
 from fm_optuna.config import ForkMergeConfig
-from fm_optuna.databases import check_database
+from fm_optuna.databases import check_database, one_process_at_a_time
 from fm_optuna.errors import ConfigError, NonFiniteTraining
 from fm_optuna.events import EventStream, MergeCompleted, Observer, RunFinished
 from fm_optuna.forkmerge import ForkMergeResult, run_forkmerge
@@ -198,13 +198,14 @@ def _open_storage(
             on_stale(study, trial)
 
     try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_seconds,
-            grace_period=2 * heartbeat_seconds,
-            heartbeat_stale_trial_callback=stale,
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-        )
+        with one_process_at_a_time(url):  # workers creating one SQLite file together
+            return RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_seconds,
+                grace_period=2 * heartbeat_seconds,
+                heartbeat_stale_trial_callback=stale,
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+            )
     except Exception as error:  # sqlalchemy raises many kinds; the user needs one line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fm_optuna.databases import check_database
+from fm_optuna.databases import check_database, one_process_at_a_time
 from fm_optuna.errors import ConfigError
 from fm_optuna.processes import process_is_gone
 from fm_optuna.tracking.uris import (
@@ -138,17 +138,18 @@ def _slug(name: str) -> str:
 def _client(uri: str, attempts: int = 5) -> MlflowClient:
     """An MLflow client whose store is ready, even if another worker is creating its tables.
 
-    Several workers of one shared study may open a brand-new database at the same moment; all
-    but one then fail on MLflow's table creation (unique violations) while the first is still
-    migrating. They wait and try again instead of giving up.
+    Several workers of one shared study may open a brand-new database at the same moment. On
+    SQLite they take turns (a file lock); on a server all but one fail on MLflow's table creation
+    (unique violations) while the first is still migrating, and wait and try again.
     """
     from mlflow import MlflowClient
 
     quiet_mlflow_logging()  # after MLflow's import, which installs its own stderr handler
     for attempt in range(attempts):
         try:
-            client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)  # forces the store (and its tables) now
+            with one_process_at_a_time(uri):
+                client = MlflowClient(tracking_uri=uri)
+                client.search_experiments(max_results=1)  # forces the store (and its tables) now
             return client
         except Exception as error:
             racing = any(
