@@ -189,7 +189,7 @@ def print_merge_ranking(
             weights = ", ".join(f"{w:.2f}" for w in ranking["relevance"])
             print(
                 f"seed {s}: kept {kept(merged[s]):6} ranking {','.join(ranking['order'])} "
-                f"(Λ_k {weights}; {ranking['seconds']:.0f} s to rank)"
+                f"(Λ_k {weights})"
             )
         fm = [test_mae(merged[s], "forkmerge") for s in seeds]
         base = [stl[target][index[s]] for s in seeds]
@@ -200,10 +200,30 @@ def print_merge_ranking(
         print(
             f"test MAE {fmt(fm) if len(fm) > 1 else f'{fm[0]:.3f}'}; Δm vs STL "
             + ", ".join(f"{100 * d:+.1f}" for d in delta)
+            + (f" → {fmt(delta, 100, '+', 1)}" if len(delta) > 1 else "")
             + " %; paired with auto (pre-pass): "
             + ", ".join(f"{100 * d:+.1f}" for d in paired)
             + (f" → {fmt(paired, 100, '+', 1)} points" if len(paired) > 1 else " points")
         )
+
+
+def print_costs() -> None:
+    """Seconds to rank and of the whole ForkMerge run (ranking included), per rule and target.
+
+    Wall times: they depend on how loaded the machine was when each group of runs ran.
+    """
+    print("\nseconds: ranking / whole ForkMerge run, per seed (wall time, see the README for load)")
+    for rule in (*RULES, "merge"):
+        for target in TARGETS:
+            found = runs(rule, target)
+            if not found:
+                continue
+            cells = ", ".join(
+                f"{run['forkmerge']['ranking']['seconds']:.0f} / "
+                + f"{next(r['seconds'] for r in run['results'] if r['method'] == 'forkmerge'):.0f}"
+                for _, run in sorted(found.items())
+            )
+            print(f"{rule:5} {target:5}: {cells}")
 
 
 def main() -> None:
@@ -230,6 +250,7 @@ def main() -> None:
         print(f"{r:5}: {cells}")
     print_paired(per_target, seeds)
     print_merge_ranking(by_rule, stl, per_target)
+    print_costs()
 
 
 if __name__ == "__main__":
