@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fm_optuna.events import EventStream
+from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge
+from fm_optuna.merge_problem import MergeProblemWriter
+from fm_optuna.replay import find_merge_problems, load_merge_problems, replay
 from fm_optuna.search import Candidates, search_merge
 from fm_optuna.strategies import make_strategy
 from fm_optuna.tasks import Problem
+from tests.conftest import ToyProblem
 
 EXAMPLES = 400
 RNG = np.random.default_rng(0)
@@ -115,3 +122,47 @@ def test_digits_example_scores_average_to_the_accuracy_bit_for_bit(digits: Probl
     assert float(every.mean()) == target_score(digits, model)[0]  # equal counts, equal floats
     index = torch.tensor([5, 3, 400, 0])
     np.testing.assert_array_equal(digits.target_example_scores(model, index), every[index])
+
+
+class ExampleScoredToy(ToyProblem):
+    """The toy problem scoring each validation example: −(prediction − label)², at most 0."""
+
+    target_example_score_max = 0.0
+    example_calls = 0
+
+    def target_example_scores(
+        self, model: torch.nn.Module, index: torch.Tensor | None = None, split: str = "val"
+    ) -> torch.Tensor:
+        self.example_calls += 1
+        x, y = self.data[self.target][split]
+        if index is not None:
+            x, y = x[index], y[index]
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            scores = -(model(x, self.target) - y).double().pow(2)
+        model.train(was_training)
+        return scores
+
+
+def test_a_live_run_raced_decides_as_the_full_run() -> None:
+    config = ForkMergeConfig(
+        total_steps=6, dt=2, branches=3, ranking="given", strategy="grid", grid_resolution=0.25
+    )
+    full = run_forkmerge(ExampleScoredToy(), config)
+    problem = ExampleScoredToy()
+    raced = run_forkmerge(problem, dataclasses.replace(config, pruned_evaluation=True))
+    assert problem.example_calls > 0  # the live loop raced its candidates
+    for a, b in zip(full.decisions, raced.decisions, strict=True):
+        # float32 mse (full) against float64 sums of per-example scores (raced)
+        assert a.weights == b.weights and a.score == pytest.approx(b.score, rel=1e-6)
+
+
+def test_replay_labels_raced_variants_exact(tmp_path: Path) -> None:
+    config = ForkMergeConfig(total_steps=4, dt=2, branches=3, ranking="given", strategy="greedy")
+    writer = MergeProblemWriter(tmp_path, {"toy": 1})
+    run_forkmerge(ExampleScoredToy(), config, EventStream([writer]))
+    merges = load_merge_problems(find_merge_problems(tmp_path), lambda _: ExampleScoredToy())
+    comparison = replay(merges, ["grid", "tpe"], [6], pruned=True, prune_sigmas=(0.0, 2.0))
+    labels = {r.strategy for r in comparison.runs}
+    assert labels == {"grid", "tpe", "grid+pruned(exact)", "tpe+pruned(exact)"}
