@@ -182,7 +182,7 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
                 "value": fm_pruned.timings["search"] / pruned_seconds,
                 "goal": 0.05,
                 "what": f"the same with --pruned-evaluation ({config.evaluation_chunks} "
-                "validation chunks; candidates trailing the best are stopped)",
+                "validation parts; candidates that can no longer win are stopped)",
             },
             "pruned / full validation passes": {
                 "value": _passes(fm_pruned) / max(_passes(fm), 1e-12),

@@ -211,8 +211,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--pruned-evaluation",
         action="store_true",
-        help="score candidates chunk by chunk on the validation set and stop those that trail "
-        "the best one (the chosen merge is always fully evaluated)",
+        help="score candidates part by part on the validation set and stop those that can no "
+        "longer win: exactly (the same decisions) where the problem scores examples one by one, "
+        "as digits does, else by --prune-sigmas; the chosen merge is always fully evaluated",
     )
     g.add_argument(
         "--evaluation-chunks",
@@ -224,9 +225,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "--prune-sigmas",
         type=float,
         default=2.0,
-        help="a candidate is stopped when it trails the best finished one on the same chunks by "
-        "more than this many standard errors of what the remaining chunks could add "
-        "(default: 2; 0 stops at any deficit)",
+        help="problems scored chunk by chunk only (QM9): a candidate is stopped when it trails "
+        "the best finished one on the same chunks by more than this many standard errors of what "
+        "the remaining chunks could add (default: 2; 0 stops at any deficit)",
     )
 
 

@@ -365,7 +365,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     def done(run: Any) -> None:
         bar.update(1)
-        bar.set_postfix_str(f"L={run.n_branches} {run.strategy}@{run.budget}: {run.regret:.3f}")
+        line = f"L={run.n_branches} {run.strategy}@{run.budget}: val {run.val:.4f}"
+        bar.set_postfix_str(line)
+        if bar.disable:  # a log file rather than a terminal: one line per search
+            print(
+                f"replay {run.problem} {line}, {run.passes:.1f} passes", file=sys.stderr, flush=True
+            )
 
     try:
         comparison = replay(

@@ -1,9 +1,11 @@
 """``fm-optuna compare``: the same ForkMerge training once per inner strategy and seed.
 
 Δt, L, the seeds and (per seed) the auxiliary ranking are shared, so only the merge search
-differs. The table reports target validation/test score, inner evaluations per merge, merge
-seconds per round, total seconds, and the mean L1 distance between a strategy's Λ and grid's Λ
-at the same round (``None`` when grid is not compared).
+differs: the ranking is measured once per seed and handed to every strategy's run whole, order
+and relevance, so the cut rule (``auto``, ``gaps``) sees the scores a single run would. The
+table reports target validation/test score, inner evaluations per merge, merge seconds per round,
+total seconds, and the mean L1 distance between a strategy's Λ and grid's Λ at the same round
+(``None`` when grid is not compared).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import invalid, one_of
 from fm_optuna.events import EventStream, Observer, RunFinished
 from fm_optuna.forkmerge import run_forkmerge
-from fm_optuna.ranking import plan_branches
+from fm_optuna.ranking import Ranking, plan_ranking
 from fm_optuna.strategies import STRATEGIES
-from fm_optuna.tasks import Problem, describe_problem
+from fm_optuna.tasks import Problem, describe_problem, for_plan
 from fm_optuna.training import seeded_model, target_score
 
 
@@ -39,6 +41,7 @@ class StrategyRun:
     merge_seconds_per_round: float
     seconds: float
     lambdas: list[list[float]]
+    branches: list[str] = field(default_factory=list)  # the kept branches, target only first
 
 
 @dataclass
@@ -134,18 +137,18 @@ def plot_strategies(rows: list[dict[str, Any]], path: Path, *, metric: str) -> N
 
 
 def _run_strategy(
-    problem: Problem, config: ForkMergeConfig, events: EventStream, ranking_seconds: float
+    problem: Problem, config: ForkMergeConfig, events: EventStream, ranking: Ranking
 ) -> StrategyRun:
     """One ForkMerge run, ended in the event stream with the same final metrics as ``run``'s."""
     target = problem.task(problem.target)
     try:
-        result = run_forkmerge(problem, config, events)
+        result = run_forkmerge(problem, config, events, ranking=ranking)
         val = problem.evaluate(result.model, "val", [target.name])[target.name]
         test = problem.evaluate(result.model, "test", [target.name])[target.name]
     except Exception:
         events.emit(RunFinished(run="forkmerge", summary={}, seconds=0.0, status="FAIL"))
         raise
-    seconds = result.seconds + ranking_seconds
+    seconds = result.seconds + ranking.seconds
     events.emit(
         RunFinished(
             run="forkmerge",
@@ -170,6 +173,7 @@ def _run_strategy(
         merge_seconds_per_round=statistics.mean(d.seconds for d in result.decisions),
         seconds=seconds,
         lambdas=[list(w) for w in result.lambda_history],
+        branches=[branch.name for branch in result.branches],
     )
 
 
@@ -199,21 +203,16 @@ def compare_strategies(
     )
     for seed in seeds:
         seeded = ForkMergeConfig(**{**base.__dict__, "seed": seed})
-        # The ranking depends on the seed only: compute it once and give it to every strategy.
-        initial = copy.deepcopy(seeded_model(problem, seed).state_dict())
-        _, ranking = plan_branches(problem, seeded, initial)
+        # The ranking depends on the seed only: measure it once (on the problem the plan trains,
+        # from the same θ_0 as the runs) and give it whole to every strategy.
+        planned = for_plan(problem, seeded.plan)
+        initial = copy.deepcopy(seeded_model(planned, seed).state_dict())
+        ranking = plan_ranking(planned, seeded, initial)
         for strategy in strategies:
-            config = ForkMergeConfig(
-                **{
-                    **seeded.__dict__,
-                    "strategy": strategy,
-                    "ranking": "given",
-                    "aux_order": ranking.order,
-                }
-            )
+            config = ForkMergeConfig(**{**seeded.__dict__, "strategy": strategy})
             events = EventStream(observers(strategy, seed) if observers else ())
             try:
-                run = _run_strategy(problem, config, events, ranking.seconds)
+                run = _run_strategy(problem, config, events, ranking)
             finally:
                 events.close()
             comparison.runs.append(run)

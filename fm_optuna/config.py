@@ -61,12 +61,15 @@ class ForkMergeConfig:
             ``random``).
         merge_trials: Inner-study budget for the strategies that take one.
         grid_resolution: Lattice step of ``grid``.
-        pruned_evaluation: Score merge candidates chunk by chunk on the validation set and stop
-            those that trail the best finished candidate (problems without ``target_chunks``
-            evaluate whole); the chosen Λ is always fully evaluated.
-        evaluation_chunks: Validation chunks of a pruned evaluation.
-        prune_sigmas: How many standard errors of what the remaining chunks could add a
-            candidate must trail the best finished one by before it is stopped (0: any deficit).
+        pruned_evaluation: Score merge candidates part by part on the validation set and stop
+            those that can no longer win: exactly, hardest examples first, for problems with
+            ``target_example_scores`` (:mod:`fm_optuna.exact_pruning`); by the noise-aware
+            ``prune_sigmas`` rule for those with only ``target_chunks``; others evaluate whole.
+            The chosen Λ is always fully evaluated.
+        evaluation_chunks: Validation parts of a pruned evaluation.
+        prune_sigmas: For problems scored chunk by chunk only: how many standard errors of what
+            the remaining chunks could add a candidate must trail the best finished one by
+            before it is stopped (0: any deficit).
         plan: ``pruned`` (Alg. 4), ``pairwise`` (Alg. 1/2) or ``joint`` (App. A.4).
         branches: L, the number of branches (``None``: the plan's default).
         ranking: ``prepass`` (short target+aux runs ranked by target validation, the official

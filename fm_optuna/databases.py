@@ -6,8 +6,10 @@ a mistake in one of them leaves no new file behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from fm_optuna.errors import ConfigError
@@ -26,6 +28,31 @@ def sqlite_file(url: str) -> Path | None:
         return None
     path = url.removeprefix("sqlite:///").split("?", 1)[0]
     return None if not path or path == ":memory:" else Path(path)
+
+
+@contextlib.contextmanager
+def one_process_at_a_time(url: str) -> Iterator[None]:
+    """Holds an exclusive lock on ``<file>.lock`` beside a SQLite database while the caller
+    creates or opens it (a no-op for other URLs).
+
+    Two workers started together on a new SQLite store would otherwise both create its tables:
+    MLflow's migrations then collide and leave a half-migrated file (an ``_alembic_tmp_*`` table)
+    that no later command can open. A server database needs no lock: its DDL is transactional
+    and the loser's unique violation is retried by the caller.
+    """
+    path = sqlite_file(url)
+    if path is None:
+        yield
+        return
+    import fcntl  # POSIX, as the machines sharing a SQLite file are
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _writable_folder(folder: Path) -> bool:

@@ -255,6 +255,7 @@ class _ForkMergeLoop:
         events: EventStream,
         name: str,
         resume_from: Mapping[str, Any] | None,
+        ranking: Ranking | None = None,
     ) -> None:
         self.problem, self.config, self.events, self.name = problem, config, events, name
         self.started = time.perf_counter()
@@ -264,7 +265,7 @@ class _ForkMergeLoop:
         check_strategy_supported(problem, self.strategy)
         shared = seeded_model(problem, config.seed)
         if resume_from is None:
-            branches = self._set_up(shared)
+            branches = self._set_up(shared, ranking)
         else:
             branches = self._resume(shared, resume_from)
         self.runs = [self._fork(shared, index, branch) for index, branch in enumerate(branches)]
@@ -279,11 +280,11 @@ class _ForkMergeLoop:
             **dict.fromkeys(("train", "evaluate", "search", "merge"), 0.0),
         }
 
-    def _set_up(self, shared: nn.Module) -> list[Branch]:
-        """A fresh run: rank the auxiliaries from θ_0 and plan the branches."""
+    def _set_up(self, shared: nn.Module, ranking: Ranking | None) -> list[Branch]:
+        """A fresh run: rank the auxiliaries from θ_0 (unless ranked already), plan the branches."""
         self.progress = _Progress()
         branches, self.ranking = plan_branches(
-            self.problem, self.config, copy.deepcopy(shared.state_dict())
+            self.problem, self.config, copy.deepcopy(shared.state_dict()), ranking=ranking
         )
         return branches
 
@@ -564,15 +565,23 @@ def run_forkmerge(
     *,
     name: str = "forkmerge",
     resume_from: Mapping[str, Any] | None = None,
+    ranking: Ranking | None = None,
 ) -> ForkMergeResult:
     """Train with ForkMerge and return the final model with every merge decision.
+
+    ``ranking`` is one already measured with :func:`~fm_optuna.ranking.plan_ranking` for this
+    problem, configuration and seed: the run plans its branches from it (order and relevance)
+    instead of ranking again. Its seconds appear in ``timings["ranking"]`` but not in
+    ``seconds``, which count only this call.
 
     ``resume_from`` is a snapshot taken at a merge (see :class:`~fm_optuna.events.MergeCompleted`);
     the run continues after that merge and, with the same seed, reproduces the Λ trajectory of
     an uninterrupted run; its result's ``seconds`` include the time spent before the resume.
     """
+    if ranking is not None and resume_from is not None:
+        raise invalid("ranking", ranking.method, "absent when resuming (the checkpoint holds one)")
     loop = _ForkMergeLoop(
-        for_plan(problem, config.plan), config, events or EventStream(), name, resume_from
+        for_plan(problem, config.plan), config, events or EventStream(), name, resume_from, ranking
     )
     loop.announce()
     while not loop.finished:

@@ -105,6 +105,17 @@ class MergeProblem:
         """The target's validation score chunk by chunk (see ``Problem.target_chunks``)."""
         yield from self.problem.target_chunks(self._load(weights), "val", chunks)
 
+    def example_scores(self, weights: np.ndarray) -> Callable[[np.ndarray | None], np.ndarray]:
+        """The target's validation score of each example, for the candidate ``weights``
+        (loaded once: its parts are scored by calling the result with examples' indices)."""
+        model = self._load(weights)
+
+        def scores(index: np.ndarray | None) -> np.ndarray:
+            chosen = None if index is None else torch.as_tensor(index, dtype=torch.long)
+            return self.problem.target_example_scores(model, chosen).cpu().numpy()
+
+        return scores
+
     def loss_gradient(self, weights: np.ndarray) -> tuple[float, np.ndarray]:
         """The target's validation loss at Λ and its gradient in Λ, through the stacked states.
 
@@ -135,6 +146,14 @@ class MergeProblem:
             loss_gradient=self.loss_gradient
             if has_capability(self.problem, "target_loss")
             else None,
+            example_scores=self.example_scores if self._scores_examples() else None,
+            example_score_max=self.problem.target_example_score_max or math.inf,
+        )
+
+    def _scores_examples(self) -> bool:
+        return (
+            has_capability(self.problem, "target_example_scores")
+            and self.problem.target_example_score_max is not None
         )
 
     def search(

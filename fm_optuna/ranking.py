@@ -11,7 +11,8 @@ Three rankings sit here, above the measurements they use and below the ForkMerge
   target + aux k;
 - ``given``: an explicit order (``aux_order``), else the problem's task order.
 
-:func:`plan_branches` turns the ranking into the plan's branches; :func:`ranking_agreement`
+:func:`plan_ranking` measures the ranking a plan needs, :func:`plan_branches` turns it into the
+plan's branches; :func:`ranking_agreement`
 compares two orders.
 """
 
@@ -205,15 +206,35 @@ def _needs_order(config: ForkMergeConfig, n_aux: int) -> bool:
     return n_branches > 2
 
 
-def plan_branches(
+def plan_ranking(
     problem: Problem, config: ForkMergeConfig, initial: Mapping[str, torch.Tensor]
-) -> tuple[list[Branch], Ranking]:
+) -> Ranking:
+    """The ranking ``config``'s plan needs, measured from ``initial`` (nothing measured when the
+    plan's branches do not depend on the auxiliaries' order)."""
     if config.ranking in ("prepass", "affinity", "merge") and not _needs_order(
         config, len(problem.auxiliaries)
     ):
-        ranking = Ranking(tuple(problem.auxiliaries), None, 0.0, "not needed")
+        return Ranking(tuple(problem.auxiliaries), None, 0.0, "not needed")
+    return rank_auxiliaries(problem, config, initial)
+
+
+def plan_branches(
+    problem: Problem,
+    config: ForkMergeConfig,
+    initial: Mapping[str, torch.Tensor],
+    *,
+    ranking: Ranking | None = None,
+) -> tuple[list[Branch], Ranking]:
+    """The branches of ``config``'s plan and the ranking they were cut from.
+
+    ``ranking`` is one already measured for this problem and configuration (``fm-optuna
+    compare`` measures it once per seed for every strategy); its relevance reaches the cut rule
+    as if measured here, which an order passed as ``ranking="given"`` would not.
+    """
+    if ranking is None:
+        ranking = plan_ranking(problem, config, initial)
     else:
-        ranking = rank_auxiliaries(problem, config, initial)
+        _check_ranking(ranking, problem.auxiliaries)
     branches = make_plan(
         "pruned" if config.plan == "joint" else config.plan,
         target=problem.target,
@@ -224,6 +245,19 @@ def plan_branches(
         keep=config.keep,
     )
     return branches, ranking
+
+
+def _check_ranking(ranking: Ranking, auxiliaries: Sequence[str]) -> None:
+    if sorted(ranking.order) != sorted(auxiliaries):
+        raise invalid(
+            "ranking", ",".join(ranking.order), "a permutation of " + ", ".join(auxiliaries)
+        )
+    if ranking.relevance is not None and len(ranking.relevance) != len(ranking.order):
+        raise invalid(
+            "ranking.relevance",
+            len(ranking.relevance),
+            f"{len(ranking.order)} scores (one per auxiliary)",
+        )
 
 
 @dataclass(frozen=True)

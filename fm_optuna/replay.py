@@ -330,7 +330,12 @@ def replay(
     )
     for name, merge in merges:
         runs = []
+        exact = merge.candidates().example_scores is not None
         for label, strategy_name, sigmas in _variants(strategies, pruned, prune_sigmas):
+            if exact and sigmas is not None:  # raced exactly: the noise bar plays no part
+                if sigmas != prune_sigmas[0]:
+                    continue
+                label = f"{strategy_name}+pruned(exact)"
             strategy = make_strategy(strategy_name)
             if strategy.needs_loss_gradient and not has_capability(merge.problem, "target_loss"):
                 continue

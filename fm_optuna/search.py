@@ -29,6 +29,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from fm_optuna.errors import invalid
+from fm_optuna.exact_pruning import BoundPruner, ExampleRace, ExampleScores
 from fm_optuna.merging import normalise
 
 Design = Generator[np.ndarray, float, None]
@@ -48,11 +49,15 @@ class Candidates:
             its example count, computed lazily; their size-weighted mean is ``score``. ``None``:
             the problem cannot split its validation set, so candidates are scored whole.
         loss_gradient: Λ → (differentiable validation loss, its gradient in Λ), or ``None``.
+        example_scores: Λ → a scorer of its examples (see :mod:`fm_optuna.exact_pruning`), with
+            ``example_score_max`` the highest score of one example; ``None``: not offered.
     """
 
     score: Callable[[np.ndarray], float]
     chunk_scores: ChunkScores | None = None
     loss_gradient: LossGradient | None = None
+    example_scores: ExampleScores | None = None
+    example_score_max: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -473,11 +478,13 @@ def search_merge(
     trial. If every candidate is non-finite, the best single branch (by ``branch_scores``) is
     kept and the decision says so in ``fallback``.
 
-    With ``chunks`` > 1 and candidates that can be scored chunk by chunk, each candidate reports
-    its running score after every chunk and :class:`IncumbentPruner` stops those that trail the
-    best finished candidate by more than ``prune_margin`` plus ``prune_sigmas`` standard errors
-    of what the remaining chunks could add; only fully evaluated candidates can be chosen, so the
-    decision's score is always a full evaluation.
+    With ``chunks`` > 1, candidates are scored part by part, each reporting its running score,
+    and stopped once they cannot win; only fully evaluated candidates can be chosen, so the
+    decision's score is always a full evaluation. Candidates that score examples one by one are
+    raced exactly (:mod:`fm_optuna.exact_pruning`: the same decision as full evaluation, for
+    fewer forwards); those scored chunk by chunk are stopped by :class:`IncumbentPruner` when
+    they trail the best finished candidate by more than ``prune_margin`` plus ``prune_sigmas``
+    standard errors of what the remaining chunks could add.
 
     Example:
         >>> from fm_optuna.strategies import make_strategy
@@ -494,7 +501,10 @@ def search_merge(
         )
     if not isinstance(chunks, int) or chunks < 1:
         raise invalid("evaluation_chunks", chunks, "a positive integer")
-    pruned = chunks > 1 and candidates.chunk_scores is not None
+    race = None
+    if chunks > 1 and candidates.example_scores is not None:
+        race = ExampleRace(candidates.example_scores, candidates.example_score_max, chunks)
+    pruned = race is None and chunks > 1 and candidates.chunk_scores is not None
     incumbent_pruner = IncumbentPruner(prune_margin, prune_sigmas)  # checks them, used if pruned
     started = time.perf_counter()
     context = SearchContext(
@@ -509,7 +519,9 @@ def search_merge(
 
     def objective(trial: optuna.Trial) -> float:
         weights = strategy.suggest(trial, n_branches)
-        if pruned:
+        if race is not None:
+            score, fraction, stopped = race.run(trial, weights)
+        elif pruned:
             assert candidates.chunk_scores is not None
             score, fraction, stopped = _score_in_chunks(
                 trial, weights, candidates.chunk_scores, chunks
@@ -536,7 +548,11 @@ def search_merge(
         study = optuna.create_study(
             direction="maximize",
             sampler=strategy.sampler(context),
-            pruner=incumbent_pruner if pruned else optuna.pruners.NopPruner(),
+            pruner=BoundPruner()
+            if race is not None
+            else incumbent_pruner
+            if pruned
+            else optuna.pruners.NopPruner(),
         )
         if strategy.uses_warm_start:
             _add_known_branches(study, strategy, context, records)

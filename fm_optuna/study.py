@@ -18,9 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import re
-import socket
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,13 +41,15 @@ from optuna.trial import FrozenTrial, TrialState
 from fm_optuna.checkpoints import Checkpointer, load_checkpoint, save_checkpoint
 from fm_optuna.checks import check_problem
 from fm_optuna.config import ForkMergeConfig
-from fm_optuna.databases import check_database
+from fm_optuna.databases import check_database, one_process_at_a_time
 from fm_optuna.errors import ConfigError, NonFiniteTraining
 from fm_optuna.events import EventStream, MergeCompleted, Observer, RunFinished
 from fm_optuna.forkmerge import ForkMergeResult, run_forkmerge
 from fm_optuna.merge_problem import MergeProblemWriter, artifact_logger
 from fm_optuna.outer_sampler import DistinctSampler
+from fm_optuna.processes import this_worker
 from fm_optuna.search import quiet_optuna
+from fm_optuna.shared_baselines import SharedBaselines
 from fm_optuna.spec import StudySpec, check_branches_fit
 from fm_optuna.tasks import Problem
 from fm_optuna.training import target_score
@@ -99,7 +99,8 @@ class MedianPruner(BasePruner):
 
     Optuna's MedianPruner compares values reported at the *same* step; trials with different Δt
     merge at different steps, so here each other trial contributes its last value reported at
-    or before the step (training progress, not round number, is what is comparable).
+    or before the step (training progress, not round number, is what is comparable). Unlike
+    Optuna's, running trials of other workers that are past the step count too.
     """
 
     def __init__(self, *, n_startup_trials: int = 2, n_warmup_steps: int = 0) -> None:
@@ -118,17 +119,29 @@ class MedianPruner(BasePruner):
         # Compared as higher-is-better: a minimised metric is negated on both sides.
         sign = -1.0 if study.direction == StudyDirection.MINIMIZE else 1.0
         value *= sign
-        others = []
-        for other in study.get_trials(deepcopy=False, states=FINISHED):
-            earlier = [s for s in other.intermediate_values if s <= step]
-            if earlier:
-                others.append(sign * other.intermediate_values[max(earlier)])
+        others = [sign * value for value in _values_at(study, trial, step)]
         if len(others) < self.n_startup_trials:
             return False
         others.sort()
         middle = len(others) // 2
         median = others[middle] if len(others) % 2 else (others[middle - 1] + others[middle]) / 2
         return value < median
+
+
+def _values_at(study: optuna.Study, trial: FrozenTrial, step: int) -> Iterator[float]:
+    """Each other trial's last value reported at or before ``step``: finished trials', and those
+    of running trials already past ``step`` (workers sharing a study prune with what the others
+    have measured so far, as one worker would after they finished; a running trial not yet at
+    ``step`` is left out, its last value being one of less training)."""
+    states = (*FINISHED, TrialState.RUNNING)
+    for other in study.get_trials(deepcopy=False, states=states):
+        if other.state == TrialState.RUNNING and (
+            other.number == trial.number or max(other.intermediate_values, default=-1) < step
+        ):
+            continue
+        earlier = [s for s in other.intermediate_values if s <= step]
+        if earlier:
+            yield other.intermediate_values[max(earlier)]
 
 
 class PruningReporter(Observer):
@@ -185,13 +198,14 @@ def _open_storage(
             on_stale(study, trial)
 
     try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_seconds,
-            grace_period=2 * heartbeat_seconds,
-            heartbeat_stale_trial_callback=stale,
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-        )
+        with one_process_at_a_time(url):  # workers creating one SQLite file together
+            return RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_seconds,
+                grace_period=2 * heartbeat_seconds,
+                heartbeat_stale_trial_callback=stale,
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+            )
     except Exception as error:  # sqlalchemy raises many kinds; the user needs one line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(
@@ -420,7 +434,7 @@ class Tuner:
         if resume is not None and resume.get("config") != config.as_params():
             resume = None  # a different configuration under the same number: start over
         trial.set_user_attr("resumed_from_round", 0 if resume is None else int(resume["round"]))
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", this_worker())
         # Checkpoint first (a merge is never lost), then tracking, then the pruning decision.
         extra = list(self.tracking.observers(trial, config)) if self.tracking is not None else []
         if self.observers is not None:
@@ -546,25 +560,24 @@ class Tuner:
         self, study: optuna.Study, best: FrozenTrial
     ) -> dict[str, dict[str, float]]:
         """The spec's baselines trained with the best trial's budget; kept in the study's user
-        attributes, so a resumed or shared study trains each of them once."""
+        attributes, so a resumed or shared study trains each of them once (see
+        :mod:`fm_optuna.shared_baselines`)."""
         from fm_optuna.experiment import run_methods
 
         config = self.suggest(optuna.trial.FixedTrial(best.params))  # type: ignore[arg-type]
         budget = {"steps": config.total_steps, "lr": config.lr, "seed": config.seed}
-        cached = study.user_attrs.get("baselines", {})
-        scores = {}
-        for method in self.spec.study.baselines:
-            key = f"{method} {budget}"
-            if key not in cached:
-                result = run_methods(self.problem, config, (method,)).results[0]
-                cached[key] = {
-                    "val": result.target_val,
-                    "test": result.target_test,
-                    "seconds": result.seconds,
-                }
-                study.set_user_attr("baselines", cached)
-            scores[method] = cached[key]
-        return scores
+
+        def train(method: str) -> dict[str, float]:
+            result = run_methods(self.problem, config, (method,)).results[0]
+            return {"val": result.target_val, "test": result.target_test, "seconds": result.seconds}
+
+        # A baseline costs at most one trial's training: a claim twice the longest trial's age
+        # belongs to a worker that died on another host.
+        longest = max(
+            (t.duration.total_seconds() for t in finished_trials(study) if t.duration), default=0.0
+        )
+        shared = SharedBaselines(study, train, stale_after=max(600.0, 2 * longest))
+        return shared.scores(self.spec.study.baselines, str(budget))
 
     def test_saved_model(self, path: str) -> dict[str, float] | None:
         """Test metrics of a trial's saved final model (never retrained)."""

@@ -124,6 +124,25 @@ class Problem(abc.ABC):
         metrics = self.evaluate(model, split, [self.target])[self.target]
         yield self.task(self.target).score(metrics), 1
 
+    #: The highest score one example of the target can have in :meth:`target_example_scores`
+    #: (100 for an accuracy in percent, 0 for a negated error); ``None`` without that method.
+    target_example_score_max: float | None = None
+
+    def target_example_scores(
+        self, model: nn.Module, index: torch.Tensor | None = None, split: Split = "val"
+    ) -> torch.Tensor:
+        """Optional: the target's score of each example ``index`` of ``split`` (all when
+        ``None``; a 1-D tensor,
+        oriented like :meth:`Task.score`), such that the mean over every example is the target's
+        score on the split, and none exceeds :attr:`target_example_score_max`.
+
+        With it, pruned candidate evaluation is exact: a candidate is scored on the examples
+        earlier candidates found hardest first and stopped once even the best possible score on
+        the rest could not make it win (see :func:`fm_optuna.search.search_merge`). Problems that
+        do not override it keep the chunked, noise-aware rule of :meth:`target_chunks`.
+        """
+        raise NotImplementedError(f"{self.name} has no per-example target scores")
+
     def target_loss(self, model: nn.Module, split: Split = "val") -> torch.Tensor:
         """Optional: the target's mean loss on ``split``, differentiable in the model's parameters
         and buffers, model in eval mode (what the ``gradient`` merge strategy descends).
@@ -155,7 +174,8 @@ class Problem(abc.ABC):
 
 def has_capability(problem: Problem, name: str) -> bool:
     """Whether ``problem`` overrides the optional method ``name`` (``target_chunks``,
-    ``target_loss``) rather than inheriting :class:`Problem`'s default."""
+    ``target_loss``, ``target_example_scores``) rather than inheriting :class:`Problem`'s
+    default."""
     return getattr(type(problem), name) is not getattr(Problem, name)
 
 

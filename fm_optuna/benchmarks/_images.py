@@ -233,6 +233,21 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @torch.inference_mode()
+def classified_right(
+    model: MultiHeadNet, images: torch.Tensor, head: str, labels: torch.Tensor
+) -> torch.Tensor:
+    """Whether ``head`` classifies each of ``images`` as its label (a bool tensor); the caller
+    sets eval mode."""
+    trunk = inference_trunk(model.trunk)
+    hits = [
+        model.heads[head](trunk(images[start : start + EVAL_BATCH])).argmax(1)
+        == labels[start : start + EVAL_BATCH]
+        for start in range(0, len(images), EVAL_BATCH)
+    ]
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=images.device)
+
+
+@torch.inference_mode()
 def classify(
     model: MultiHeadNet, images: torch.Tensor, targets: Sequence[tuple[str, torch.Tensor]]
 ) -> list[dict[str, float]]:
@@ -253,6 +268,7 @@ def classify(
             loss[k] += F.cross_entropy(logits, chunk, reduction="sum").double()
             correct[k] += (logits.argmax(1) == chunk).sum()
     n = max(len(images), 1)
-    accuracy = (correct.double() * (100.0 / n)).tolist()
+    # × 100 then ÷ n, as the mean of per-example scores of 0 or 100 is: equal counts, equal floats.
+    accuracy = (correct.double() * 100.0 / n).tolist()
     mean_loss = (loss / n).tolist()
     return [{"accuracy": accuracy[k], "loss": mean_loss[k]} for k in range(len(targets))]

@@ -47,6 +47,7 @@ from fm_optuna.benchmarks._images import (
     MultiHeadNet,
     check_non_negative,
     check_positive,
+    classified_right,
     classify,
     eval_mode,
     load_or_build,
@@ -435,6 +436,21 @@ class DigitsProblem(Problem):
             with eval_mode(model):
                 accuracy = classify(model, part, [(head, part_labels)])[0]["accuracy"]
             yield accuracy, len(part_labels)
+
+    target_example_score_max = 100.0
+
+    def target_example_scores(
+        self, model: nn.Module, index: torch.Tensor | None = None, split: Split = "val"
+    ) -> torch.Tensor:
+        """100 for each target image ``index`` of ``split`` (all when ``None``) classified
+        right, else 0 (their mean is the accuracy in percent)."""
+        images, labels = self._eval[split][self.target]
+        if index is not None:
+            index = index.to(images.device)
+            images, labels = images[index], labels[index]
+        with eval_mode(model):
+            hits = classified_right(model, images, model.head_of(self.target), labels)
+        return hits.double() * 100.0
 
     def target_loss(self, model: nn.Module, split: Split = "val") -> torch.Tensor:
         """Mean cross-entropy of the target on ``split``, differentiable (for ``gradient``)."""

@@ -14,8 +14,9 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fm_optuna.databases import check_database
+from fm_optuna.databases import check_database, one_process_at_a_time
 from fm_optuna.errors import ConfigError
+from fm_optuna.processes import process_is_gone
 from fm_optuna.tracking.uris import (
     absolute_uri,
     artifact_root,
@@ -43,18 +44,6 @@ HOST_TAG, PID_TAG = "fm_optuna.host", "fm_optuna.pid"
 def owner_tags() -> dict[str, str]:
     """This process as the owner of the runs it opens (see :func:`end_orphaned_runs`)."""
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
-
-
-def _process_is_gone(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OSError):
-        return False  # someone else's process: alive
-    return False
 
 
 def quiet_mlflow_logging() -> None:
@@ -149,17 +138,18 @@ def _slug(name: str) -> str:
 def _client(uri: str, attempts: int = 5) -> MlflowClient:
     """An MLflow client whose store is ready, even if another worker is creating its tables.
 
-    Several workers of one shared study may open a brand-new database at the same moment; all
-    but one then fail on MLflow's table creation (unique violations) while the first is still
-    migrating. They wait and try again instead of giving up.
+    Several workers of one shared study may open a brand-new database at the same moment. On
+    SQLite they take turns (a file lock); on a server all but one fail on MLflow's table creation
+    (unique violations) while the first is still migrating, and wait and try again.
     """
     from mlflow import MlflowClient
 
     quiet_mlflow_logging()  # after MLflow's import, which installs its own stderr handler
     for attempt in range(attempts):
         try:
-            client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)  # forces the store (and its tables) now
+            with one_process_at_a_time(uri):
+                client = MlflowClient(tracking_uri=uri)
+                client.search_experiments(max_results=1)  # forces the store (and its tables) now
             return client
         except Exception as error:
             racing = any(
@@ -274,7 +264,7 @@ def end_orphaned_runs(store: TrackingStore) -> int:
     ended = 0
     for run in runs:
         pid = run.data.tags.get(PID_TAG, "")
-        if not pid.isdigit() or not _process_is_gone(int(pid)):
+        if not pid.isdigit() or not process_is_gone(int(pid)):
             continue
         try:
             store.client.set_tag(run.info.run_id, "fm_optuna.status", "KILLED")

@@ -60,6 +60,9 @@ def test_two_workers_over_one_smoke_run(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    for item in report["workers"].values():
+    (measured,) = report["rounds"]
+    for count in ("1", "2"):
+        item = measured[count]
         assert item["distinct_trials"] >= 2 and item["seconds"] > 0  # 2 workers may end at 3
-    assert report["ratio"] > 0 and report["goal"] == 1.7
+        assert item["complete"] + item["pruned"] >= item["distinct_trials"]
+    assert report["ratio"] == pytest.approx(measured["ratio"]) and report["goal"] == 1.7

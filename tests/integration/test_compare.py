@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from fm_optuna import ranking
 from fm_optuna.cli import main
 from fm_optuna.compare import compare_strategies
+from fm_optuna.events import Observer, RunStarted
 from fm_optuna.forkmerge import ForkMergeConfig
+from fm_optuna.ranking import Ranking
 from tests.conftest import ToyProblem
 
 SPEC = """
@@ -38,6 +41,53 @@ def test_strategies_share_everything_but_the_search() -> None:
     assert rows["random"]["evaluations_per_merge"] == 5
     for run in comparison.runs:
         assert len(run.lambdas) == 3
+
+
+class BranchNames(Observer):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def on_run_started(self, event: RunStarted) -> None:
+        self.names = list(event.branches)
+
+
+@pytest.mark.parametrize("cut", ["auto", "gaps"])
+def test_strategies_cut_where_the_shared_pre_pass_relevance_drops(
+    cut: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pre-pass whose scores drop once, clearly, after the first auxiliary: both relevance
+    # rules cut there (top-1), while the even spread over 5 auxiliaries would keep top-3.
+    crafted = Ranking(("t1", "t2", "t3", "t4", "t5"), (1.0, 0.10, 0.09, 0.08, 0.07), 0.5, "prepass")
+    measured = ranking.rank_auxiliaries
+
+    def prepass(problem: ToyProblem, config: ForkMergeConfig, initial: object) -> Ranking:
+        if config.ranking == "prepass":
+            return crafted
+        return measured(problem, config, initial)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ranking, "rank_auxiliaries", prepass)
+    seen: dict[str, BranchNames] = {}
+
+    def observers(strategy: str, seed: int) -> list[BranchNames]:
+        seen[strategy] = BranchNames()
+        return [seen[strategy]]
+
+    config = ForkMergeConfig(dt=5, total_steps=10, branches=3, merge_trials=3, cut=cut)
+    comparison = compare_strategies(
+        ToyProblem(n_tasks=6), config, ["greedy", "random"], [0], observers=observers
+    )
+    for strategy in ("greedy", "random"):
+        assert seen[strategy].names == ["target", "target+top1", "all"], strategy
+    assert [run.branches for run in comparison.runs] == [["target", "target+top1", "all"]] * 2
+    assert comparison.config["ranking"] == "prepass"
+
+
+def test_a_joint_plan_is_ranked_over_every_task_of_the_pseudo_target() -> None:
+    # App. A.4: every task is an auxiliary of the pseudo-target, so the shared ranking must be
+    # measured on the wrapped problem, as a single run would (it was measured on the target's).
+    config = ForkMergeConfig(dt=5, total_steps=10, plan="joint", branches=3, merge_trials=3)
+    comparison = compare_strategies(ToyProblem(), config, ["random"], [0])
+    assert len(comparison.runs) == 1 and len(comparison.runs[0].branches) == 3
 
 
 def test_cli_prints_the_table_saves_files_and_tags_runs(

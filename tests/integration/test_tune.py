@@ -339,3 +339,31 @@ def test_tune_saves_every_trials_merge_problems_when_the_spec_asks(tmp_path: Pat
         run_id = trial.user_attrs["mlflow_run_id"]
         logged = [a.path for a in store.client.list_artifacts(run_id, "merge_problems")]
         assert sorted(Path(p).name for p in logged) == [p.name for p in saved]
+
+
+def test_median_pruner_counts_other_workers_running_trials_past_the_step() -> None:
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(
+        create_trial(value=2.0, intermediate_values={50: 2.0}, params={}, distributions={})
+    )
+    past = study.ask()  # another worker's trial, RUNNING and already at step 80
+    study._storage.set_trial_intermediate_value(past._trial_id, 40, 1.5)
+    study._storage.set_trial_intermediate_value(past._trial_id, 80, 1.9)
+    behind = study.ask()  # one still at step 20: its value is one of less training
+    study._storage.set_trial_intermediate_value(behind._trial_id, 20, 0.1)
+    pruner = MedianPruner(n_startup_trials=2)
+    low = create_trial(
+        state=TrialState.RUNNING, intermediate_values={60: 1.6}, params={}, distributions={}
+    )
+    # At step 60 the others are 2.0 (finished) and 1.5 (running, its value at 40); median 1.75.
+    assert pruner.prune(study, low) is True
+    # Before the running trial passes the step, only one value is known: too few to prune.
+    assert (
+        MedianPruner(n_startup_trials=2).prune(
+            study,
+            create_trial(
+                state=TrialState.RUNNING, intermediate_values={90: 1.0}, params={}, distributions={}
+            ),
+        )
+        is False
+    )

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from fm_optuna.config import ForkMergeConfig
-from fm_optuna.ranking import plan_branches, rank_by_merge_weights
+from fm_optuna.errors import ConfigError
+from fm_optuna.forkmerge import run_forkmerge
+from fm_optuna.ranking import Ranking, plan_branches, rank_by_merge_weights
 from fm_optuna.training import seeded_model
 from tests.conftest import ToyProblem
 
@@ -40,3 +42,39 @@ def test_merge_ranking_feeds_the_pruned_plan() -> None:
     assert ranking.method == "merge"
     assert [b.name for b in branches] == ["target", "target+top2", "all"]
     assert "t3" not in branches[1].tasks
+
+
+# One clear drop after the first of five auxiliaries (the rest differ by noise).
+ONE_GAP = Ranking(("t3", "t1", "t5", "t2", "t4"), (0.9, 0.1, 0.09, 0.08, 0.07), 1.0, "prepass")
+
+
+@pytest.mark.parametrize(
+    ("cut", "tasks"),
+    [("gaps", ("t0", "t3")), ("auto", ("t0", "t3")), ("spread", ("t0", "t3", "t1", "t5"))],
+)
+def test_a_measured_ranking_is_planned_with_its_relevance(cut: str, tasks: tuple[str, ...]) -> None:
+    problem = ToyProblem(n_tasks=6)
+    config = ForkMergeConfig(dt=10, total_steps=20, branches=3, cut=cut)
+    branches, ranking = plan_branches(problem, config, initial(problem), ranking=ONE_GAP)
+    assert ranking is ONE_GAP
+    assert [b.name for b in branches] == ["target", f"target+top{len(tasks) - 1}", "all"]
+    assert branches[1].tasks == tasks
+
+
+@pytest.mark.parametrize(
+    ("ranking", "message"),
+    [
+        (Ranking(("t1", "t2"), None, 0.0, "given"), "`ranking` should be a permutation"),
+        (Ranking(("t1", "t2", "t3"), (1.0, 0.5), 0.0, "prepass"), "3 scores \\(one per"),
+    ],
+)
+def test_a_ranking_of_other_auxiliaries_is_refused(ranking: Ranking, message: str) -> None:
+    problem = ToyProblem()
+    config = ForkMergeConfig(dt=10, total_steps=20, branches=3)
+    with pytest.raises(ConfigError, match=message):
+        plan_branches(problem, config, initial(problem), ranking=ranking)
+
+
+def test_a_resumed_run_takes_its_ranking_from_the_checkpoint() -> None:
+    with pytest.raises(ConfigError, match="absent when resuming"):
+        run_forkmerge(ToyProblem(), CONFIG, ranking=ONE_GAP, resume_from={})
