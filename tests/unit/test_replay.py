@@ -57,9 +57,11 @@ def test_replay_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["compare", "--replay", str(tmp_path / "missing"), "--no-tracking"]) == 2
     assert main(["compare", "--no-tracking"]) == 2
     assert main(["compare", "--replay", str(tmp_path), "--budgets", "0,5"]) == 2
+    assert main(["compare", "--replay", str(tmp_path), "--tolerance", "1pp"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert "`replay`" in lines[0] and "`spec`" in lines[1] and "`budgets`" in lines[2]
+    assert "`tolerance`" in lines[3] and "1%" in lines[3]
 
 
 def test_tolerance_is_absolute_or_relative_to_the_best() -> None:
