@@ -328,14 +328,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """``compare --replay DIR``: every strategy on the same saved merge problems."""
     from fm_optuna.benchmarks import build_problem
     from fm_optuna.errors import invalid
-    from fm_optuna.replay import check_strategies, find_merge_problems, load_merge_problems, replay
+    from fm_optuna.replay import (
+        Tolerance,
+        check_strategies,
+        find_merge_problems,
+        load_merge_problems,
+        replay,
+    )
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     check_strategies(strategies)
     budgets = _int_list("budgets", args.budgets)
     prune_sigmas = _float_list("prune_sigmas", args.prune_sigmas)
-    if not args.tolerance >= 0:
-        raise invalid("tolerance", args.tolerance, "a non-negative number")
+    tolerance = Tolerance.parse(args.tolerance)
     if args.evaluation_chunks < 2:
         raise invalid("evaluation_chunks", args.evaluation_chunks, "an integer of at least 2")
     paths = find_merge_problems(Path(args.replay))
@@ -375,7 +380,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             pruned=args.pruned,
             chunks=args.evaluation_chunks,
             prune_sigmas=prune_sigmas,
-            tolerance=args.tolerance,
+            tolerance=tolerance,
             lattice_max=args.lattice_max,
             on_run=done,
         )
@@ -392,10 +397,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 0
     print(
         f"replayed {len(merges)} merge problems from {args.replay}; regret in target validation "
-        f"score vs the best known Λ (tolerance {args.tolerance})"
+        f"score vs the best known Λ (tolerance {tolerance}"
+        + (" of the best known score)" if tolerance.relative else ")")
     )
+    regret = "regret_pct" if tolerance.relative else "regret"  # in the tolerance's unit
     header = (
-        f"{'L':>2} {'strategy':<16} {'budget':>6} {'val passes':>10} {'regret':>15} "
+        f"{'L':>2} {'strategy':<16} {'budget':>6} {'val passes':>10} "
+        f"{'regret %' if tolerance.relative else 'regret':>15} "
         f"{'≤tol':>5} {'passes→tol':>10} {'s/eval':>7} {'test':>14}"
     )
     print(header)
@@ -404,7 +412,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         reach = row["passes_to_tolerance_median"]
         print(
             f"{row['L']:>2} {row['strategy']:<16} {row['budget']:>6} {row['val_passes']:>10.1f} "
-            f"{row['regret_mean']:>7.3f} ± {row['regret_std']:<5.3f} "
+            f"{row[regret + '_mean']:>7.3f} ± {row[regret + '_std']:<5.3f} "
             f"{row['within_tolerance']:>5.0%} {'-' if reach is None else f'{reach:.1f}':>10} "
             f"{row['seconds_per_evaluation']:>7.3f} "
             f"{row['test_mean']:>7.2f} ± {row['test_std']:<4.2f}"
@@ -424,6 +432,8 @@ def _log_replay(store: Any, comparison: Any, rows: list[Any], files: list[Path])
                 b = row["budget"]
                 metrics[f"regret_mean/budget_{b}"] = row["regret_mean"]
                 metrics[f"regret_std/budget_{b}"] = row["regret_std"]
+                metrics[f"regret_pct_mean/budget_{b}"] = row["regret_pct_mean"]
+                metrics[f"within_tolerance/budget_{b}"] = row["within_tolerance"]
                 metrics[f"val_passes/budget_{b}"] = row["val_passes"]
                 metrics[f"test_mean/budget_{b}"] = row["test_mean"]
                 metrics[f"seconds_per_evaluation/budget_{b}"] = row["seconds_per_evaluation"]
@@ -502,9 +512,9 @@ def add_commands(sub: Any) -> None:
     )
     g.add_argument(
         "--tolerance",
-        type=float,
-        default=0.1,
-        help="regret counted as reaching the best (target score units; default 0.1 = 0.1 pp)",
+        default="0.1",
+        help="regret counted as reaching the best: in target score units (default 0.1 = 0.1 pp "
+        "of accuracy), or with %% relative to the best known score (e.g. 1%% for an MAE)",
     )
     g.add_argument(
         "--lattice-max",

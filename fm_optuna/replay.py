@@ -8,7 +8,8 @@ several budgets. Per strategy the comparison reports, over the problems (mean an
   largest budget; an evaluation is one validation pass, so pruned candidates count in part);
 - the regret of the chosen merge at each budget, against the best Λ known for the problem (the
   best candidate any strategy evaluated, grid's 0.1 lattice included where it is affordable);
-- the evaluations needed to come within ``tolerance`` of that best;
+- the evaluations needed to come within ``tolerance`` of that best (absolute, in the target
+  score's units, or relative to the best known score, see :class:`Tolerance`);
 - seconds per evaluation (sampler time included) and the test score of the chosen merge.
 """
 
@@ -36,6 +37,52 @@ from fm_optuna.tasks import Problem, has_capability
 FIXED_DESIGNS = ("grid", "greedy")
 
 
+_TOLERANCE_FORMS = "a non-negative number, or a percentage such as 1%"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close to a merge's best known validation score counts as reaching it.
+
+    Absolute (``value`` in the target score's units: 0.1 = 0.1 pp of accuracy), or ``relative``
+    (``value`` in percent of the best known score's magnitude). A minimised metric such as
+    QM9's MAE is scored as −MAE, so regret is already "MAE above the best"; but an absolute
+    step means little across targets and units (0.1 D is over 10 % of μ's MAE at small
+    scale), hence the relative form.
+
+    Example:
+        >>> Tolerance.parse("1%").of(-0.62)
+        0.0062
+        >>> str(Tolerance.parse("0.1"))
+        '0.1'
+    """
+
+    value: float
+    relative: bool = False
+
+    def __post_init__(self) -> None:
+        if not (self.value >= 0 and math.isfinite(self.value)):
+            raise invalid("tolerance", self.value, _TOLERANCE_FORMS)
+
+    @classmethod
+    def parse(cls, text: str | float) -> Tolerance:
+        """``"0.1"`` (absolute) or ``"1%"`` (relative to the best known score)."""
+        raw = str(text).strip()
+        relative = raw.endswith("%")
+        try:
+            value = float(raw.removesuffix("%"))
+        except ValueError:
+            raise invalid("tolerance", raw, _TOLERANCE_FORMS) from None
+        return cls(value, relative)
+
+    def of(self, best: float) -> float:
+        """The tolerance in score units for a merge whose best known score is ``best``."""
+        return self.value / 100 * abs(best) if self.relative else self.value
+
+    def __str__(self) -> str:
+        return f"{self.value:g}%" if self.relative else f"{self.value:g}"
+
+
 @dataclass
 class ReplayRun:
     """One strategy on one merge problem at one budget."""
@@ -59,6 +106,12 @@ class ReplayComparison:
     config: dict[str, Any]
     runs: list[ReplayRun] = field(default_factory=list)
     best: dict[str, float] = field(default_factory=dict)  # problem -> best known val score
+    tolerance: dict[str, float] = field(default_factory=dict)  # problem -> tolerance (score units)
+
+    def relative_regret(self, run: ReplayRun) -> float:
+        """The run's regret in percent of its merge's best known score's magnitude."""
+        best = abs(self.best[run.problem])
+        return 100 * run.regret / best if best > 0 else math.nan
 
     def groups(self) -> list[tuple[int, str]]:
         """(L, strategy) pairs in a stable order."""
@@ -83,8 +136,10 @@ class ReplayComparison:
                         "regret_mean": statistics.mean(r.regret for r in runs),
                         "regret_std": _std([r.regret for r in runs]),
                         "regret_max": max(r.regret for r in runs),
+                        "regret_pct_mean": statistics.mean(self.relative_regret(r) for r in runs),
+                        "regret_pct_std": _std([self.relative_regret(r) for r in runs]),
                         "within_tolerance": sum(
-                            r.regret <= self.config["tolerance"] + 1e-9 for r in runs
+                            r.regret <= self.tolerance[r.problem] + 1e-9 for r in runs
                         )
                         / len(runs),
                         "passes_to_tolerance_median": statistics.median(reached)
@@ -100,13 +155,19 @@ class ReplayComparison:
         return rows
 
     def anytime(self, n_branches: int, strategy: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Regret of the best found vs validation passes (largest budget): x, mean, std."""
+        """Regret of the best found vs validation passes (largest budget): x, mean, std.
+
+        In percent of the best known score when the tolerance is relative (as it is reported).
+        """
         runs = [r for r in self.runs if r.n_branches == n_branches and r.strategy == strategy]
         largest = max(r.budget for r in runs)
         runs = [r for r in runs if r.budget == largest]
         horizon = max(r.passes for r in runs)
         x = np.arange(1, math.ceil(horizon) + 1, dtype=float)
         regrets = np.array([[self.best[r.problem] - _best_at(r.curve, p) for p in x] for r in runs])
+        if Tolerance.parse(self.config["tolerance"]).relative:
+            scale = np.array([100 / max(abs(self.best[r.problem]), 1e-12) for r in runs])
+            regrets = regrets * scale[:, None]
         return x, regrets.mean(axis=0), regrets.std(axis=0)
 
     def save(self, directory: Path) -> dict[str, Path]:
@@ -126,6 +187,7 @@ class ReplayComparison:
                 {
                     "config": self.config,
                     "best_known": self.best,
+                    "tolerance_by_problem": self.tolerance,
                     "table": rows,
                     "runs": [asdict(r) for r in self.runs],
                 },
@@ -239,13 +301,15 @@ def replay(
     pruned: bool = False,
     chunks: int = 4,
     prune_sigmas: Sequence[float] = (PRUNE_SIGMAS,),
-    tolerance: float = 0.1,
+    tolerance: Tolerance | float = 0.1,
     lattice_max: int = 300,
     on_run: Callable[[ReplayRun], None] | None = None,
 ) -> ReplayComparison:
     """Run every strategy (and with ``pruned`` its pruned-evaluation variant, one per value of
-    ``prune_sigmas``) on every merge."""
+    ``prune_sigmas``) on every merge. A float ``tolerance`` is absolute (score units)."""
     check_strategies(strategies)
+    if not isinstance(tolerance, Tolerance):
+        tolerance = Tolerance(tolerance)
     if not prune_sigmas or any(not (z >= 0 and math.isfinite(z)) for z in prune_sigmas):
         raise invalid(
             "prune_sigmas", list(prune_sigmas), "a comma-separated list of non-negative numbers"
@@ -259,7 +323,7 @@ def replay(
             "pruned": pruned,
             "evaluation_chunks": chunks,
             "prune_sigmas": list(prune_sigmas),
-            "tolerance": tolerance,
+            "tolerance": str(tolerance),
             "lattice_max": lattice_max,
             "problems": [name for name, _ in merges],
         }
@@ -301,9 +365,10 @@ def replay(
                 runs.append(run)
         best = max(r.curve[-1][1] for r in runs)
         comparison.best[name] = best
+        comparison.tolerance[name] = tolerance.of(best)
         for run in runs:
             run.regret = best - run.val
-            run.to_tolerance = passes_to_tolerance(run.curve, best, tolerance)
+            run.to_tolerance = passes_to_tolerance(run.curve, best, comparison.tolerance[name])
             comparison.runs.append(run)
             if on_run is not None:
                 on_run(run)
@@ -331,11 +396,16 @@ def plot_anytime(comparison: ReplayComparison, path: Path) -> None:
             axis.fill_between(
                 x, np.maximum(mean - std, 1e-3), mean + std, alpha=0.15, color=line.get_color()
             )
-        axis.axhline(comparison.config["tolerance"], color="grey", lw=0.8, ls=":")
+        tolerance = Tolerance.parse(comparison.config["tolerance"])
+        axis.axhline(tolerance.value, color="grey", lw=0.8, ls=":")
         axis.set_xscale("log")
         axis.set_yscale("symlog", linthresh=0.05)
         axis.set_xlabel("validation passes (evaluations)")
-        axis.set_ylabel("regret of best found (val score)")
+        axis.set_ylabel(
+            "regret of best found (% of best val score)"
+            if tolerance.relative
+            else "regret of best found (val score)"
+        )
         axis.set_title(f"L = {n}")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)

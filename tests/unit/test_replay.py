@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from fm_optuna.cli import main
+from fm_optuna.errors import ConfigError
 from fm_optuna.events import EventStream
 from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge
 from fm_optuna.merge_problem import MergeProblemWriter
-from fm_optuna.replay import find_merge_problems, load_merge_problems, replay
+from fm_optuna.replay import Tolerance, find_merge_problems, load_merge_problems, replay
 from tests.conftest import ToyProblem
 
 
@@ -56,6 +57,39 @@ def test_replay_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["compare", "--replay", str(tmp_path / "missing"), "--no-tracking"]) == 2
     assert main(["compare", "--no-tracking"]) == 2
     assert main(["compare", "--replay", str(tmp_path), "--budgets", "0,5"]) == 2
+    assert main(["compare", "--replay", str(tmp_path), "--tolerance", "1pp"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert "`replay`" in lines[0] and "`spec`" in lines[1] and "`budgets`" in lines[2]
+    assert "`tolerance`" in lines[3] and "1%" in lines[3]
+
+
+def test_tolerance_is_absolute_or_relative_to_the_best() -> None:
+    assert Tolerance.parse("0.1") == Tolerance(0.1) and Tolerance.parse("0.1").of(-5.0) == 0.1
+    assert Tolerance.parse("1%") == Tolerance(1.0, relative=True)
+    assert Tolerance.parse(" 1% ").of(-0.62) == pytest.approx(0.0062)
+    assert str(Tolerance.parse("0.5%")) == "0.5%" and str(Tolerance(0.1)) == "0.1"
+    for text in ("x", "-1", "-1%", "nan", "%"):
+        with pytest.raises(ConfigError, match="`tolerance`"):
+            Tolerance.parse(text)
+
+
+def test_a_minimised_metric_has_regret_above_the_lowest_error(saved: Path) -> None:
+    """The toy's metric is an MSE (lower is better): regret is the MSE above the lowest found,
+    and a relative tolerance is a share of that lowest MSE."""
+    merges = load_merge_problems(find_merge_problems(saved), lambda source: ToyProblem())
+    comparison = replay(merges, ["grid", "random"], [5], tolerance=Tolerance(1.0, relative=True))
+    for name, _ in merges:
+        runs = [r for r in comparison.runs if r.problem == name]
+        errors = [-r.val for r in runs]  # the toy's score is −MSE
+        lowest = min(min(-s for _, s in r.curve) for r in runs)
+        assert comparison.best[name] == -lowest and min(errors) >= lowest
+        assert comparison.tolerance[name] == pytest.approx(0.01 * lowest)
+        for run in runs:
+            assert run.regret == pytest.approx(-run.val - lowest)
+            assert comparison.relative_regret(run) == pytest.approx(100 * run.regret / lowest)
+    for row in comparison.rows():
+        runs = [r for r in comparison.runs if r.strategy == row["strategy"]]
+        expected = sum(-r.val <= 1.01 * -comparison.best[r.problem] + 1e-9 for r in runs)
+        assert row["within_tolerance"] == pytest.approx(expected / len(runs))
+    assert comparison.config["tolerance"] == "1%"
