@@ -138,6 +138,7 @@ class MergeProblem:
 
     def candidates(self) -> Candidates:
         """This merge's candidates as a search sees them, with every capability the problem has."""
+        maximum = self.problem.target_example_score_max
         return Candidates(
             score=self.score,
             chunk_scores=self.chunk_scores
@@ -147,7 +148,7 @@ class MergeProblem:
             if has_capability(self.problem, "target_loss")
             else None,
             example_scores=self.example_scores if self._scores_examples() else None,
-            example_score_max=self.problem.target_example_score_max or math.inf,
+            example_score_max=math.inf if maximum is None else maximum,
         )
 
     def _scores_examples(self) -> bool:
