@@ -544,15 +544,16 @@ def search_merge(
         # A non-finite value makes Optuna mark the trial FAIL, so samplers never learn from it.
         return score if state == "COMPLETE" else math.nan
 
+    pruner: BasePruner = optuna.pruners.NopPruner()
+    if race is not None:
+        pruner = BoundPruner()
+    elif pruned:
+        pruner = incumbent_pruner
     with quiet_optuna():
         study = optuna.create_study(
             direction="maximize",
             sampler=strategy.sampler(context),
-            pruner=BoundPruner()
-            if race is not None
-            else incumbent_pruner
-            if pruned
-            else optuna.pruners.NopPruner(),
+            pruner=pruner,
         )
         if strategy.uses_warm_start:
             _add_known_branches(study, strategy, context, records)
