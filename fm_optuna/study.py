@@ -119,7 +119,7 @@ class MedianPruner(BasePruner):
         # Compared as higher-is-better: a minimised metric is negated on both sides.
         sign = -1.0 if study.direction == StudyDirection.MINIMIZE else 1.0
         value *= sign
-        others = [sign * value for value in _values_at(study, trial, step)]
+        others = [sign * other for other in _values_at(study, trial, step)]
         if len(others) < self.n_startup_trials:
             return False
         others.sort()
