@@ -39,6 +39,10 @@ logger = logging.getLogger("fm_optuna.tracking")
 CONNECT_TIMEOUT = 5
 #: Tags naming the process that owns a run, so a later invocation can end the runs of a dead one.
 HOST_TAG, PID_TAG = "fm_optuna.host", "fm_optuna.pid"
+OPENED_TAG = "fm_optuna.last_opened"
+# MLflow writes a tag as look-up-then-insert: two workers probing a tag that does not exist
+# yet both insert, and the second one's insert hits the key the first one just wrote.
+_CONCURRENT_INSERT = re.compile(r"duplicate key|unique constraint|integrityerror", re.IGNORECASE)
 
 
 def owner_tags() -> dict[str, str]:
@@ -205,7 +209,11 @@ def open_store(uri: str | None = None, *, experiment: str) -> TrackingStore:
                     experiment,
                     artifact_location=location,
                     # The MLflow 3 UI then opens it as model training rather than GenAI.
-                    tags={"mlflow.experimentKind": "custom_model_development"},
+                    # The probe's tag exists from the start, so probes update rather than insert.
+                    tags={
+                        "mlflow.experimentKind": "custom_model_development",
+                        OPENED_TAG: _now(),
+                    },
                 )
                 found = client.get_experiment(experiment_id)
             except Exception:
@@ -234,14 +242,24 @@ def open_store(uri: str | None = None, *, experiment: str) -> TrackingStore:
     return store
 
 
-def _probe_writes(client: MlflowClient, experiment_id: str, uri: str) -> None:
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _probe_writes(client: MlflowClient, experiment_id: str, uri: str, attempts: int = 4) -> None:
     """One real write now: a store that can be read but not written (a read-only file, a user
-    without INSERT) is one line at start, not lost tracking and tracebacks mid-run."""
-    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    try:
-        client.set_experiment_tag(experiment_id, "fm_optuna.last_opened", stamp)
-    except Exception as error:
-        raise _fail(uri, f"it cannot be written ({_first_line(error, uri)})") from None
+    without INSERT) is one line at start, not lost tracking and tracebacks mid-run.
+
+    Another worker writing the same tag at the same moment is not a fault: the write is retried.
+    """
+    for attempt in range(attempts):
+        try:
+            client.set_experiment_tag(experiment_id, OPENED_TAG, _now())
+            return
+        except Exception as error:
+            if attempt + 1 == attempts or not _CONCURRENT_INSERT.search(str(error)):
+                raise _fail(uri, f"it cannot be written ({_first_line(error, uri)})") from None
+            time.sleep(0.05 * (attempt + 1))
 
 
 def end_orphaned_runs(store: TrackingStore) -> int:

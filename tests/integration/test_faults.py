@@ -171,3 +171,34 @@ def test_a_killed_run_resumed_holds_the_whole_lambda_trajectory(tmp_path: Path) 
         assert sorted(s[i][1] for s in series) == pytest.approx(sorted(weights))
     rows = list(csv.reader(io.StringIO(runs["csv"])))
     assert len(rows) == 1 + 4
+
+
+def test_a_concurrent_probe_of_the_same_tag_is_retried_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers probing a new experiment insert the same tag; the loser's unique-key
+    conflict is the other worker's write, not a store that cannot be written."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from fm_optuna.tracking import open_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    open_store(uri, experiment="x")
+    real = MlflowClient.set_experiment_tag
+    calls: list[str] = []
+
+    def conflict_once(self: MlflowClient, *args: object, **kwargs: object) -> None:
+        calls.append("call")
+        if len(calls) == 1:
+            raise MlflowException(
+                "(psycopg.errors.UniqueViolation) duplicate key value violates unique "
+                'constraint "experiment_tag_pk"'
+            )
+        real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", conflict_once)
+    store = open_store(uri, experiment="x")
+    assert len(calls) == 2
+    tags = store.client.get_experiment(store.experiment_id).tags
+    assert "fm_optuna.last_opened" in tags

@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -573,3 +574,42 @@ def test_a_merge_fallback_and_a_diverged_branch_are_tagged(
     assert top["forkmerge"].info.status == "FINISHED"
     (branch,) = [run for run in children if run.data.tags["branch"] == "all"]
     assert branch.data.tags["fm_optuna.non_finite"].startswith("round 4: training loss became nan")
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(
+    POSTGRES_URL is None, reason="FM_OPTUNA_TEST_POSTGRES_URL is not set (.ci/postgres.sh)"
+)
+def test_workers_opening_one_postgresql_experiment_together_all_open_it(tmp_path: Path) -> None:
+    """Workers of a shared study open the same experiment at once (CI saw the second one's
+    write probe refused with a unique-key conflict). An experiment made elsewhere (the UI,
+    an older fm_optuna) lacks the probe's tag, so every worker's first probe inserts it."""
+    assert POSTGRES_URL is not None
+    from mlflow import MlflowClient
+
+    uri = tracking_database(POSTGRES_URL)
+    experiment = f"made-elsewhere-{time.time_ns()}"
+    with warnings.catch_warnings():  # MLflow's own SQLAlchemy deprecation, as open_store does
+        warnings.filterwarnings("ignore", message="The ``noload`` loader strategy")
+        MlflowClient(uri).create_experiment(experiment, artifact_location=str(tmp_path / "a"))
+    start = time.time() + 8  # all workers past their imports, then one moment
+    worker = (
+        "import sys, time\n"
+        "from fm_optuna.tracking import open_store\n"
+        "from fm_optuna.tracking.store import _client\n"
+        f"_client({uri!r}).get_experiment_by_name({experiment!r})\n"
+        f"time.sleep(max(0.0, {start} - time.time()))\n"
+        f"open_store({uri!r}, experiment={experiment!r})\n"
+    )
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", worker],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        )
+        for _ in range(4)
+    ]
+    errors = [w.communicate(timeout=120)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0, 0], "\n".join(errors)[-3000:]
