@@ -7,6 +7,7 @@ machines; with ``repeats`` > 1 each timing keeps its fastest repetition.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -135,28 +136,42 @@ def _final_val(result: Any) -> float:
     return result.decisions[-1].score if result.decisions else float("nan")
 
 
+def _same_decisions(a: Any, b: Any) -> bool:
+    return [(d.weights, d.score) for d in a.decisions] == [
+        (d.weights, d.score) for d in b.decisions
+    ]
+
+
 def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) -> dict[str, Any]:
-    def forkmerge() -> tuple[float, Any]:
-        result = run_forkmerge(problem, config)
-        return result.seconds - result.timings["ranking"], result
+    def forkmerge(evaluation: str) -> Callable[[], tuple[float, Any]]:
+        flags = {
+            "full_evaluation": evaluation == "full",
+            "pruned_evaluation": evaluation == "pruned",
+        }
+
+        def measure() -> tuple[float, Any]:
+            result = run_forkmerge(problem, dataclasses.replace(config, **flags))
+            return result.seconds - result.timings["ranking"], result
+
+        return measure
 
     def equal_weighting() -> float:
         return run_baseline(make_baseline("ew"), problem, config).seconds
 
-    def pruned() -> tuple[float, Any]:
-        result = run_forkmerge(problem, ForkMergeConfig(**{**config.__dict__, **pruning}))
-        return result.seconds - result.timings["ranking"], result
-
-    pruning = {"pruned_evaluation": True}
+    config = dataclasses.replace(config, full_evaluation=False, pruned_evaluation=False)
     alone = _fastest(repeats, lambda: train_branches_alone(problem, config))
-    fm_seconds, fm = _fastest(repeats, forkmerge)
-    # The same run with pruned candidate evaluation: same seed, same training, cheaper search.
-    pruned_seconds, fm_pruned = _fastest(repeats, pruned)
+    # The default run, then the same seed and training with every candidate scored whole, and
+    # with pruned candidate evaluation: what differs is the search.
+    fm_seconds, fm = _fastest(repeats, forkmerge("exact"))
+    full_seconds, fm_full = _fastest(repeats, forkmerge("full"))
+    pruned_seconds, fm_pruned = _fastest(repeats, forkmerge("pruned"))
     # tracking (issue #3): right after the same run untracked, so both see the same machine.
     tracked, store_open, in_observer, tracking_error = _fastest(
         repeats, lambda: tracked_forkmerge(problem, config)
     )
     ew = _fastest(repeats, equal_weighting)
+    full_share = fm_full.timings["search"] / full_seconds
+    pruned_share = fm_pruned.timings["search"] / pruned_seconds
     t = fm.timings
     overhead = {k: t[k] for k in ("evaluate", "search", "merge")}
     return {
@@ -176,19 +191,35 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
                 "value": t["search"] / fm_seconds,
                 "goal": 0.05,
                 "what": "share of the ForkMerge run spent in the inner studies (evaluations "
-                "included)",
+                "included), default evaluation: candidates that can change neither the decision "
+                "nor the sampler's proposals are stopped (decisions "
+                + ("identical to" if _same_decisions(fm, fm_full) else "DIFFERENT from")
+                + " full evaluation's)",
+            },
+            "merge-search share, full evaluation": {
+                "value": full_share,
+                "goal": None,
+                "what": "the same run with --full-evaluation (every candidate on the whole "
+                "validation set)",
             },
             "merge-search share, pruned evaluation": {
-                "value": fm_pruned.timings["search"] / pruned_seconds,
-                "goal": 0.05,
+                "value": pruned_share,
+                "goal": None,
                 "what": f"the same with --pruned-evaluation ({config.evaluation_chunks} "
                 "validation parts; candidates that can no longer win are stopped)",
             },
-            "pruned / full validation passes": {
-                "value": _passes(fm_pruned) / max(_passes(fm), 1e-12),
+            "pruned / full merge-search share": {
+                "value": pruned_share / full_share,
                 "goal": 0.5,
-                "what": "validation forwards of the pruned search over the full one "
-                f"(decision val {_final_val(fm_pruned):.2f} vs {_final_val(fm):.2f})",
+                "what": "what pruned evaluation leaves of the full search's share "
+                f"(decision val {_final_val(fm_pruned):.2f} vs {_final_val(fm_full):.2f}; "
+                f"{_passes(fm_pruned) / max(_passes(fm_full), 1e-12):.2f} of its validation "
+                "forwards)",
+            },
+            "default / full validation passes": {
+                "value": _passes(fm) / max(_passes(fm_full), 1e-12),
+                "goal": None,
+                "what": "validation forwards of the default search over the full one",
             },
             "forkmerge / ew": {
                 "value": fm_seconds / ew,
@@ -219,6 +250,7 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
             "ew": ew,
             **overhead,
             "train": t["train"],
+            "search_full": fm_full.timings["search"],
             "search_pruned": fm_pruned.timings["search"],
             "ranking": t["ranking"],
             "forkmerge_untracked": fm.seconds,  # tracking (issue #3): pre-pass included

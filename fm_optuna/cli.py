@@ -208,18 +208,27 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default=0.1,
         help="lattice step for grid (default: 0.1)",
     )
-    g.add_argument(
+    evaluation = g.add_mutually_exclusive_group()
+    evaluation.add_argument(
+        "--full-evaluation",
+        action="store_true",
+        help="score every candidate on the whole validation set (by default grid, random and "
+        "tpe candidates on problems scoring examples one by one, as digits does, are stopped "
+        "once they can change neither the decision nor the sampler's next proposals: the same "
+        "search, fewer forwards)",
+    )
+    evaluation.add_argument(
         "--pruned-evaluation",
         action="store_true",
-        help="score candidates part by part on the validation set and stop those that can no "
-        "longer win: exactly (the same decisions) where the problem scores examples one by one, "
-        "as digits does, else by --prune-sigmas; the chosen merge is always fully evaluated",
+        help="stop candidates once they can no longer win, even if the sampler's later "
+        "proposals change: exactly where the problem scores examples one by one, else by "
+        "--prune-sigmas; the chosen merge is always fully evaluated",
     )
     g.add_argument(
         "--evaluation-chunks",
         type=int,
         default=4,
-        help="validation chunks of a pruned evaluation (default: 4)",
+        help="validation parts a candidate is scored in when it may be stopped (default: 4)",
     )
     g.add_argument(
         "--prune-sigmas",
@@ -241,6 +250,7 @@ def _config(args: argparse.Namespace, **overrides: Any) -> Any:
         strategy=args.strategy,
         merge_trials=args.merge_trials,
         grid_resolution=args.grid_resolution,
+        full_evaluation=args.full_evaluation,
         pruned_evaluation=args.pruned_evaluation,
         evaluation_chunks=args.evaluation_chunks,
         prune_sigmas=args.prune_sigmas,

@@ -377,6 +377,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             merges,
             strategies,
             budgets,
+            exact=args.exact,
             pruned=args.pruned,
             chunks=args.evaluation_chunks,
             prune_sigmas=prune_sigmas,
@@ -404,19 +405,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
     header = (
         f"{'L':>2} {'strategy':<16} {'budget':>6} {'val passes':>10} "
         f"{'regret %' if tolerance.relative else 'regret':>15} "
-        f"{'≤tol':>5} {'passes→tol':>10} {'s/eval':>7} {'test':>14}"
+        f"{'≤tol':>5} {'passes→tol':>10} {'s/eval':>7} {'test':>14} {'=full':>5}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
-        reach = row["passes_to_tolerance_median"]
+        reach, same = row["passes_to_tolerance_median"], row["same_search_as_full"]
         print(
             f"{row['L']:>2} {row['strategy']:<16} {row['budget']:>6} {row['val_passes']:>10.1f} "
             f"{row[regret + '_mean']:>7.3f} ± {row[regret + '_std']:<5.3f} "
             f"{row['within_tolerance']:>5.0%} {'-' if reach is None else f'{reach:.1f}':>10} "
             f"{row['seconds_per_evaluation']:>7.3f} "
-            f"{row['test_mean']:>7.2f} ± {row['test_std']:<4.2f}"
+            f"{row['test_mean']:>7.2f} ± {row['test_std']:<4.2f} "
+            f"{'-' if same is None else f'{same:.0%}':>5}"
         )
+    if args.exact:
+        print("=full: share of the +exact (default) searches that proposed every candidate and")
+        print("chose the merge that full evaluation did")
     print(f"saved {paths_out['csv']}, {paths_out['json']}, {paths_out['plot']}")
     return 0
 
@@ -437,6 +442,8 @@ def _log_replay(store: Any, comparison: Any, rows: list[Any], files: list[Path])
                 metrics[f"val_passes/budget_{b}"] = row["val_passes"]
                 metrics[f"test_mean/budget_{b}"] = row["test_mean"]
                 metrics[f"seconds_per_evaluation/budget_{b}"] = row["seconds_per_evaluation"]
+                if row["same_search_as_full"] is not None:
+                    metrics[f"same_search_as_full/budget_{b}"] = row["same_search_as_full"]
         log_result_run(
             store,
             f"replay-L{n}-{strategy}",
@@ -499,10 +506,20 @@ def add_commands(sub: Any) -> None:
         "--budgets", default="5,10,20,40", help="inner-study budgets (default: 5,10,20,40)"
     )
     g.add_argument(
+        "--exact",
+        action="store_true",
+        help="also run each strategy with the default evaluation of a live run (variants "
+        "strategy+exact: candidates that can change neither the decision nor the sampler's "
+        "proposals are stopped), and check that it searched as full evaluation did",
+    )
+    g.add_argument(
         "--pruned", action="store_true", help="also run each strategy with pruned evaluation"
     )
     g.add_argument(
-        "--evaluation-chunks", type=int, default=4, help="chunks of a pruned evaluation (4)"
+        "--evaluation-chunks",
+        type=int,
+        default=4,
+        help="validation parts of an exact or pruned evaluation (4)",
     )
     g.add_argument(
         "--prune-sigmas",

@@ -61,12 +61,18 @@ class ForkMergeConfig:
             ``random``).
         merge_trials: Inner-study budget for the strategies that take one.
         grid_resolution: Lattice step of ``grid``.
+        full_evaluation: Score every merge candidate on the whole validation set. By default a
+            candidate of ``grid``, ``random`` or ``tpe`` on a problem with
+            ``target_example_scores`` is scored part by part and stopped once it can matter
+            neither to the decision nor to the sampler's later proposals: the same search, for
+            fewer forwards (``evaluation = "exact"`` of :func:`fm_optuna.search.search_merge`).
         pruned_evaluation: Score merge candidates part by part on the validation set and stop
-            those that can no longer win: exactly, hardest examples first, for problems with
-            ``target_example_scores`` (:mod:`fm_optuna.exact_pruning`); by the noise-aware
-            ``prune_sigmas`` rule for those with only ``target_chunks``; others evaluate whole.
-            The chosen Λ is always fully evaluated.
-        evaluation_chunks: Validation parts of a pruned evaluation.
+            those that can no longer win, even if the sampler's later proposals change: exactly,
+            hardest examples first, for problems with ``target_example_scores``
+            (:mod:`fm_optuna.exact_pruning`); by the noise-aware ``prune_sigmas`` rule for those
+            with only ``target_chunks``; others evaluate whole. The chosen Λ is always fully
+            evaluated.
+        evaluation_chunks: Validation parts of an exact or pruned evaluation.
         prune_sigmas: For problems scored chunk by chunk only: how many standard errors of what
             the remaining chunks could add a candidate must trail the best finished one by
             before it is stopped (0: any deficit).
@@ -110,6 +116,7 @@ class ForkMergeConfig:
     strategy: str = "grid"
     merge_trials: int = 20
     grid_resolution: float = 0.1
+    full_evaluation: bool = False
     pruned_evaluation: bool = False
     evaluation_chunks: int = 4
     prune_sigmas: float = 2.0
@@ -143,8 +150,13 @@ class ForkMergeConfig:
             raise one_of("strategy", self.strategy, STRATEGIES)
         if not isinstance(self.merge_trials, int) or self.merge_trials < 1:
             raise invalid("merge_trials", self.merge_trials, "a positive integer")
-        if not isinstance(self.pruned_evaluation, bool):
-            raise invalid("pruned_evaluation", self.pruned_evaluation, "true or false")
+        for name in ("full_evaluation", "pruned_evaluation"):
+            if not isinstance(getattr(self, name), bool):
+                raise invalid(name, getattr(self, name), "true or false")
+        if self.full_evaluation and self.pruned_evaluation:
+            raise invalid(
+                "full_evaluation", True, "false when pruned_evaluation is true (choose one)"
+            )
         if not isinstance(self.evaluation_chunks, int) or self.evaluation_chunks < 2:
             raise invalid("evaluation_chunks", self.evaluation_chunks, "an integer of at least 2")
         check_finite("prune_sigmas", self.prune_sigmas, "a non-negative number")
@@ -217,6 +229,11 @@ class ForkMergeConfig:
     @property
     def rounds(self) -> int:
         return math.ceil(self.total_steps / self.dt)
+
+    @property
+    def evaluation(self) -> str:
+        """How merge candidates are scored: ``exact`` (default), ``full`` or ``pruned``."""
+        return "pruned" if self.pruned_evaluation else "full" if self.full_evaluation else "exact"
 
     def as_params(self) -> dict[str, Any]:
         # Not asdict: it would deep-copy an optimizer or scheduler factory.

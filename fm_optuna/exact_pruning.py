@@ -32,7 +32,18 @@ SCORE_BOUND = "score_bound"
 
 class BoundPruner(BasePruner):
     """Stops a candidate whose highest reachable score (:data:`SCORE_BOUND`) is not above the
-    best finished candidate's score (the known single-branch scores included)."""
+    ``rank``-th best finished candidate's score (the known single-branch scores included).
+
+    With ``rank = 1`` the stopped candidate cannot be chosen. With the sampler's
+    :meth:`~fm_optuna.search.MergeStrategy.decisive_ranks` it cannot enter the group of best
+    candidates the sampler learns from either, so the search proposes what it would have
+    proposed had the candidate been scored whole (a tie ranks the earlier trial first).
+    """
+
+    def __init__(self, rank: int = 1) -> None:
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank should be a positive integer, not {rank!r}")
+        self.rank = rank
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         bound = trial.user_attrs.get(SCORE_BOUND)
@@ -40,7 +51,9 @@ class BoundPruner(BasePruner):
             return False
         finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         values = [t.value for t in finished if t.value is not None and math.isfinite(t.value)]
-        return bool(values) and bound <= max(values)
+        if len(values) < self.rank:
+            return False
+        return bound <= sorted(values, reverse=True)[self.rank - 1]
 
 
 @dataclass

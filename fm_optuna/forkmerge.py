@@ -444,7 +444,8 @@ class _ForkMergeLoop:
             decision = merge.search(
                 self.strategy,
                 self.config.merge_trials,
-                chunks=self.config.evaluation_chunks if self.config.pruned_evaluation else 1,
+                evaluation=self.config.evaluation,
+                chunks=self.config.evaluation_chunks,
                 prune_sigmas=self.config.prune_sigmas,
             )
         self.timings["search"] += time.perf_counter() - tic

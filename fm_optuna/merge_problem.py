@@ -28,6 +28,7 @@ from fm_optuna.errors import invalid
 from fm_optuna.events import MergeCompleted, Observer
 from fm_optuna.merging import BranchStack
 from fm_optuna.search import (
+    EVALUATION_CHUNKS,
     PRUNE_SIGMAS,
     Candidates,
     MergeDecision,
@@ -162,7 +163,8 @@ class MergeProblem:
         strategy: MergeStrategy,
         budget: int,
         *,
-        chunks: int = 1,
+        evaluation: str = "exact",
+        chunks: int = EVALUATION_CHUNKS,
         prune_margin: float = 0.0,
         prune_sigmas: float = PRUNE_SIGMAS,
         seed: int | None = None,
@@ -176,6 +178,7 @@ class MergeProblem:
             seed=self.seed if seed is None else seed,
             branch_scores=self.branch_scores,
             warm_start=self.warm_start,
+            evaluation=evaluation,
             chunks=chunks,
             prune_margin=prune_margin,
             prune_sigmas=prune_sigmas,

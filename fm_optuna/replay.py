@@ -99,6 +99,9 @@ class ReplayRun:
     curve: list[tuple[float, float]]  # (validation passes so far, best validation score so far)
     regret: float = math.nan  # filled once every strategy has run on the problem
     to_tolerance: float | None = None
+    #: For the default (exact) evaluation: whether it proposed every candidate and chose the
+    #: merge that full evaluation did on this problem (``None`` for other variants).
+    same_search_as_full: bool | None = None
 
 
 @dataclass
@@ -150,6 +153,7 @@ class ReplayComparison:
                         / max(1, sum(r.evaluations for r in runs)),
                         "test_mean": statistics.mean(r.test for r in runs),
                         "test_std": _std([r.test for r in runs]),
+                        "same_search_as_full": _share_same(runs),
                     }
                 )
         return rows
@@ -281,15 +285,27 @@ def check_strategies(strategies: Sequence[str]) -> None:
             raise one_of("strategies", strategy, STRATEGIES)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How one row of the comparison evaluates its candidates."""
+
+    label: str
+    strategy: str
+    evaluation: str = "full"  # see :data:`fm_optuna.search.EVALUATIONS`
+    prune_sigmas: float = PRUNE_SIGMAS
+
+
 def _variants(
-    strategies: Sequence[str], pruned: bool, sigmas: Sequence[float]
-) -> list[tuple[str, str, float | None]]:
-    """(label, strategy, prune_sigmas or ``None`` for full evaluation) for every variant."""
-    out: list[tuple[str, str, float | None]] = [(s, s, None) for s in strategies]
+    strategies: Sequence[str], exact: bool, pruned: bool, sigmas: Sequence[float]
+) -> list[Variant]:
+    """Full evaluation of every strategy, then its exact and pruned variants when asked."""
+    out = [Variant(s, s) for s in strategies]
+    if exact:
+        out += [Variant(f"{s}+exact", s, "exact") for s in strategies]
     if pruned:
         for z in sigmas:
             suffix = "+pruned" if len(sigmas) == 1 else f"+pruned{z:g}σ"
-            out += [(f"{s}{suffix}", s, z) for s in strategies]
+            out += [Variant(f"{s}{suffix}", s, "pruned", z) for s in strategies]
     return out
 
 
@@ -298,6 +314,7 @@ def replay(
     strategies: Sequence[str],
     budgets: Sequence[int],
     *,
+    exact: bool = False,
     pruned: bool = False,
     chunks: int = 4,
     prune_sigmas: Sequence[float] = (PRUNE_SIGMAS,),
@@ -305,8 +322,10 @@ def replay(
     lattice_max: int = 300,
     on_run: Callable[[ReplayRun], None] | None = None,
 ) -> ReplayComparison:
-    """Run every strategy (and with ``pruned`` its pruned-evaluation variant, one per value of
-    ``prune_sigmas``) on every merge. A float ``tolerance`` is absolute (score units)."""
+    """Run every strategy, scoring every candidate whole, on every merge; with ``exact`` also
+    its default (exact) evaluation, checked against the full one, and with ``pruned`` its
+    pruned-evaluation variant, one per value of ``prune_sigmas``. A float ``tolerance`` is
+    absolute (score units)."""
     check_strategies(strategies)
     if not isinstance(tolerance, Tolerance):
         tolerance = Tolerance(tolerance)
@@ -320,6 +339,7 @@ def replay(
         config={
             "strategies": list(strategies),
             "budgets": sorted(budgets),
+            "exact": exact,
             "pruned": pruned,
             "evaluation_chunks": chunks,
             "prune_sigmas": list(prune_sigmas),
@@ -330,25 +350,30 @@ def replay(
     )
     for name, merge in merges:
         runs = []
-        exact = merge.candidates().example_scores is not None
-        for label, strategy_name, sigmas in _variants(strategies, pruned, prune_sigmas):
-            if exact and sigmas is not None:  # raced exactly: the noise bar plays no part
-                if sigmas != prune_sigmas[0]:
+        example_scored = merge.candidates().example_scores is not None
+        full_trials: dict[tuple[str, int], Any] = {}
+        for variant in _variants(strategies, exact, pruned, prune_sigmas):
+            label = variant.label
+            if example_scored and variant.evaluation == "pruned":
+                # raced exactly: the noise bar plays no part, one variant is enough
+                if variant.prune_sigmas != prune_sigmas[0]:
                     continue
-                label = f"{strategy_name}+pruned(exact)"
-            strategy = make_strategy(strategy_name)
+                label = f"{variant.strategy}+pruned(exact)"
+            strategy = make_strategy(variant.strategy)
             if strategy.needs_loss_gradient and not has_capability(merge.problem, "target_loss"):
                 continue
-            if strategy_name == "grid" and strategy.n_trials(merge.n_branches, 1) > lattice_max:
+            if variant.strategy == "grid" and strategy.n_trials(merge.n_branches, 1) > lattice_max:
                 continue
-            for budget in [max(budgets)] if strategy_name in FIXED_DESIGNS else budgets:
-                if strategy_name == "binary" and budget < merge.n_branches:
+            fixed = variant.strategy in FIXED_DESIGNS
+            for budget in [max(budgets)] if fixed else budgets:
+                if variant.strategy == "binary" and budget < merge.n_branches:
                     continue
                 decision = merge.search(
                     strategy,
                     budget,
-                    chunks=1 if sigmas is None else chunks,
-                    prune_sigmas=PRUNE_SIGMAS if sigmas is None else sigmas,
+                    evaluation=variant.evaluation,
+                    chunks=chunks,
+                    prune_sigmas=variant.prune_sigmas,
                 )
                 run = ReplayRun(
                     problem=name,
@@ -362,6 +387,11 @@ def replay(
                     seconds=decision.seconds,
                     curve=anytime_curve(decision, merge.branch_scores),
                 )
+                key = (variant.strategy, budget)
+                if variant.evaluation == "full":
+                    full_trials[key] = decision
+                elif variant.evaluation == "exact":
+                    run.same_search_as_full = _same_search(decision, full_trials[key])
                 runs.append(run)
         best = max(r.curve[-1][1] for r in runs)
         comparison.best[name] = best
@@ -373,6 +403,18 @@ def replay(
             if on_run is not None:
                 on_run(run)
     return comparison
+
+
+def _share_same(runs: Sequence[ReplayRun]) -> float | None:
+    """Share of exact-evaluation runs that searched as full evaluation did (``None``: none)."""
+    checked = [r.same_search_as_full for r in runs if r.same_search_as_full is not None]
+    return sum(checked) / len(checked) if checked else None
+
+
+def _same_search(decision: MergeDecision, full: MergeDecision) -> bool:
+    """Whether ``decision`` proposed the candidates ``full`` did and chose its merge."""
+    proposed = [t.weights for t in decision.trials] == [t.weights for t in full.trials]
+    return proposed and (decision.weights, decision.score) == (full.weights, full.score)
 
 
 def lattice_size(n_branches: int, divisions: int = 10) -> int:

@@ -28,7 +28,7 @@ from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from fm_optuna.errors import invalid
+from fm_optuna.errors import invalid, one_of
 from fm_optuna.exact_pruning import BoundPruner, ExampleRace, ExampleScores
 from fm_optuna.merging import normalise
 
@@ -199,6 +199,17 @@ class MergeStrategy(abc.ABC):
         """Parameters that make :meth:`suggest` return ``weights`` (``None``: cannot warm start)."""
         return None
 
+    def decisive_ranks(self, n_trials: int) -> int | None:
+        """How many of the best finished candidates the sampler's proposals and the decision
+        depend on, in a study of at most ``n_trials`` candidates; ``None``: every candidate's
+        score does.
+
+        A candidate that certainly ends below that many finished ones can be stopped without
+        changing anything the search does (``evaluation = "exact"``). Samplers that ignore
+        scores (grid, random) depend on the best one only; TPE on its "good" group.
+        """
+        return None
+
     def check(self, n_branches: int, budget: int) -> None:
         """Raise :class:`ConfigError` when the budget cannot work for this many branches."""
         if budget < 1:
@@ -346,6 +357,10 @@ def _add_known_branches(
 CHUNK_SCORES, CHUNK_EXAMPLES = "chunk_scores", "chunk_examples"
 #: Default standard errors a candidate must trail the incumbent by before it is stopped.
 PRUNE_SIGMAS = 2.0
+#: How merge candidates may be scored (see :func:`search_merge`), the default first.
+EVALUATIONS = ("exact", "full", "pruned")
+#: Validation parts a candidate is scored in when it may be stopped early.
+EVALUATION_CHUNKS = 4
 
 
 class IncumbentPruner(BasePruner):
@@ -459,6 +474,34 @@ def _score_in_chunks(
     return running, 1.0, False
 
 
+def _evaluation_plan(
+    candidates: Candidates,
+    strategy: MergeStrategy,
+    evaluation: str,
+    chunks: int,
+    n_trials: int,
+    incumbent_pruner: IncumbentPruner,
+) -> tuple[ExampleRace | None, BasePruner]:
+    """How a search scores its candidates: raced example by example (with the pruner that stops
+    them), chunk by chunk under ``incumbent_pruner``, or whole (no race, no pruner)."""
+    if evaluation not in EVALUATIONS:
+        raise one_of("evaluation", evaluation, EVALUATIONS)
+    if not isinstance(chunks, int) or chunks < 1:
+        raise invalid("evaluation_chunks", chunks, "a positive integer")
+    whole = None, optuna.pruners.NopPruner()
+    if evaluation == "full" or chunks == 1:
+        return whole
+    if candidates.example_scores is not None:
+        rank = 1 if evaluation == "pruned" else strategy.decisive_ranks(n_trials)
+        if rank is None:
+            return whole
+        race = ExampleRace(candidates.example_scores, candidates.example_score_max, chunks)
+        return race, BoundPruner(rank)
+    if evaluation == "pruned" and candidates.chunk_scores is not None:
+        return None, incumbent_pruner
+    return whole
+
+
 def search_merge(
     evaluate: Callable[[np.ndarray], float] | Candidates,
     *,
@@ -468,7 +511,8 @@ def search_merge(
     seed: int,
     branch_scores: Sequence[float],
     warm_start: Sequence[float] | None = None,
-    chunks: int = 1,
+    evaluation: str = "exact",
+    chunks: int = EVALUATION_CHUNKS,
     prune_margin: float = 0.0,
     prune_sigmas: float = PRUNE_SIGMAS,
 ) -> MergeDecision:
@@ -478,13 +522,20 @@ def search_merge(
     trial. If every candidate is non-finite, the best single branch (by ``branch_scores``) is
     kept and the decision says so in ``fallback``.
 
-    With ``chunks`` > 1, candidates are scored part by part, each reporting its running score,
-    and stopped once they cannot win; only fully evaluated candidates can be chosen, so the
-    decision's score is always a full evaluation. Candidates that score examples one by one are
-    raced exactly (:mod:`fm_optuna.exact_pruning`: the same decision as full evaluation, for
-    fewer forwards); those scored chunk by chunk are stopped by :class:`IncumbentPruner` when
-    they trail the best finished candidate by more than ``prune_margin`` plus ``prune_sigmas``
-    standard errors of what the remaining chunks could add.
+    ``evaluation`` says how candidates are scored (only fully evaluated ones can be chosen, so
+    the decision's score is always a full evaluation):
+
+    - ``"exact"``: candidates whose examples are scored one by one are scored in ``chunks``
+      parts, hardest examples first, and stopped once they can matter neither to the decision
+      nor to the sampler's later proposals (:meth:`MergeStrategy.decisive_ranks`,
+      :mod:`fm_optuna.exact_pruning`): the search does what ``"full"`` does, for fewer forwards.
+      Other candidates, and strategies whose sampler learns from every score, score whole.
+    - ``"full"``: every candidate on the whole validation set.
+    - ``"pruned"``: stop candidates once they cannot win, even if the sampler's later
+      proposals change: exactly where examples are scored one by one; chunk by chunk otherwise,
+      by :class:`IncumbentPruner` (a candidate trailing the best finished one by more than
+      ``prune_margin`` plus ``prune_sigmas`` standard errors of what the remaining chunks could
+      add).
 
     Example:
         >>> from fm_optuna.strategies import make_strategy
@@ -499,13 +550,15 @@ def search_merge(
         raise invalid(
             "strategy", strategy.name, "a strategy the problem supports (it has no target_loss)"
         )
-    if not isinstance(chunks, int) or chunks < 1:
-        raise invalid("evaluation_chunks", chunks, "a positive integer")
-    race = None
-    if chunks > 1 and candidates.example_scores is not None:
-        race = ExampleRace(candidates.example_scores, candidates.example_score_max, chunks)
-    pruned = race is None and chunks > 1 and candidates.chunk_scores is not None
-    incumbent_pruner = IncumbentPruner(prune_margin, prune_sigmas)  # checks them, used if pruned
+    race, pruner = _evaluation_plan(
+        candidates,
+        strategy,
+        evaluation,
+        chunks,
+        strategy.n_trials(n_branches, budget) + n_branches + 1,  # + known branches, warm start
+        IncumbentPruner(prune_margin, prune_sigmas),
+    )
+    pruned = isinstance(pruner, IncumbentPruner)
     started = time.perf_counter()
     context = SearchContext(
         n_branches=n_branches,
@@ -544,11 +597,6 @@ def search_merge(
         # A non-finite value makes Optuna mark the trial FAIL, so samplers never learn from it.
         return score if state == "COMPLETE" else math.nan
 
-    pruner: BasePruner = optuna.pruners.NopPruner()
-    if race is not None:
-        pruner = BoundPruner()
-    elif pruned:
-        pruner = incumbent_pruner
     with quiet_optuna():
         study = optuna.create_study(
             direction="maximize",

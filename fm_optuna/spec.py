@@ -104,6 +104,7 @@ class SearchSection:
     strategy: str = "greedy"
     merge_trials: int = 20
     grid_resolution: float = 0.1
+    full_evaluation: bool = False
     pruned_evaluation: bool = False
     evaluation_chunks: int = 4
     prune_sigmas: float = 2.0
@@ -151,6 +152,7 @@ class StudySpec:
             "strategy": self.search.strategy,
             "merge_trials": self.search.merge_trials,
             "grid_resolution": self.search.grid_resolution,
+            "full_evaluation": self.search.full_evaluation,
             "pruned_evaluation": self.search.pruned_evaluation,
             "evaluation_chunks": self.search.evaluation_chunks,
             "prune_sigmas": self.search.prune_sigmas,
@@ -420,11 +422,14 @@ def load_spec(path: str | Path) -> StudySpec:
         strategy=q.str("strategy", "greedy", STRATEGIES),
         merge_trials=q.int("merge_trials", 20, minimum=1),
         grid_resolution=q.float("grid_resolution", 0.1, positive=True),
+        full_evaluation=q.bool("full_evaluation", False),
         pruned_evaluation=q.bool("pruned_evaluation", False),
         evaluation_chunks=q.int("evaluation_chunks", 4, minimum=2),
         prune_sigmas=_non_negative(q, "prune_sigmas", 2.0),
         save_merge_problems=q.bool("save_merge_problems", False),
     )
+    if search.full_evaluation and search.pruned_evaluation:
+        raise q.error("full_evaluation", True, "false when search.pruned_evaluation is true")
 
     space_table = root.sub("space")
     space = _space_section(space_table, steps)

@@ -46,6 +46,9 @@ class Grid(MergeStrategy):
         n = self.n_trials(context.n_branches, context.budget)
         return GridSampler({"point": list(range(n))}, seed=context.seed)
 
+    def decisive_ranks(self, n_trials: int) -> int:
+        return 1  # the lattice's order ignores scores: only the best one matters
+
     def suggest(self, trial: optuna.Trial, n_branches: int) -> np.ndarray:
         lattice = simplex_lattice(n_branches, self.divisions)
         index = trial.suggest_categorical("point", list(range(len(lattice))))

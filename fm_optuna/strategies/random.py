@@ -21,6 +21,9 @@ class Random(MergeStrategy):
     def sampler(self, context: SearchContext) -> BaseSampler:
         return RandomSampler(seed=context.seed)
 
+    def decisive_ranks(self, n_trials: int) -> int:
+        return 1  # the draws ignore scores: only the best one matters
+
     def suggest(self, trial: optuna.Trial, n_branches: int) -> np.ndarray:
         return FlatDirichlet.suggest(trial, n_branches)
 

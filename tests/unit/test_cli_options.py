@@ -6,6 +6,8 @@ import pytest
 
 from fm_optuna import cli
 from fm_optuna.benchmarks import options
+from fm_optuna.config import ForkMergeConfig
+from fm_optuna.errors import ConfigError
 
 
 def test_the_cli_keeps_the_benchmarks_own_batch_size_unless_told(
@@ -25,3 +27,21 @@ def test_the_cli_keeps_the_benchmarks_own_batch_size_unless_told(
 def test_catch_all_keywords_are_not_benchmark_options() -> None:
     assert "unknown" not in options("digits")
     assert "batch_size" in options("digits")
+
+
+@pytest.mark.parametrize(
+    ("flags", "evaluation"),
+    [([], "exact"), (["--full-evaluation"], "full"), (["--pruned-evaluation"], "pruned")],
+)
+def test_how_candidates_are_evaluated_is_one_choice(flags: list[str], evaluation: str) -> None:
+    args = cli.build_parser().parse_args(["run", *flags])
+    assert cli._config(args).evaluation == evaluation
+
+
+def test_full_and_pruned_evaluation_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(["run", "--full-evaluation", "--pruned-evaluation"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--full-evaluation" in err and "not allowed" in err
+    with pytest.raises(ConfigError, match=r"`full_evaluation`.*pruned_evaluation"):
+        ForkMergeConfig(full_evaluation=True, pruned_evaluation=True)

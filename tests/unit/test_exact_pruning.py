@@ -49,8 +49,10 @@ BRANCHES = tuple(score(np.eye(3)[i]) for i in range(3))
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_raced_evaluation_chooses_what_full_evaluation_chooses(strategy: str, seed: int) -> None:
     common = dict(n_branches=3, budget=30, seed=seed, branch_scores=BRANCHES)
-    full = search_merge(CANDIDATES, strategy=make_strategy(strategy), **common)
-    raced = search_merge(CANDIDATES, strategy=make_strategy(strategy), chunks=8, **common)
+    full = search_merge(CANDIDATES, strategy=make_strategy(strategy), evaluation="full", **common)
+    raced = search_merge(
+        CANDIDATES, strategy=make_strategy(strategy), evaluation="pruned", chunks=8, **common
+    )
     # Nothing stopped could have won: its full score is never above the decision's.
     for trial in raced.trials:
         assert score(np.array(trial.weights)) <= raced.score
@@ -64,10 +66,66 @@ def test_raced_evaluation_chooses_what_full_evaluation_chooses(strategy: str, se
     assert raced.validation_passes < full.validation_passes
 
 
+@pytest.mark.parametrize("strategy", ["tpe", "grid", "random"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_default_exact_evaluation_searches_exactly_as_full_evaluation(
+    strategy: str, seed: int
+) -> None:
+    """Stopping only candidates below the sampler's decisive ranks changes nothing it does:
+    every proposal, every finished score and the decision are those of full evaluation."""
+    common = dict(n_branches=3, budget=30, seed=seed, branch_scores=BRANCHES)
+    full = search_merge(CANDIDATES, strategy=make_strategy(strategy), evaluation="full", **common)
+    exact = search_merge(CANDIDATES, strategy=make_strategy(strategy), **common)  # the default
+    assert [t.weights for t in exact.trials] == [t.weights for t in full.trials]
+    assert (exact.weights, exact.score) == (full.weights, full.score)
+    for a, b in zip(exact.trials, full.trials, strict=True):
+        assert a.state == "PRUNED" or a.score == b.score
+    assert any(t.state == "PRUNED" for t in exact.trials)
+    assert exact.validation_passes < full.validation_passes
+
+
+def test_tpe_would_search_differently_if_its_good_group_were_stopped() -> None:
+    """The decisive ranks matter: stopping every candidate that cannot win (rank 1, as
+    ``pruned`` does) changes some of TPE's later proposals on this problem."""
+    common = dict(n_branches=3, budget=30, branch_scores=BRANCHES, strategy=make_strategy("tpe"))
+    changed = [
+        search_merge(CANDIDATES, seed=seed, evaluation="pruned", **common).trials
+        != search_merge(CANDIDATES, seed=seed, evaluation="full", **common).trials
+        for seed in range(3)
+    ]
+    assert any(changed)
+
+
+def test_tpe_good_group_is_optunas() -> None:
+    from optuna.samplers._tpe.sampler import default_gamma
+
+    from fm_optuna.strategies.tpe import good_group_size
+
+    assert [good_group_size(n) for n in range(400)] == [default_gamma(n) for n in range(400)]
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "binary", "cmaes"])
+def test_samplers_that_learn_from_every_score_are_evaluated_whole_by_default(
+    strategy: str,
+) -> None:
+    decision = search_merge(
+        CANDIDATES,
+        strategy=make_strategy(strategy),
+        n_branches=3,
+        budget=12,
+        seed=0,
+        branch_scores=BRANCHES,
+    )
+    evaluated = [t for t in decision.trials if t.source == "evaluated"]
+    assert evaluated and all(t.fraction == 1.0 for t in evaluated)
+
+
 def test_grid_raced_needs_under_half_the_forwards() -> None:
     common = dict(n_branches=3, budget=1, seed=0, branch_scores=(0.0, 0.0, 0.0))
-    full = search_merge(CANDIDATES, strategy=make_strategy("grid"), **common)
-    raced = search_merge(CANDIDATES, strategy=make_strategy("grid"), chunks=8, **common)
+    full = search_merge(CANDIDATES, strategy=make_strategy("grid"), evaluation="full", **common)
+    raced = search_merge(
+        CANDIDATES, strategy=make_strategy("grid"), evaluation="pruned", chunks=8, **common
+    )
     assert raced.weights == full.weights and full.validation_passes == 66
     assert raced.validation_passes <= 66 / 2
 
@@ -95,6 +153,7 @@ def test_a_candidate_is_stopped_only_once_even_a_perfect_rest_cannot_win() -> No
         budget=6,
         seed=0,
         branch_scores=(100.0, float(one_wrong.mean())),
+        evaluation="pruned",
         chunks=4,
     )
     evaluated = [t for t in decision.trials if t.source == "evaluated"]
@@ -149,7 +208,7 @@ def test_a_live_run_raced_decides_as_the_full_run() -> None:
     config = ForkMergeConfig(
         total_steps=6, dt=2, branches=3, ranking="given", strategy="grid", grid_resolution=0.25
     )
-    full = run_forkmerge(ExampleScoredToy(), config)
+    full = run_forkmerge(ExampleScoredToy(), dataclasses.replace(config, full_evaluation=True))
     problem = ExampleScoredToy()
     raced = run_forkmerge(problem, dataclasses.replace(config, pruned_evaluation=True))
     assert problem.example_calls > 0  # the live loop raced its candidates
@@ -169,3 +228,25 @@ def test_replay_labels_raced_variants_exact(tmp_path: Path) -> None:
     comparison = replay(merges, ["grid", "tpe"], [6], pruned=True, prune_sigmas=(0.0, 2.0))
     labels = {r.strategy for r in comparison.runs}
     assert labels == {"grid", "tpe", "grid+pruned(exact)", "tpe+pruned(exact)"}
+
+
+def test_replayed_digits_merges_search_exactly_as_full_evaluation(
+    tmp_path: Path, digits: Problem
+) -> None:
+    """Saved digits merges, replayed with the default evaluation: the same proposals and the
+    same decisions as full evaluation, bit for bit, for fewer validation passes."""
+    config = ForkMergeConfig(
+        total_steps=40, dt=20, branches=3, ranking="given", strategy="tpe", merge_trials=6
+    )
+    run_forkmerge(digits, config, EventStream([MergeProblemWriter(tmp_path, {"digits": 1})]))
+    merges = load_merge_problems(find_merge_problems(tmp_path), lambda _: digits)
+    comparison = replay(merges, ["tpe", "random"], [12], exact=True)
+    exact = [r for r in comparison.runs if r.strategy.endswith("+exact")]
+    assert len(exact) == 2 * len(merges) and all(r.same_search_as_full for r in exact)
+    rows = {row["strategy"]: row for row in comparison.rows()}
+    assert (
+        rows["tpe+exact"]["same_search_as_full"] == 1.0
+        and rows["tpe"]["same_search_as_full"] is None
+    )
+    assert rows["tpe+exact"]["val_passes"] < rows["tpe"]["val_passes"]
+    assert rows["tpe+exact"]["regret_mean"] == rows["tpe"]["regret_mean"]

@@ -68,7 +68,9 @@ def test_replay_gives_the_live_decision(tmp_path: Path, strategy: str, pruned: b
     decisions, paths = live_run(tmp_path, strategy=strategy, pruned_evaluation=pruned)
     for decision, path in zip(decisions, paths, strict=True):
         merge = MergeProblem.from_data(load_data(path), ToyProblem())
-        replayed = merge.search(make_strategy(strategy), 8, chunks=4 if pruned else 1)
+        replayed = merge.search(
+            make_strategy(strategy), 8, evaluation="pruned" if pruned else "exact"
+        )
         assert replayed.weights == decision.weights and replayed.score == decision.score
         assert [t.weights for t in replayed.trials] == [t.weights for t in decision.trials]
         assert [t.state for t in replayed.trials] == [t.state for t in decision.trials]
@@ -132,7 +134,9 @@ def test_pruned_evaluation_keeps_the_full_evaluations_choice(strategy: str, seed
     scores = tuple(true_score(np.eye(3)[i]) for i in range(3))
     common = dict(n_branches=3, budget=30, seed=seed, branch_scores=scores)
     full = search_merge(candidates, strategy=make_strategy(strategy), **common)
-    pruned = search_merge(candidates, strategy=make_strategy(strategy), chunks=CHUNKS, **common)
+    pruned = search_merge(
+        candidates, strategy=make_strategy(strategy), evaluation="pruned", chunks=CHUNKS, **common
+    )
     if strategy in ("grid", "random"):  # the same proposals: the same decision
         assert pruned.weights == full.weights
     # A candidate is stopped only while it trails a finished one, so none it stopped was better
@@ -154,6 +158,7 @@ def test_grid_with_pruned_evaluation_halves_the_forwards_and_finds_the_lattice_o
         budget=1,
         seed=0,
         branch_scores=(0.0, 0.0, 0.0),
+        evaluation="pruned",
         chunks=CHUNKS,
     )
     np.testing.assert_allclose(decision.weights, OPTIMUM, atol=1e-12)
@@ -170,6 +175,7 @@ def test_problems_without_chunks_are_evaluated_whole() -> None:
         budget=1,
         seed=0,
         branch_scores=(1.0, 0.0),
+        evaluation="pruned",
         chunks=4,
     )
     assert all(t.state == "COMPLETE" and t.fraction == 1.0 for t in decision.trials)
@@ -221,6 +227,7 @@ def test_prune_sigmas_must_be_a_non_negative_number() -> None:
             budget=1,
             seed=0,
             branch_scores=(0.0, 0.0),
+            evaluation="pruned",
             chunks=2,
             prune_sigmas=-0.5,
         )

@@ -84,6 +84,14 @@ def test_a_full_spec_parses_into_typed_sections(tmp_path: Path) -> None:
             "search.prune_sigmas",
             "a non-negative number",
         ),
+        (
+            (
+                'strategy = "tpe"',
+                'strategy = "tpe"\nfull_evaluation = true\npruned_evaluation = true',
+            ),
+            "search.full_evaluation",
+            "false when search.pruned_evaluation is true",
+        ),
     ],
 )
 def test_mistakes_name_the_file_and_the_key(
@@ -154,3 +162,14 @@ def test_prune_sigmas_reaches_the_run_configuration(tmp_path: Path) -> None:
         write(tmp_path, GOOD.replace('strategy = "tpe"', 'strategy = "tpe"\nprune_sigmas = 1.5', 1))
     )
     assert spec.search.prune_sigmas == 1.5 and spec.config().prune_sigmas == 1.5
+
+
+@pytest.mark.parametrize(
+    ("lines", "evaluation"),
+    [("", "exact"), ("full_evaluation = true", "full"), ("pruned_evaluation = true", "pruned")],
+)
+def test_how_candidates_are_evaluated_reaches_the_run_configuration(
+    tmp_path: Path, lines: str, evaluation: str
+) -> None:
+    text = GOOD.replace('strategy = "tpe"', f'strategy = "tpe"\n{lines}', 1)
+    assert load_spec(write(tmp_path, text)).config().evaluation == evaluation
