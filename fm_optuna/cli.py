@@ -411,9 +411,15 @@ def _print_table(comparisons: list[Any], *, higher_is_better: bool = True) -> No
             lam = ", ".join(f"{w:.2f}" for w in decision.weights)
             note = f"  (fallback: {decision.fallback})" if decision.fallback else ""
             value = decision.score if higher_is_better else -decision.score
+            stopped = sum(t.state == "PRUNED" for t in decision.trials)
+            cost = (
+                f" ({stopped} stopped early: {decision.validation_passes:.1f} val passes)"
+                if stopped
+                else ""
+            )
             print(
                 f"  round {round_index:>2} step {step:>5}  Λ = [{lam}]  val {metric} {value:.2f}  "
-                f"{decision.n_trials} trials {decision.seconds:.2f}s{note}"
+                f"{decision.n_trials} trials{cost} {decision.seconds:.2f}s{note}"
             )
 
 

@@ -6,8 +6,9 @@ the paper's greedy Algorithm 3) are samplers too: :class:`DesignSampler` asks a 
 the next point and feeds it the previous trial's score.
 
 Entry point: :func:`search_merge`. What it searches over is :class:`Candidates`: the full
-validation score of a Λ and, when the problem offers them, its score chunk by chunk (for pruned
-evaluation) and the gradient of a differentiable validation loss (for ``gradient``).
+validation score of a Λ and, when the problem offers them, its per-example scores (for the
+default exact evaluation, and pruned evaluation), its score chunk by chunk (pruned evaluation)
+and the gradient of a differentiable validation loss (for ``gradient``).
 """
 
 from __future__ import annotations
