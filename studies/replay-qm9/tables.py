@@ -100,6 +100,7 @@ def pruned_rows(title: str, folders: Sequence[str], strategies: Sequence[str]) -
 if __name__ == "__main__":
     strategy_table("QM9 L = 3", ["L3s0", "L3s1", "L3s2"])
     strategy_table("QM9 L = 4", ["L4"])
+    strategy_table("QM9 L = 5", ["L5"])
     strategy_table("QM9 pairwise, L = 11", ["PW"])
     print("\nPruned candidate evaluation\n")
     print(
