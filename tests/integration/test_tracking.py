@@ -471,6 +471,9 @@ def serve_ui(uri: str, *, timeout: float = 120.0) -> Iterator[UiServer]:
         stdin=subprocess.DEVNULL,
         text=True,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        # As in a terminal: a suite started in the background inherits SIGINT ignored, and a
+        # Python started with SIGINT ignored keeps ignoring it (no KeyboardInterrupt).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert process.stdout is not None and process.stderr is not None
     lines: queue.Queue[str] = queue.Queue()
