@@ -27,9 +27,10 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fm_optuna._lazy import lazy_face
 
 try:
     __version__ = metadata.version("fm-optuna")
@@ -38,23 +39,23 @@ except metadata.PackageNotFoundError:  # a source tree that was never installed
 
 if TYPE_CHECKING:
     from fm_optuna.api import compare_methods, search_merge, train_forkmerge, tune
-    from fm_optuna.checks import check_problem
     from fm_optuna.config import ForkMergeConfig
+    from fm_optuna.core._events import Observer
+    from fm_optuna.core._loop import ForkMergeResult
     from fm_optuna.errors import ConfigError, ProblemWarning
-    from fm_optuna.events import Observer
-    from fm_optuna.forkmerge import ForkMergeResult
-    from fm_optuna.tasks import Problem, Task
+    from fm_optuna.problem._checks import check_problem
+    from fm_optuna.problem._tasks import Problem, Task
 
 # Loaded on first use: `import fm_optuna` (and `fm-optuna --help`) should not pay for torch.
 _WHERE = {
-    "Problem": "tasks",
-    "Task": "tasks",
+    "Problem": "problem._tasks",
+    "Task": "problem._tasks",
     "ForkMergeConfig": "config",
-    "ForkMergeResult": "forkmerge",
-    "Observer": "events",
+    "ForkMergeResult": "core._loop",
+    "Observer": "core._events",
     "ConfigError": "errors",
     "ProblemWarning": "errors",
-    "check_problem": "checks",
+    "check_problem": "problem._checks",
     "train_forkmerge": "api",
     "compare_methods": "api",
     "tune": "api",
@@ -78,11 +79,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_face(__name__, _WHERE, __all__)

@@ -1,6 +1,6 @@
 """The library's verbs: train ForkMerge, compare methods, tune Δt and L, search Λ.
 
-Every call checks the problem first (:func:`~fm_optuna.checks.check_problem`): a mistake is one
+Every call checks the problem first (:func:`~fm_optuna.problem.check_problem`): a mistake is one
 :class:`~fm_optuna.errors.ConfigError` before any training and before any store is opened.
 MLflow tracking is optional: give ``tracking_uri`` (or set ``MLFLOW_TRACKING_URI``); every run a
 call opens ends FINISHED, or FAILED when training raises.
@@ -14,15 +14,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fm_optuna.checks import check_problem
 from fm_optuna.config import ForkMergeConfig
+from fm_optuna.core._events import EventStream, Observer, RunFinished
+from fm_optuna.core._loop import ForkMergeResult, run_forkmerge
+from fm_optuna.core._training import target_score
 from fm_optuna.errors import ConfigError, invalid
-from fm_optuna.events import EventStream, Observer, RunFinished
-from fm_optuna.experiment import REFERENCES
-from fm_optuna.forkmerge import ForkMergeResult, run_forkmerge
-from fm_optuna.search import MergeDecision, MergeStrategy
-from fm_optuna.search import search_merge as _search_merge
-from fm_optuna.spec import (
+from fm_optuna.experiments._run_methods import REFERENCES
+from fm_optuna.problem._checks import check_problem
+from fm_optuna.problem._tasks import Problem, for_plan
+from fm_optuna.search._search import MergeDecision, MergeStrategy
+from fm_optuna.search._search import search_merge as _search_merge
+from fm_optuna.search.strategies import make_strategy
+from fm_optuna.study._spec import (
     DEFAULT_OPTUNA_STORAGE,
     ProblemSection,
     SearchSection,
@@ -32,17 +35,14 @@ from fm_optuna.spec import (
     TrainingSection,
     parse_space,
 )
-from fm_optuna.strategies import make_strategy
-from fm_optuna.tasks import Problem, for_plan
-from fm_optuna.training import target_score
 
 if TYPE_CHECKING:
     import optuna
     from optuna.pruners import BasePruner
     from optuna.samplers import BaseSampler
 
-    from fm_optuna.methods import MethodsComparison
-    from fm_optuna.study import TuneReport
+    from fm_optuna.experiments._compare_methods import MethodsComparison
+    from fm_optuna.study._tuner import TuneReport
 
 
 def _tracking_uri(uri: str | None) -> str | None:
@@ -52,7 +52,7 @@ def _tracking_uri(uri: str | None) -> str | None:
 
 def _check(problem: Problem, config: ForkMergeConfig) -> None:
     """The problem's contract, then L against its tasks: nothing trained or opened yet."""
-    from fm_optuna.branches import make_plan
+    from fm_optuna.core._branches import make_plan
 
     check_problem(problem)
     planned = for_plan(problem, config.plan)
@@ -75,15 +75,15 @@ def train_forkmerge(
     """Train ForkMerge on ``problem`` and return the final model with every merge decision.
 
     Args:
-        problem: Your :class:`~fm_optuna.tasks.Problem` (checked before anything runs).
+        problem: Your :class:`~fm_optuna.problem.Problem` (checked before anything runs).
         config: Δt, T, L, the merge strategy, ... (default: ``ForkMergeConfig()``).
         tracking_uri: MLflow store to log the run, its branches and Λ to (default:
             ``MLFLOW_TRACKING_URI``; neither: nothing is logged).
         experiment: MLflow experiment (default: ``fm-optuna/<problem>-<target>``).
-        observers: Extra :class:`~fm_optuna.events.Observer` s of the event stream.
+        observers: Extra :class:`~fm_optuna.core.Observer` s of the event stream.
 
     Returns:
-        :class:`~fm_optuna.forkmerge.ForkMergeResult`: ``model`` (final), ``decisions`` (every
+        :class:`~fm_optuna.core.ForkMergeResult`: ``model`` (final), ``decisions`` (every
         merge's Λ, score and inner trials), ``lambda_history``, ``steps``, ``branches``.
 
     Raises:
@@ -136,7 +136,7 @@ def compare_methods(
     Args:
         problem: Your problem (checked first).
         config: The shared budget and ForkMerge's settings (``seed`` is replaced by ``seeds``).
-        methods: Any of :data:`fm_optuna.experiment.METHODS` (``stl``, ``ew``, ``pcgrad``, ...,
+        methods: Any of ``METHODS`` (``stl``, ``ew``, ``pcgrad``, ...,
             ``forkmerge``).
         seeds: One run of every method per seed.
         references: ``target`` (STL of the target is the reference) or ``tasks`` (STL trained
@@ -145,7 +145,7 @@ def compare_methods(
         experiment: MLflow experiment (default ``fm-optuna/compare-methods/<problem>``).
 
     Returns:
-        :class:`~fm_optuna.methods.MethodsComparison`; ``rows()`` is the table, ``save(folder)``
+        :class:`~fm_optuna.experiments.MethodsComparison`; ``rows()`` is the table, ``save(folder)``
         writes CSV and JSON.
 
     Example:
@@ -155,7 +155,7 @@ def compare_methods(
         >>> [row["method"] for row in report.rows()]
         ['stl', 'ew']
     """
-    from fm_optuna.methods import compare_methods as compare
+    from fm_optuna.experiments._compare_methods import compare_methods as compare
 
     config = config or ForkMergeConfig()
     if references not in REFERENCES:
@@ -214,7 +214,7 @@ def tune(
         problem: Your problem (checked before the storage is opened: a mistake leaves no trial).
         space: What to search, with the keys of a study file's ``[space]``: ``dt`` and
             ``branches`` as ``{"low": .., "high": .., "log": ..}``, ``lr`` likewise,
-            ``optimizer_policy`` a list; or a :class:`~fm_optuna.spec.SpaceSection`.
+            ``optimizer_policy`` a list; or a :class:`~fm_optuna.study._spec.SpaceSection`.
         study_name: The study to create or resume.
         config: Everything not searched (default: ``ForkMergeConfig()``).
         storage: Optuna RDB storage URL (SQLite or PostgreSQL; several workers may share it).
@@ -239,7 +239,7 @@ def tune(
         >>> report.best_params  # doctest: +SKIP
         {'dt': 31}
     """
-    from fm_optuna.study import Tuner
+    from fm_optuna.study._tuner import Tuner
 
     config = config or ForkMergeConfig()
     if not isinstance(n_trials, int) or n_trials < 1:

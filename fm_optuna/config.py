@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from fm_optuna.branches import CUT_RULES, PLANS, check_keep
+from fm_optuna.core._branches import CUT_RULES, PLANS, check_keep
 from fm_optuna.errors import check_finite, invalid, one_of
-from fm_optuna.strategies import STRATEGIES, make_strategy
+from fm_optuna.search.strategies import STRATEGIES, make_strategy
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +69,7 @@ class ForkMergeConfig:
         pruned_evaluation: Score merge candidates part by part on the validation set and stop
             those that can no longer win, even if the sampler's later proposals change: exactly,
             hardest examples first, for problems with ``target_example_scores``
-            (:mod:`fm_optuna.exact_pruning`); by the noise-aware ``prune_sigmas`` rule for those
+            (``search._evaluation``); by the noise-aware ``prune_sigmas`` rule for those
             with only ``target_chunks``; others evaluate whole. The chosen Λ is always fully
             evaluated.
         evaluation_chunks: Validation parts of an exact or pruned evaluation.
@@ -86,7 +86,7 @@ class ForkMergeConfig:
         aux_order: Explicit best-first order of the auxiliaries for ``ranking="given"``.
         cut: Which intermediate ν^k a pruned plan keeps: ``auto`` (relevance drops that stand
             out of the noise, else evenly spread), ``spread`` or ``gaps`` (the largest drops);
-            see :mod:`fm_optuna.branches`.
+            see :mod:`fm_optuna.core._branches`.
         keep: Explicit top-k counts of the kept branches, from 0 (target only) to n (all), as
             the official code's lists, e.g. ``(0, 1, 3)``; fixes L = len(keep) and overrides
             ``cut``.

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fm_optuna.forkmerge import ForkMergeConfig, ForkMergeResult, run_forkmerge
-from fm_optuna.tasks import Problem, Split, Task, TaskMetrics
+from fm_optuna.core._loop import ForkMergeConfig, ForkMergeResult, run_forkmerge
+from fm_optuna.problem._tasks import Problem, Split, Task, TaskMetrics
 
 # Small models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waiting,
 # which made tiny ops ~1000x slower whenever the other core was busy.

@@ -3,7 +3,7 @@
 The per-task losses of our problems come from separate batches (one domain per task), so there is
 no single shared feature tensor for ``torchjd.autojac.mtl_backward``. Instead the Jacobian of the
 task losses with respect to the problem's *shared* parameters
-(:meth:`~fm_optuna.tasks.Problem.shared_parameters`) is stored in their ``.jac`` fields and turned
+(:meth:`~fm_optuna.problem.Problem.shared_parameters`) is stored in their ``.jac`` fields and turned
 into ``.grad`` by ``torchjd.autojac.jac_to_grad`` with the method's aggregator, as LibMTL and
 torchjd do for hard-parameter sharing. Task-specific parameters (heads) get the plain sum of the
 task gradients: only the gradient of their own task reaches them, so there is nothing to
@@ -30,14 +30,14 @@ import torch
 from torchjd.autojac import jac_to_grad
 
 from fm_optuna.baselines.base import Baseline
-from fm_optuna.gradients import split_parameters, task_gradients
+from fm_optuna.core._gradients import split_parameters, task_gradients
 
 if TYPE_CHECKING:
     from torch import nn
     from torchjd.aggregation import Aggregator
 
-    from fm_optuna.tasks import Problem
-    from fm_optuna.training import UpdateRule
+    from fm_optuna.core._training import UpdateRule
+    from fm_optuna.problem._tasks import Problem
 
 
 @dataclass

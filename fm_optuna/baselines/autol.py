@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from fm_optuna.baselines.base import Baseline
+from fm_optuna.core._training import data_generator
 from fm_optuna.errors import invalid
-from fm_optuna.training import data_generator
 
 if TYPE_CHECKING:
     from torch import nn
 
     from fm_optuna.config import ForkMergeConfig
-    from fm_optuna.tasks import Problem
-    from fm_optuna.training import UpdateRule
+    from fm_optuna.core._training import UpdateRule
+    from fm_optuna.problem._tasks import Problem
 
 _STREAM = 50_021  # the meta batches' stream, apart from every data stream of the same seed
 

@@ -14,10 +14,8 @@ import time
 from dataclasses import dataclass, fields, is_dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from fm_optuna.errors import NonFiniteTraining
-from fm_optuna.events import EventStream, RunStarted, TrainingProgress
-from fm_optuna.tasks import describe_problem
-from fm_optuna.training import (
+from fm_optuna.core._events import EventStream, RunStarted, TrainingProgress
+from fm_optuna.core._training import (
     UpdateRule,
     data_generator,
     make_optimization,
@@ -26,13 +24,15 @@ from fm_optuna.training import (
     target_score,
     train,
 )
+from fm_optuna.errors import NonFiniteTraining
+from fm_optuna.problem._tasks import describe_problem
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from fm_optuna.config import ForkMergeConfig
-    from fm_optuna.tasks import Problem
+    from fm_optuna.problem._tasks import Problem
 
 
 KINDS = ("single-task", "multi-task", "target-specific")

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from fm_optuna.config import ForkMergeConfig
-    from fm_optuna.tasks import Problem
-    from fm_optuna.training import UpdateRule
+    from fm_optuna.core._training import UpdateRule
+    from fm_optuna.problem._tasks import Problem
 
 
 class DynamicWeightRule:

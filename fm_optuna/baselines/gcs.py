@@ -20,8 +20,8 @@ from fm_optuna.baselines.base import Baseline
 from fm_optuna.errors import invalid
 
 if TYPE_CHECKING:
-    from fm_optuna.tasks import Problem
-    from fm_optuna.training import UpdateRule
+    from fm_optuna.core._training import UpdateRule
+    from fm_optuna.problem._tasks import Problem
 
 
 class CosineGate(Aggregator):

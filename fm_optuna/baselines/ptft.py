@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from fm_optuna.baselines.base import Baseline
+from fm_optuna.core._training import WeightedSum
 from fm_optuna.errors import invalid
-from fm_optuna.training import WeightedSum
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from fm_optuna.config import ForkMergeConfig
-    from fm_optuna.tasks import Problem
-    from fm_optuna.training import UpdateRule
+    from fm_optuna.core._training import UpdateRule
+    from fm_optuna.problem._tasks import Problem
 
 
 class PretrainFinetuneRule:

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from fm_optuna.config import ForkMergeConfig
-    from fm_optuna.tasks import Problem
-    from fm_optuna.training import UpdateRule
+    from fm_optuna.core._training import UpdateRule
+    from fm_optuna.problem._tasks import Problem
 
 _STREAM = 40_009  # keeps RLW's draws apart from any data stream of the same seed
 

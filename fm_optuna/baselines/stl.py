@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from fm_optuna.baselines.base import Baseline
-from fm_optuna.tasks import Problem
-from fm_optuna.training import UpdateRule, WeightedSum
+from fm_optuna.core._training import UpdateRule, WeightedSum
+from fm_optuna.problem._tasks import Problem
 
 
 class SingleTask(Baseline):

@@ -12,7 +12,7 @@ A *problem source* is anything that names a factory ``build(*, target, seed, dev
 
 The factory's module may define ``TARGETS`` and ``DEFAULT_TARGET`` as the shipped modules do;
 without them the target is checked against the built problem's tasks
-(:func:`fm_optuna.checks.check_problem`). Its keyword options are its parameters besides
+(:func:`fm_optuna.problem.check_problem`). Its keyword options are its parameters besides
 ``target``, ``seed`` and ``device``; a factory with ``**options`` accepts any.
 
 Example:
@@ -37,7 +37,7 @@ from fm_optuna.errors import ConfigError, invalid, one_of
 if TYPE_CHECKING:
     import torch
 
-    from fm_optuna.tasks import Problem
+    from fm_optuna.problem._tasks import Problem
 
 _MODULES = {
     "digits": "fm_optuna.benchmarks.digits",
@@ -204,16 +204,16 @@ def build_problem(
     check: bool = True,
     **extra: Any,
 ) -> Problem:
-    """Build a problem by name and check it (:func:`~fm_optuna.checks.check_problem`).
+    """Build a problem by name and check it (:func:`~fm_optuna.problem.check_problem`).
 
     ``target=None`` means the module's ``DEFAULT_TARGET``, else the factory's own default.
     Unknown options, a target outside the problem's tasks or a problem that breaks the
-    :class:`~fm_optuna.tasks.Problem` contract raise :class:`ConfigError` before any training.
+    :class:`~fm_optuna.problem.Problem` contract raise :class:`ConfigError` before any training.
     """
     import torch
 
-    from fm_optuna.checks import check_problem
-    from fm_optuna.tasks import Problem
+    from fm_optuna.problem._checks import check_problem
+    from fm_optuna.problem._tasks import Problem
 
     source = benchmark if isinstance(benchmark, ProblemSource) else resolve(benchmark)
     for key in extra:

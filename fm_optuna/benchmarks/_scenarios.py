@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from fm_optuna.benchmarks._images import eval_mode
 from fm_optuna.datasets.ctr import SharedBottom, auc
 from fm_optuna.errors import one_of
-from fm_optuna.tasks import Problem, Split, Task, TaskMetrics
+from fm_optuna.problem._tasks import Problem, Split, Task, TaskMetrics
 
 MODELS: tuple[str, ...] = ("shared_bottom", "esmm")
 EVAL_CHUNK = 16_384  # rows per evaluation forward: bounds memory, not a tuning knob

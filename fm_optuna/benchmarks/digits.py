@@ -55,7 +55,7 @@ from fm_optuna.benchmarks._images import (
     to_float,
 )
 from fm_optuna.errors import invalid, one_of
-from fm_optuna.tasks import Problem, Split, Task, TaskMetrics
+from fm_optuna.problem._tasks import Problem, Split, Task, TaskMetrics
 
 if TYPE_CHECKING:
     from torch import nn

@@ -56,7 +56,7 @@ from fm_optuna.benchmarks._images import (
 from fm_optuna.datasets._folder import folder_error
 from fm_optuna.datasets.domainnet import DOMAINS, NUM_CLASSES, DomainNet, DomainNetNet
 from fm_optuna.errors import ConfigError, invalid, one_of
-from fm_optuna.tasks import Problem, Split, Task, TaskMetrics
+from fm_optuna.problem._tasks import Problem, Split, Task, TaskMetrics
 
 if TYPE_CHECKING:
     from PIL.Image import Image

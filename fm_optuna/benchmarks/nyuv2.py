@@ -57,7 +57,7 @@ from fm_optuna.benchmarks._images import check_non_negative, check_positive, eva
 from fm_optuna.datasets.nyuv2 import NUM_CLASSES, NYUv2, NYUv2Net, nyuv2_losses
 from fm_optuna.datasets.nyuv2 import TASKS as _DATA_TASKS
 from fm_optuna.errors import invalid, one_of
-from fm_optuna.tasks import Problem, Split, Task, TaskMetrics
+from fm_optuna.problem._tasks import Problem, Split, Task, TaskMetrics
 
 __all__ = [
     "DEFAULT_TARGET",

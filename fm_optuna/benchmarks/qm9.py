@@ -53,7 +53,7 @@ from fm_optuna.benchmarks._images import check_non_negative, check_positive, eva
 from fm_optuna.datasets import qm9 as qm9_data
 from fm_optuna.datasets.qm9 import EDGE_FEATURES, NODE_FEATURES, GraphBatch, MoleculeStore
 from fm_optuna.errors import invalid, one_of
-from fm_optuna.tasks import Problem, Split, Task, TaskMetrics
+from fm_optuna.problem._tasks import Problem, Split, Task, TaskMetrics
 
 if TYPE_CHECKING:
     from fm_optuna.datasets.qm9 import GraphSet

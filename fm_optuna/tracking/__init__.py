@@ -2,7 +2,7 @@
 
 - :func:`open_store` opens (creating on first use) a tracking store and an experiment, failing
   with one line before any training when it cannot;
-- :class:`MlflowTracker` is an :class:`~fm_optuna.events.Observer` that logs every branch, every
+- :class:`MlflowTracker` is an :class:`~fm_optuna.core.Observer` that logs every branch, every
   merge decision and the Λ trajectory;
 - :mod:`fm_optuna.tracking.ui` runs the MLflow UI for a store on 127.0.0.1.
 
@@ -22,7 +22,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 if TYPE_CHECKING:
     from fm_optuna.tracking.observer import MlflowTracker, metric_key
     from fm_optuna.tracking.store import TrackingStore, default_experiment_name, open_store
-    from fm_optuna.tracking.study import StudyTracking
+    from fm_optuna.tracking.study_run import StudyTracking
     from fm_optuna.tracking.uris import DEFAULT_TRACKING_URI, mask_uri, resolve_tracking_uri
     from fm_optuna.tracking.wiring import (
         open_comparison,

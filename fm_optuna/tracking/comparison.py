@@ -21,7 +21,7 @@ from fm_optuna.tracking.observer import MlflowTracker, param_key
 from fm_optuna.tracking.uris import mask_uri
 
 if TYPE_CHECKING:
-    from fm_optuna.events import Observer
+    from fm_optuna.core._events import Observer
     from fm_optuna.tracking.store import TrackingStore
 
 

@@ -40,7 +40,7 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
-from fm_optuna.events import (
+from fm_optuna.core._events import (
     BranchDiverged,
     BranchesEvaluated,
     MergeCompleted,

@@ -14,9 +14,9 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fm_optuna.databases import check_database, one_process_at_a_time
 from fm_optuna.errors import ConfigError
-from fm_optuna.processes import process_is_gone
+from fm_optuna.study._processes import process_is_gone
+from fm_optuna.study._storages import check_database, one_process_at_a_time
 from fm_optuna.tracking.uris import (
     absolute_uri,
     artifact_root,

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 from fm_optuna.tracking.comparison import ComparisonTracking
 from fm_optuna.tracking.observer import MlflowTracker
 from fm_optuna.tracking.store import TrackingStore, default_experiment_name, open_store
-from fm_optuna.tracking.study import StudyTracking
+from fm_optuna.tracking.study_run import StudyTracking
 
 if TYPE_CHECKING:
-    from fm_optuna.tasks import Problem
+    from fm_optuna.problem._tasks import Problem
 
 
 def _higher_is_better(problem: Problem) -> bool:

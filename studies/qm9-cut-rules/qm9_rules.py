@@ -28,7 +28,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from fm_optuna.branches import make_plan
+from fm_optuna.core._branches import make_plan
 
 HERE = Path(__file__).parent
 RULES = ("gaps", "auto")
@@ -56,7 +56,7 @@ def kept(run: dict) -> str:
 
 
 def standout(relevance: list[float]) -> str:
-    """Largest drop / median drop, against the `auto` threshold (fm_optuna.branches)."""
+    """Largest drop / median drop, against the `auto` threshold (fm_optuna.core._branches)."""
     drops = [a - b for a, b in itertools.pairwise(relevance)]
     largest = max(range(len(drops)), key=lambda i: drops[i])
     ratio = drops[largest] / statistics.median(drops)

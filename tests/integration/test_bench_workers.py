@@ -44,7 +44,7 @@ def test_two_workers_over_one_smoke_run(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "fm_optuna.bench_workers",
+            "fm_optuna.experiments._bench_workers",
             "spec.toml",
             "--storage",
             storage,

@@ -140,9 +140,9 @@ def test_run_resume_continues_forkmerge_after_its_last_merge(tmp_path: Path) -> 
     import torch
 
     from fm_optuna import cli
-    from fm_optuna.checkpoints import Checkpointer, load_checkpoint
-    from fm_optuna.events import EventStream, MergeCompleted, Observer
-    from fm_optuna.forkmerge import run_forkmerge
+    from fm_optuna.core._checkpoints import Checkpointer, load_checkpoint
+    from fm_optuna.core._events import EventStream, MergeCompleted, Observer
+    from fm_optuna.core._loop import run_forkmerge
 
     common = [
         "run",
@@ -209,9 +209,9 @@ def test_resume_from_a_bad_checkpoint_is_one_line_and_creates_no_store(
     tmp_path: Path, damage: str
 ) -> None:
     """Tracking is on: the checks run before the MLflow store would be created."""
-    from fm_optuna.checkpoints import Checkpointer
-    from fm_optuna.events import EventStream
-    from fm_optuna.forkmerge import ForkMergeConfig, run_forkmerge
+    from fm_optuna.core._checkpoints import Checkpointer
+    from fm_optuna.core._events import EventStream
+    from fm_optuna.core._loop import ForkMergeConfig, run_forkmerge
     from tests.conftest import ToyProblem
 
     checkpoint = tmp_path / "run.ckpt"

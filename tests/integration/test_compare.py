@@ -9,10 +9,10 @@ import pytest
 
 from fm_optuna import ranking
 from fm_optuna.cli import main
-from fm_optuna.compare import compare_strategies
-from fm_optuna.events import Observer, RunStarted
-from fm_optuna.forkmerge import ForkMergeConfig
-from fm_optuna.ranking import Ranking
+from fm_optuna.core._events import Observer, RunStarted
+from fm_optuna.core._loop import ForkMergeConfig
+from fm_optuna.core._ranking import Ranking
+from fm_optuna.experiments._compare_strategies import compare_strategies
 from tests.conftest import ToyProblem
 
 SPEC = """

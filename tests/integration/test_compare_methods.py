@@ -12,10 +12,15 @@ from typing import Any
 import pytest
 
 from fm_optuna import cli
-from fm_optuna.events import Observer, RunFinished, RunStarted
-from fm_optuna.experiment import Retargeted, relative_improvement, run_methods, stl_reference
-from fm_optuna.forkmerge import ForkMergeConfig
-from fm_optuna.methods import compare_methods, parse_methods
+from fm_optuna.core._events import Observer, RunFinished, RunStarted
+from fm_optuna.core._loop import ForkMergeConfig
+from fm_optuna.experiments._compare_methods import compare_methods, parse_methods
+from fm_optuna.experiments._run_methods import (
+    Retargeted,
+    relative_improvement,
+    run_methods,
+    stl_reference,
+)
 from tests.conftest import ToyProblem
 
 CONFIG = ForkMergeConfig(dt=5, total_steps=10, lr=1e-2, strategy="grid", branches=2, seed=0)
@@ -169,7 +174,7 @@ def main(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         parser = build()
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         if "compare-methods" not in sub.choices:
-            from fm_optuna.cli_methods import add_commands
+            from fm_optuna.cli._methods import add_commands
 
             add_commands(sub)
         return parser

@@ -64,7 +64,7 @@ def test_a_store_that_cannot_be_written_is_one_line_at_start(
 
 
 def test_an_unwritable_sqlite_folder_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
-    from fm_optuna.databases import check_database
+    from fm_optuna.study._storages import check_database
 
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -109,7 +109,7 @@ def test_tune_with_an_unreachable_storage_creates_no_tracking_store(tmp_path: Pa
 KILLED_RUN = """
 import os, signal, sys
 from fm_optuna import cli
-from fm_optuna.checkpoints import Checkpointer
+from fm_optuna.core._checkpoints import Checkpointer
 
 save = Checkpointer.on_merge_completed
 

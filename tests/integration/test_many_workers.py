@@ -60,8 +60,8 @@ branches = {{ low = 2, high = 3 }}
 WORKER = """
 import sys
 sys.path.insert(0, {root!r})
-from fm_optuna.spec import load_spec
-from fm_optuna.study import Tuner
+from fm_optuna.study._spec import load_spec
+from fm_optuna.study._tuner import Tuner
 from fm_optuna.tracking import StudyTracking, open_store
 from tests.conftest import ToyProblem
 

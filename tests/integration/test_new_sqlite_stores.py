@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OPEN_BOTH = """
 import sys, time
 sys.path.insert(0, {root!r})
-from fm_optuna.study import open_storage
+from fm_optuna.study._tuner import open_storage
 from fm_optuna.tracking.store import open_store
 
 while time.time() < {start}:  # start together, as workers launched by one script do

@@ -32,11 +32,11 @@ from typing import Any
 
 import pytest
 
+from fm_optuna.core._events import EventStream, MergeCompleted, RunStarted
+from fm_optuna.core._loop import ForkMergeConfig
 from fm_optuna.errors import ConfigError
-from fm_optuna.events import EventStream, MergeCompleted, RunStarted
-from fm_optuna.experiment import Comparison, run_methods
-from fm_optuna.forkmerge import ForkMergeConfig
-from fm_optuna.search import MergeDecision
+from fm_optuna.experiments._run_methods import Comparison, run_methods
+from fm_optuna.search._search import MergeDecision
 from fm_optuna.tracking import MlflowTracker, TrackingStore, mask_uri, metric_key, open_store
 from fm_optuna.tracking.ui import free_port
 from tests.conftest import ToyProblem

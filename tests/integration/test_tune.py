@@ -13,10 +13,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
+from fm_optuna.core._loop import run_forkmerge
 from fm_optuna.errors import ConfigError
-from fm_optuna.forkmerge import run_forkmerge
-from fm_optuna.spec import load_spec
-from fm_optuna.study import MedianPruner, Tuner, mask_password
+from fm_optuna.study._spec import load_spec
+from fm_optuna.study._tuner import MedianPruner, Tuner, mask_password
 from tests.conftest import ToyProblem
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,9 +119,9 @@ def test_bad_storage_is_one_clear_error_with_the_password_masked(tmp_path: Path)
 WORKER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from fm_optuna.events import Observer
-from fm_optuna.spec import load_spec
-from fm_optuna.study import Tuner
+from fm_optuna.core._events import Observer
+from fm_optuna.study._spec import load_spec
+from fm_optuna.study._tuner import Tuner
 from tests.conftest import ToyProblem
 
 class Die(Observer):
@@ -317,7 +317,7 @@ def test_a_trial_whose_loss_goes_nan_fails_with_its_reason_and_is_never_pruned(
 
 
 def test_tune_saves_every_trials_merge_problems_when_the_spec_asks(tmp_path: Path) -> None:
-    from fm_optuna.merge_problem import MergeProblem, load_data
+    from fm_optuna.search._merge_problem import MergeProblem, load_data
     from fm_optuna.tracking import StudyTracking, open_store
 
     path = spec_file(tmp_path, n_trials=2)

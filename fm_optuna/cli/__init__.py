@@ -1,0 +1,749 @@
+"""``fm-optuna``: the command line.
+
+Every user mistake (unknown name, impossible Δt or L, bad budget) is one line on stderr naming
+the parameter, the value and what is allowed, with exit code 2 and nothing written. A training
+loss that becomes NaN/inf is one line naming the run, branch, step and task, with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from fm_optuna.errors import ConfigError, NonFiniteTraining, ProblemWarning
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake as one line (no usage dump) and exits with 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    from fm_optuna.benchmarks import describe_sources
+    from fm_optuna.cli._study import _add_plan_choice
+    from fm_optuna.config import (
+        FINAL_MODELS,
+        OPTIMIZER_POLICIES,
+        OPTIMIZERS,
+        RANKINGS,
+        SCHEDULERS,
+    )
+    from fm_optuna.core._branches import PLANS
+    from fm_optuna.search.strategies import STRATEGIES
+
+    g = parser.add_argument_group("problem")
+    g.add_argument(
+        "--benchmark",
+        default="digits",
+        help=f"the problem: {describe_sources()} (e.g. examples.diabetes:build, importable from "
+        "the working directory; default: digits)",
+    )
+    g.add_argument(
+        "--target",
+        default=None,
+        help="target task (default: the benchmark's; digits: uci, mnist, synfont, mnistm)",
+    )
+    g.add_argument(
+        "--harmful-aux",
+        action="store_true",
+        help="digits: add MNIST with random labels sharing the target's head (a noisy source)",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="nyuv2, domainnet, aliexpress (required) and qm9 (PyG's raw files instead of "
+        "qm9pack's): the local folder holding the data set in its published layout (nothing "
+        "is ever downloaded)",
+    )
+    g.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other option of the benchmark, as under [problem] in a study file (values in "
+        "TOML syntax, bare words as text), e.g. --option image_size=32 --option "
+        "domains=clipart,sketch; repeatable",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="per-task batch size (default: the problem's own, e.g. digits 32, qm9 64; 32 for a "
+        "factory that requires one)",
+    )
+    g.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op CPU threads (default: 1; small models run faster single-threaded, and "
+        "parallel workers then share the cores without spin-waiting)",
+    )
+
+    g = parser.add_argument_group("ForkMerge")
+    g.add_argument(
+        "--dt", type=int, default=100, help="merge interval Δt in optimizer steps (default: 100)"
+    )
+    g.add_argument(
+        "--steps", type=int, default=600, help="training budget T in optimizer steps (default: 600)"
+    )
+    g.add_argument(
+        "--branches",
+        type=int,
+        default=None,
+        help="number of branches L (default: max(2, ceil(log2 K)) for pruned, K for pairwise)",
+    )
+    g.add_argument(
+        "--plan",
+        default="pruned",
+        help=f"branch plan: {', '.join(PLANS)} (default: pruned = Alg. 4)",
+    )
+    g.add_argument(
+        "--ranking",
+        default="prepass",
+        help=f"auxiliary ranking for the pruned plan: {', '.join(RANKINGS)}. "
+        "prepass (default) trains "
+        "target+aux for --ranking-steps from the initial model and ranks by target validation, "
+        "as the official code; affinity ranks by the lookahead inter-task affinity of Fifty et al. "
+        "(a short joint run); merge ranks by the weight Λ_k one Alg. 2 merge of the pairwise "
+        "branches gives each auxiliary (the paper's Alg. 4); given uses --aux-order, else the "
+        "benchmark's task order",
+    )
+    g.add_argument(
+        "--ranking-steps",
+        type=int,
+        default=None,
+        help="steps of each pre-pass run, or of the affinity run (default: Δt)",
+    )
+    g.add_argument(
+        "--aux-order",
+        default=None,
+        help="comma-separated best-first auxiliaries for --ranking given",
+    )
+    _add_plan_choice(g)
+    g.add_argument(
+        "--optimizer-policy",
+        default="keep",
+        help=f"optimizer state at a merge: {', '.join(OPTIMIZER_POLICIES)} (default: keep)",
+    )
+    g.add_argument(
+        "--final",
+        default="last",
+        help=f"final model: {', '.join(FINAL_MODELS)} merge (default: last)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of initialisation, data order and inner studies"
+    )
+
+    g = parser.add_argument_group(
+        "optimisation (every branch, baseline and pre-pass run uses the same)"
+    )
+    g.add_argument(
+        "--optimizer",
+        default="adam",
+        help=f"one of {', '.join(OPTIMIZERS)} (default: adam)",
+    )
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0)")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="weight decay (default: 0; adamw: decoupled)",
+    )
+    g.add_argument(
+        "--scheduler",
+        default="none",
+        help=f"learning-rate schedule over T, stepped every optimizer step: "
+        f"{', '.join(SCHEDULERS)} (default: none); each branch keeps its own across merges",
+    )
+    g.add_argument(
+        "--lr-step-size",
+        type=int,
+        default=None,
+        help="step: decay every this many steps (default: T/3)",
+    )
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="step: decay factor (default: 0.1)")
+    g.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        default=None,
+        help="clip the gradient's 2-norm to this before each step (default: no clipping)",
+    )
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        help="automatic mixed precision on CUDA (ignored, with a note, on CPU)",
+    )
+
+    g = parser.add_argument_group("merge search (the inner Optuna study)")
+    g.add_argument(
+        "--strategy",
+        default="greedy",
+        help=f"one of {', '.join(STRATEGIES)} (default: greedy, the paper's Algorithm 3)",
+    )
+    g.add_argument(
+        "--merge-trials",
+        type=int,
+        default=20,
+        help="inner-study budget for binary, tpe, cmaes, random (default: 20)",
+    )
+    g.add_argument(
+        "--grid-resolution",
+        type=float,
+        default=0.1,
+        help="lattice step for grid (default: 0.1)",
+    )
+    evaluation = g.add_mutually_exclusive_group()
+    evaluation.add_argument(
+        "--full-evaluation",
+        action="store_true",
+        help="score every candidate on the whole validation set (by default grid, random and "
+        "tpe candidates on problems scoring examples one by one, as digits does, are stopped "
+        "once they can change neither the decision nor the sampler's next proposals: the same "
+        "search, fewer forwards)",
+    )
+    evaluation.add_argument(
+        "--pruned-evaluation",
+        action="store_true",
+        help="stop candidates once they can no longer win, even if the sampler's later "
+        "proposals change: exactly where the problem scores examples one by one, else by "
+        "--prune-sigmas; the chosen merge is always fully evaluated",
+    )
+    g.add_argument(
+        "--evaluation-chunks",
+        type=int,
+        default=4,
+        help="validation parts a candidate is scored in when it may be stopped (default: 4)",
+    )
+    g.add_argument(
+        "--prune-sigmas",
+        type=float,
+        default=2.0,
+        help="problems scored chunk by chunk only (QM9): a candidate is stopped when it trails "
+        "the best finished one on the same chunks by more than this many standard errors of what "
+        "the remaining chunks could add (default: 2; 0 stops at any deficit)",
+    )
+
+
+def _config(args: argparse.Namespace, **overrides: Any) -> Any:
+    from fm_optuna.cli._study import plan_choice
+    from fm_optuna.config import ForkMergeConfig
+
+    values = dict(
+        dt=args.dt,
+        total_steps=args.steps,
+        strategy=args.strategy,
+        merge_trials=args.merge_trials,
+        grid_resolution=args.grid_resolution,
+        full_evaluation=args.full_evaluation,
+        pruned_evaluation=args.pruned_evaluation,
+        evaluation_chunks=args.evaluation_chunks,
+        prune_sigmas=args.prune_sigmas,
+        plan=args.plan,
+        branches=args.branches,
+        ranking=args.ranking,
+        ranking_steps=args.ranking_steps,
+        aux_order=tuple(args.aux_order.split(",")) if args.aux_order else None,
+        optimizer_policy=args.optimizer_policy,
+        final=args.final,
+        lr=args.lr,
+        seed=args.seed,
+        optimizer=args.optimizer,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        scheduler=args.scheduler,
+        lr_step_size=args.lr_step_size,
+        lr_gamma=args.lr_gamma,
+        clip_grad_norm=args.clip_grad_norm,
+        amp=args.amp,
+    )
+    values.update(plan_choice(args))
+    values.update(overrides)
+    return ForkMergeConfig(**values)
+
+
+def benchmark_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as benchmark options; values are read as TOML (``32``, ``0.1``,
+    ``true``, ``["a", "b"]``) and anything TOML cannot read is kept as text (``clipart,sketch``).
+
+    Example:
+        >>> benchmark_options(["image_size=32", "domains=clipart,sketch"])
+        {'image_size': 32, 'domains': 'clipart,sketch'}
+    """
+    import tomllib
+
+    from fm_optuna.errors import invalid
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise invalid("option", pair, "KEY=VALUE with KEY a benchmark option, e.g. limit=500")
+        try:
+            options[key] = tomllib.loads(f"value = {text.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            options[key] = text.strip()
+    return options
+
+
+def _problem(args: argparse.Namespace) -> Any:
+    from fm_optuna.benchmarks import build_problem, resolve
+    from fm_optuna.cli._study import _torch_setup
+
+    device = _torch_setup(args)
+    source = resolve(args.benchmark)
+    extra = _problem_options(args)
+    return build_problem(source, target=args.target, seed=args.seed, device=device, **extra)
+
+
+def _problem_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark options of the command line (what rebuilds the same problem)."""
+    from fm_optuna.benchmarks import BENCHMARKS, resolve
+    from fm_optuna.errors import invalid
+
+    source = resolve(args.benchmark)
+    extra: dict[str, Any] = {}
+    if args.batch_size is not None:
+        extra["batch_size"] = args.batch_size
+    elif _requires_batch_size(source.factory):  # else the problem's own default (qm9: 64)
+        extra["batch_size"] = 32
+    if args.harmful_aux:
+        if not source.accepts("harmful_aux"):
+            raise invalid("harmful_aux", True, "used only with --benchmark digits")
+        extra["harmful_aux"] = True
+    if args.data_dir is not None:
+        if not source.accepts("data_dir"):
+            readers = [name for name in BENCHMARKS if "data_dir" in resolve(name).options]
+            allowed = f"used only with --benchmark {', '.join(readers)} (or a problem taking it)"
+            raise invalid("data_dir", args.data_dir, allowed)
+        extra["data_dir"] = args.data_dir
+    extra.update(benchmark_options(args.option))
+    return extra
+
+
+def _requires_batch_size(factory: Any) -> bool:
+    import inspect
+
+    parameter = inspect.signature(factory).parameters.get("batch_size")
+    return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+def _check_plan(problem: Any, config: Any) -> None:
+    """Validate L and the merge strategy against the problem before any training starts."""
+    from fm_optuna.core._branches import make_plan
+    from fm_optuna.problem._tasks import for_plan
+    from fm_optuna.search._merge_problem import check_strategy_supported
+    from fm_optuna.search.strategies import make_strategy
+
+    planned = for_plan(problem, config.plan)
+    check_strategy_supported(planned, make_strategy(config.strategy))
+    make_plan(
+        "pruned" if config.plan == "joint" else config.plan,
+        target=planned.target,
+        ranked_auxiliaries=planned.auxiliaries,
+        n_branches=config.branches,
+        keep=config.keep,
+    )
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _print_table(comparisons: list[Any], *, higher_is_better: bool = True) -> None:
+    first = comparisons[0]
+    target = first.problem["target"]
+    metric = first.results[0].target_metric
+    print(
+        f"benchmark {first.problem.get('benchmark', '-')}  target {target}  metric {metric}  "
+        f"T={first.config.total_steps} Δt={first.config.dt} strategy={first.config.strategy}  "
+        f"seeds={len(comparisons)}"
+    )
+    header = (
+        f"{'method':<10} {'target val':>16} {'target test':>16} {'TG vs STL':>16} {'seconds':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for i, result in enumerate(first.results):
+        rows = [c.results[i] for c in comparisons]
+        tg = [r.tg for r in rows if r.tg is not None]
+        print(
+            f"{result.method:<10} {_mean_std([r.target_val for r in rows]):>16} "
+            f"{_mean_std([r.target_test for r in rows]):>16} {(_mean_std(tg) if tg else '-'):>16} "
+            f"{_mean_std([r.seconds for r in rows]):>10}"
+        )
+    for comparison in comparisons:
+        fm = comparison.forkmerge
+        if fm is None:
+            continue
+        names = [b.name for b in fm.branches]
+        print(
+            f"\nForkMerge seed {comparison.config.seed}: branches {', '.join(names)}; "
+            f"ranking {fm.ranking.method} ({', '.join(fm.ranking.order)}); "
+            f"final round {fm.final_round}"
+        )
+        if fm.resumed_from_round:
+            print(
+                f"  resumed after round {fm.resumed_from_round} (step {fm.resumed_at_step}); "
+                f"seconds include {fm.seconds_before_resume:.1f}s before the resume"
+            )
+        for round_index, (step, decision) in enumerate(
+            zip(fm.steps, fm.decisions, strict=True), start=1
+        ):
+            lam = ", ".join(f"{w:.2f}" for w in decision.weights)
+            note = f"  (fallback: {decision.fallback})" if decision.fallback else ""
+            value = decision.score if higher_is_better else -decision.score
+            stopped = sum(t.state == "PRUNED" for t in decision.trials)
+            cost = (
+                f" ({stopped} stopped early: {decision.validation_passes:.1f} val passes)"
+                if stopped
+                else ""
+            )
+            print(
+                f"  round {round_index:>2} step {step:>5}  Λ = [{lam}]  val {metric} {value:.2f}  "
+                f"{decision.n_trials} trials{cost} {decision.seconds:.2f}s{note}"
+            )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fm_optuna.core._events import EventStream
+    from fm_optuna.core._progress import ProgressBars, ProgressLines, progress_stream
+    from fm_optuna.experiments._run_methods import run_methods
+
+    config = _config(args)
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    if args.seeds < 1:
+        from fm_optuna.errors import invalid
+
+        raise invalid("seeds", args.seeds, "a positive integer")
+    if args.checkpoint and args.seeds > 1:
+        from fm_optuna.errors import invalid
+
+        raise invalid("checkpoint", args.checkpoint, "used with a single seed (--seeds 1)")
+    problem = _problem(args)
+    _check_plan(problem, config)
+    seeds = [args.seed + offset for offset in range(args.seeds)]
+    checkpoints = {seed: _checkpoint_path(args, problem, seed) for seed in seeds}
+    # Every checkpoint is read and checked before any store is opened: a corrupt or mismatched
+    # one is one line and nothing is written.
+    snapshots = {
+        seed: _resume_snapshot(checkpoints[seed], _config(args, seed=seed)) if args.resume else None
+        for seed in seeds
+    }
+    # tracking (issue #3): after every check (no store for a mistyped command), before any
+    # training (a store that cannot be opened is one line, not a lost run).
+    store = _open_tracking(args, problem)
+    comparisons = []
+    for seed in seeds:
+        events = EventStream([ProgressBars(disable=True if args.json else None)])
+        lines = progress_stream(json_output=args.json)
+        if lines is not None:
+            events.observers.append(ProgressLines(lines))
+        if store is not None:  # tracking (issue #3)
+            from fm_optuna.tracking import run_tracker
+
+            events.observers.append(run_tracker(store, problem))
+        if args.save_merge_problems:
+            events.observers.append(_merge_problem_writer(args, problem, events, seed))
+        try:
+            comparisons.append(
+                run_methods(
+                    problem,
+                    _config(args, seed=seed),
+                    methods,
+                    events,
+                    checkpoint=checkpoints[seed] if "forkmerge" in methods else None,
+                    resume_from=snapshots[seed],
+                )
+            )
+        finally:
+            events.close()
+    if args.json:
+        payload = (
+            comparisons[0].to_dict()
+            if len(comparisons) == 1
+            else {"runs": [c.to_dict() for c in comparisons]}
+        )
+        print(json.dumps(payload, indent=2, default=_json_default))
+    else:
+        from fm_optuna.problem._tasks import for_plan
+
+        planned = for_plan(problem, config.plan)
+        _print_table(comparisons, higher_is_better=planned.task(planned.target).higher_is_better)
+    if store is not None:  # tracking (issue #3)
+        from fm_optuna.tracking.uris import browse_command
+
+        print(
+            f"MLflow: experiment {store.experiment_name} in {store.display_uri}; "
+            f"browse it with `{browse_command(store.uri, store.experiment_name)}`",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _merge_problem_writer(args: argparse.Namespace, problem: Any, events: Any, seed: int) -> Any:
+    """Saves every merge problem of this seed's ForkMerge run (and logs it to MLflow if on)."""
+    from fm_optuna.search._merge_problem import MergeProblemWriter, artifact_logger
+
+    source = {
+        "benchmark": args.benchmark,
+        "target": problem.target,
+        "seed": args.seed,
+        "options": _problem_options(args),
+    }
+    folder = Path(args.save_merge_problems) / f"{problem.name}-{problem.target}-seed{seed}"
+    return MergeProblemWriter(folder, source, on_saved=artifact_logger(events.observers))
+
+
+def _checkpoint_path(args: argparse.Namespace, problem: Any, seed: int) -> Path:
+    default = f"tracking/checkpoints/run/{problem.name}-{problem.target}-seed{seed}.ckpt"
+    return Path(args.checkpoint or default)
+
+
+def _resume_snapshot(path: Path, config: Any) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` continues from, checked against this run's configuration."""
+    from fm_optuna.core._checkpoints import load_checkpoint
+    from fm_optuna.core._loop import check_resumable
+
+    snapshot = load_checkpoint(path)
+    if snapshot is None:
+        print(
+            f"fm-optuna run: no checkpoint at {path} yet: ForkMerge starts from the beginning",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        check_resumable(config, snapshot)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return snapshot
+
+
+# --- tracking (issue #3) ------------------------------------------------------------------------
+
+
+def _open_tracking(args: argparse.Namespace, problem: Any) -> Any:
+    """The MLflow store and experiment of this invocation (``None`` with --no-tracking)."""
+    if args.no_tracking:
+        return None
+    from fm_optuna.tracking import open_run_store
+
+    return open_run_store(args.tracking_uri, problem, args.experiment)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from fm_optuna.tracking.ui import run_ui
+
+    return run_ui(
+        args.tracking_uri,
+        port=args.port,
+        announce=lambda line: print(line, flush=True),
+        experiment=args.experiment,
+        open_browser=args.open,
+    )
+
+
+def _add_tracking_uri(parser: Any) -> None:  # a parser or an argument group
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store: sqlite:///path.db, postgresql://user:password@host/db or an "
+        "http(s):// MLflow server (default: $MLFLOW_TRACKING_URI, else "
+        "sqlite:///tracking/mlflow.db with artifacts in tracking/mlartifacts)",
+    )
+
+
+# --- end tracking -------------------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fm_optuna.experiments._bench import run_bench
+
+    config = _config(args)
+    problem = _problem(args)
+    _check_plan(problem, config)
+    report = run_bench(problem, config, repeats=args.repeats)
+    print(json.dumps(report, indent=2) if args.json else report_text(report))
+    return 0
+
+
+def report_text(report: dict[str, Any]) -> str:
+    lines = [f"fm-optuna bench: {report['setup']}"]
+    for key, item in report["ratios"].items():
+        goal = (
+            f"  (goal ≤ {item['goal']:.2f}: "
+            f"{'met' if item['value'] <= item['goal'] else 'NOT met'})"
+            if item.get("goal")
+            else ""
+        )
+        lines.append(f"  {key:<34} {item['value']:.3f}{goal}   {item['what']}")
+    lines.append("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fm-optuna", description="ForkMerge with Optuna merge search and MLflow tracking."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run",
+        help="train STL, EW and ForkMerge with the same budget and compare them",
+        description="Train STL, EW and ForkMerge with the same budget T and print target "
+        "validation/test metrics, TG vs STL, the Λ chosen at each merge and wall time.",
+    )
+    _add_training_options(run)
+    run.add_argument(
+        "--methods",
+        default="stl,ew,forkmerge",
+        help="comma-separated methods (default: stl,ew,forkmerge)",
+    )
+    run.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run seeds seed..seed+N-1 and report mean ± std (default: 1)",
+    )
+    run.add_argument(
+        "--json", action="store_true", help="print the results as JSON instead of a table"
+    )
+    run.add_argument(
+        "--checkpoint",
+        default=None,
+        help="ForkMerge checkpoint written at every merge (default: "
+        "tracking/checkpoints/run/<benchmark>-<target>-seed<seed>.ckpt)",
+    )
+    run.add_argument(
+        "--save-merge-problems",
+        metavar="DIR",
+        default=None,
+        help="save what every merge search saw (branch states, scores, how to rebuild the data) "
+        "under DIR/<benchmark>-<target>-seed<seed>/, and as MLflow artifacts when tracking; "
+        "replay them with `fm-optuna compare --replay DIR`",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue ForkMerge after the last merge of its checkpoint (same configuration "
+        "required); the baselines are retrained, which is deterministic for a seed",
+    )
+    # tracking (issue #3)
+    g = run.add_argument_group("tracking (MLflow)")
+    _add_tracking_uri(g)
+    g.add_argument(
+        "--experiment",
+        default=None,
+        help="MLflow experiment name (default: fm-optuna/<benchmark>-<target>)",
+    )
+    g.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
+    run.set_defaults(handler=cmd_run)
+
+    ui = sub.add_parser(  # tracking (issue #3)
+        "ui",
+        help="browse the tracked runs in the MLflow UI (on 127.0.0.1)",
+        description="Start the MLflow UI for the tracking store on 127.0.0.1, print its URL and "
+        "serve until Ctrl-C, with links to the newest experiments' runs tables and their "
+        "latest ForkMerge runs in the model-training view (the links work in a fresh browser). "
+        "See tracking/README.md to serve a store to a team.",
+    )
+    _add_tracking_uri(ui)
+    ui.add_argument(
+        "--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000; 0: any free)"
+    )
+    ui.add_argument(
+        "--experiment",
+        default=None,
+        help="link only this experiment (default: the five most recently updated)",
+    )
+    ui.add_argument(
+        "--open",
+        action="store_true",
+        help="open the first runs table in the default web browser",
+    )
+    ui.set_defaults(handler=cmd_ui)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure what ForkMerge's forking, merging and search cost",
+        description="Measure, in one process: ForkMerge wall time over training its L branches "
+        "alone (goal ≤ 1.10), the share spent in merge search (goal ≤ 5%), ForkMerge "
+        "over EW, and the ranking pre-pass cost.",
+    )
+    _add_training_options(bench)
+    bench.set_defaults(strategy="tpe", dt=200, steps=1500, branches=3)
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="repeat each measurement and keep the fastest (default: 1)",
+    )
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.set_defaults(handler=cmd_bench)
+
+    from fm_optuna.cli._methods import add_commands as add_method_commands
+    from fm_optuna.cli._study import add_commands as add_study_commands
+
+    add_study_commands(sub)
+    add_method_commands(sub)
+    return parser
+
+
+def _show_problem_warnings(command: str) -> None:
+    """Print a :class:`ProblemWarning` as one line (``fm-optuna run: warning: ...``)."""
+    default = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
+        if issubclass(category, ProblemWarning):
+            print(f"fm-optuna {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, *rest, **kwargs)
+
+    warnings.simplefilter("always", ProblemWarning)
+    warnings.showwarning = show
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            _show_problem_warnings(args.command)
+            return int(args.handler(args))
+    except ConfigError as error:
+        print(f"fm-optuna {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteTraining as error:
+        print(f"fm-optuna {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("fm-optuna: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from fm_optuna.cli import main
+
+raise SystemExit(main())

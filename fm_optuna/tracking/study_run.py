@@ -1,0 +1,182 @@
+"""MLflow for the outer study: one parent run per study, one ForkMerge run per outer trial.
+
+Every outer trial's ForkMerge run (with its branch child runs) hangs under the study's run, is
+tagged with the study name and trial number, ends FINISHED / KILLED (pruned) / FAILED, and its
+run id is stored on the Optuna trial as the user attribute ``mlflow_run_id``. The study run's id
+lives in the Optuna study's user attributes, so every worker of a shared study logs under it.
+
+The study run is RUNNING while an invocation works on the study and ends (FINISHED, or FAILED /
+KILLED when the invocation fails or is interrupted) with the study's best value and parameters
+as metrics (``best/value``, ``best/<param>``; categorical parameters as tags), step = finished
+trials; the next invocation reopens it. A dead worker's trial run and its branch runs are
+marked FAILED by the worker that notices the death.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from mlflow.entities import Metric, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from fm_optuna.core._events import Observer, RunStarted
+from fm_optuna.tracking.observer import MlflowTracker, _now_ms, metric_key
+from fm_optuna.tracking.store import owner_tags
+from fm_optuna.tracking.uris import browse_command
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from fm_optuna.tracking.store import TrackingStore
+
+STUDY_RUN_ATTR = "mlflow_study_run_id"
+_STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+TRIAL_RUN_ATTR = "mlflow_run_id"
+
+
+class _RecordRunId(Observer):
+    """Stores the trial's MLflow run id on the Optuna trial as soon as the run exists."""
+
+    def __init__(self, trial: optuna.Trial, tracker: MlflowTracker) -> None:
+        self.trial, self.tracker = trial, tracker
+
+    def on_run_started(self, event: RunStarted) -> None:
+        run_id = self.tracker.run_id(event.run)
+        if run_id is not None:
+            self.trial.set_user_attr(TRIAL_RUN_ATTR, run_id)
+
+
+class StudyTracking:
+    """Creates (or finds) the study's MLflow run and a tracker for each outer trial."""
+
+    def __init__(self, store: TrackingStore, study_name: str, *, higher_is_better: bool) -> None:
+        self.store = store
+        self.study_name = study_name
+        self.higher_is_better = higher_is_better
+        self.study_run_id: str | None = None
+
+    def start(self, study: optuna.Study) -> None:
+        """Find (or create) the study's run and mark it RUNNING for this invocation."""
+        run_id = self._study_run(study)
+        client = self.store.client
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in owner_tags().items()])
+        client.update_run(run_id, status="RUNNING")
+
+    def _study_run(self, study: optuna.Study) -> str:
+        """The study's run, the same for every worker even when they start together.
+
+        The earliest run tagged as this study's wins: a worker that finds none creates one and
+        then adopts the earliest it can see, so two workers creating at once agree; the run that
+        lost such a race is ended and deleted by the worker that created it.
+        """
+        if self.study_run_id is None:
+            runs = self._study_runs()
+            created = None
+            if not runs:
+                created = self.store.client.create_run(
+                    self.store.experiment_id,
+                    run_name=f"study-{self.study_name}",
+                    tags={
+                        "fm_optuna.role": "study",
+                        "optuna.study": self.study_name,
+                        **owner_tags(),
+                    },
+                ).info.run_id
+                runs = self._study_runs()
+            self.study_run_id = runs[0].info.run_id
+            if created is not None and created != self.study_run_id:
+                self.store.client.set_terminated(created, status="KILLED")
+                self.store.client.delete_run(created)
+            if study.user_attrs.get(STUDY_RUN_ATTR) != self.study_run_id:
+                try:
+                    study.set_user_attr(STUDY_RUN_ATTR, self.study_run_id)
+                except Exception:  # workers racing to insert the same attribute
+                    if study.user_attrs.get(STUDY_RUN_ATTR) != self.study_run_id:
+                        raise
+        return self.study_run_id
+
+    def _study_runs(self) -> list[Any]:
+        runs = self.store.client.search_runs(
+            [self.store.experiment_id],
+            f"tags.`fm_optuna.role` = 'study' and tags.`optuna.study` = '{self.study_name}'",
+        )
+        return sorted(runs, key=lambda run: (run.info.start_time, run.info.run_id))
+
+    def observers(self, trial: optuna.Trial, config: Any) -> Sequence[Observer]:
+        tags = {
+            MLFLOW_PARENT_RUN_ID: self._study_run(trial.study),
+            "optuna.study": self.study_name,
+            "optuna.trial": str(trial.number),
+        }
+        tracker = MlflowTracker(
+            self.store,
+            tags=tags,
+            run_prefix=f"trial{trial.number}-",
+            higher_is_better=self.higher_is_better,
+        )
+        return [tracker, _RecordRunId(trial, tracker)]
+
+    def mark_dead(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """A trial whose worker died: its run and its branch runs (left RUNNING by the dead
+        process, or already ended KILLED by a later invocation's sweep) become FAILED."""
+        run_id = trial.user_attrs.get(TRIAL_RUN_ATTR)
+        if run_id is None:
+            return
+        client = self.store.client
+        try:
+            children = client.search_runs(
+                [self.store.experiment_id],
+                f"tags.`mlflow.parentRunId` = '{run_id}'",
+            )
+            for run in [*children, client.get_run(run_id)]:
+                client.log_batch(run.info.run_id, tags=[RunTag("fm_optuna.status", "FAIL")])
+                client.set_terminated(run.info.run_id, status="FAILED")
+        except Exception:  # the store is best effort here: the study itself must go on
+            return
+
+    def finish(self, study: optuna.Study, *, status: str = "FINISHED") -> None:
+        """End the study's run for this invocation with the study's best so far."""
+        if self.study_run_id is None:
+            return
+        trials = study.get_trials(deepcopy=False)
+        counts = {state: sum(t.state.name == state for t in trials) for state in _STATES}
+        finished = counts["COMPLETE"] + counts["PRUNED"]
+        stamp = _now_ms()
+        metrics = [
+            Metric(f"trials/{s.lower()}", float(n), stamp, finished) for s, n in counts.items()
+        ]
+        tags = [RunTag("fm_optuna.trials", str(len(trials)))]
+        complete = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
+        if complete:
+            best = study.best_trial
+            metrics.append(Metric("best/value", float(best.value), stamp, finished))
+            tags += [
+                RunTag("best_trial", str(best.number)),
+                RunTag("best_value", f"{best.value}"),
+                RunTag("best_params", json.dumps(best.params, sort_keys=True)),
+            ]
+            for name, value in best.params.items():
+                key = f"best/{metric_key(name)}"
+                if isinstance(value, int | float) and math.isfinite(value):
+                    metrics.append(Metric(key, float(value), stamp, finished))
+                else:
+                    tags.append(RunTag(key, str(value)))
+        self.store.client.log_batch(self.study_run_id, metrics=metrics, tags=tags)
+        self.store.client.set_terminated(self.study_run_id, status=status)
+
+    def browse(self) -> list[str]:
+        command = browse_command(self.store.uri, self.store.experiment_name)
+        lines = [
+            f"MLflow experiment {self.store.experiment_name!r} in {self.store.display_uri}: "
+            f"{command}"
+        ]
+        if self.study_run_id is not None:
+            lines.append(
+                f"MLflow study run study-{self.study_name} ({self.study_run_id}): every trial's "
+                "ForkMerge run below it, its overview showing the Λ table"
+            )
+        return lines
