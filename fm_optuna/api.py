@@ -8,13 +8,14 @@ call opens ends FINISHED, or FAILED when training raises.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fm_optuna.config import ForkMergeConfig
+from fm_optuna.config import ForkMergeConfig, RuntimeOptions, StudyOptions
 from fm_optuna.core._events import EventStream, Observer, RunFinished
 from fm_optuna.core._loop import ForkMergeResult, run_forkmerge
 from fm_optuna.core._training import target_score
@@ -26,13 +27,10 @@ from fm_optuna.search._search import MergeDecision, MergeStrategy
 from fm_optuna.search._search import search_merge as _search_merge
 from fm_optuna.search.strategies import make_strategy
 from fm_optuna.study._spec import (
-    DEFAULT_OPTUNA_STORAGE,
     ProblemSection,
-    SearchSection,
     SpaceSection,
-    StudySection,
     StudySpec,
-    TrainingSection,
+    check_branches_fit,
     parse_space,
 )
 
@@ -195,13 +193,14 @@ def tune(
     *,
     study_name: str,
     config: ForkMergeConfig | None = None,
-    storage: str = DEFAULT_OPTUNA_STORAGE,
-    n_trials: int = 8,
+    storage: str = StudyOptions.storage,
+    n_trials: int = StudyOptions.n_trials,
     sampler: BaseSampler | None = None,
     pruner: BasePruner | None = None,
-    seed: int = 0,
-    tracking_uri: str | None = None,
-    checkpoint_dir: str = "tracking/checkpoints",
+    seed: int | None = None,
+    tracking_uri: str | None = StudyOptions.tracking_uri,
+    checkpoint_dir: str = StudyOptions.checkpoint_dir,
+    threads: int | None = RuntimeOptions.threads,
     callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
 ) -> TuneReport:
     """Create or resume the outer Optuna study: each trial trains ForkMerge with suggested Δt, L.
@@ -221,11 +220,12 @@ def tune(
         n_trials: Finished (complete or pruned) trials to reach.
         sampler: An Optuna sampler (default: ``TPESampler(seed=seed)``).
         pruner: An Optuna pruner (default: a median pruner aligned on training steps).
-        seed: Seed of the default sampler.
+        seed: Seed of the default sampler and of every trial (default: ``config.seed``).
         tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI``; neither: no tracking);
             experiment ``fm-optuna/study/<study name>``, one parent run per study.
         checkpoint_dir: Where trials checkpoint every merge and save their final model.
         callbacks: Optuna callbacks run after each trial.
+        threads: Intra-op CPU threads (``None``: torch's own setting), as ``--threads``.
 
     Returns:
         :class:`~fm_optuna.study.TuneReport`: best parameters and value, the best trial's test
@@ -242,8 +242,6 @@ def tune(
     from fm_optuna.study._tuner import Tuner
 
     config = config or ForkMergeConfig()
-    if not isinstance(n_trials, int) or n_trials < 1:
-        raise invalid("n_trials", n_trials, "a positive integer")
     if not isinstance(study_name, str) or not study_name.strip():
         raise invalid("study_name", study_name, "a non-empty name")
     where = f"fm_optuna.tune({study_name!r})"
@@ -251,28 +249,19 @@ def tune(
         space = parse_space(space, steps=config.total_steps, where=where)
     spec = StudySpec(
         path=where,  # messages name the call instead of a file
-        study=StudySection(
+        study=StudyOptions(
             name=study_name,
             n_trials=n_trials,
-            seed=seed,
             storage=storage,
             tracking_uri=tracking_uri,
             checkpoint_dir=checkpoint_dir,
         ),
         problem=ProblemSection(benchmark=problem.name, target=problem.target),
-        training=TrainingSection(
-            steps=config.total_steps,
-            dt=config.dt,
-            branches=config.branches,
-            lr=config.lr,
-            plan=config.plan,
-            ranking=config.ranking,
-            optimizer_policy=config.optimizer_policy,
-            final=config.final,
-        ),
-        search=SearchSection(config.strategy, config.merge_trials, config.grid_resolution),
+        base=config if seed is None else dataclasses.replace(config, seed=seed),
         space=space,
+        runtime=RuntimeOptions(threads=threads),
     )
+    check_branches_fit(spec, problem)
     tracking = None
     uri = _tracking_uri(tracking_uri)
     if uri is not None:
@@ -282,7 +271,6 @@ def tune(
     tuner = Tuner(
         spec,
         problem=problem,
-        config=config,
         sampler=sampler,
         pruner=pruner,
         tracking=tracking,

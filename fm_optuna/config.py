@@ -1,19 +1,32 @@
-"""The run configuration of ForkMerge and of every baseline, with its allowed values.
+"""The one configuration schema: every option of a run and of a study, defined once.
+
+Each option is a dataclass field whose metadata (:class:`Option`) carries its help text, allowed
+values or range, its study-file section and key and its command-line flag. The CLI flags
+(:mod:`fm_optuna.cli`), the study-file parser (:mod:`fm_optuna.study`), the API's keyword
+arguments and defaults, ``--help``, the key table of ``studies/README.md``
+(:func:`key_table`), the MLflow params (:meth:`ForkMergeConfig.as_params`) and a study's
+configuration fingerprint are all read from here, so a default is written in one place only.
 
 It sits at the bottom of the package: the loop, the rankings, the baselines, the outer study and
-the CLI all read it, and it reads nothing of theirs.
+the CLI all read it, and it reads nothing of theirs but the names of plans, cut rules and
+strategies.
+
+Example:
+    >>> option_of(ForkMergeConfig, "total_steps").key, ForkMergeConfig.total_steps
+    ('steps', 600)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from fm_optuna.core._branches import CUT_RULES, PLANS, check_keep
-from fm_optuna.errors import check_finite, invalid, one_of
+from fm_optuna.errors import ConfigError, invalid
 from fm_optuna.search.strategies import STRATEGIES, make_strategy
 
 if TYPE_CHECKING:
@@ -24,6 +37,10 @@ FINAL_MODELS = ("last", "best")
 RANKINGS = ("prepass", "given", "affinity", "merge")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step")
+OUTER_SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "none")
+#: Where a study file's tables live; ``runtime`` options sit under ``[study]`` in a file.
+SECTIONS = ("study", "problem", "training", "search")
 
 #: ``params -> Optimizer``, e.g. ``functools.partial(torch.optim.RMSprop, lr=1e-3)``.
 OptimizerFactory: TypeAlias = "Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]"
@@ -32,6 +49,209 @@ OptimizerFactory: TypeAlias = "Callable[[Iterable[torch.Tensor]], torch.optim.Op
 SchedulerFactory: TypeAlias = (
     "Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]"
 )
+
+
+@dataclass(frozen=True)
+class Option:
+    """What the schema knows of one option besides its name, type and default.
+
+    Attributes:
+        help: One sentence for ``--help`` and the study-file key table.
+        section: The study-file table that holds it (``training``, ``search``, ``study``).
+        kind: ``int``, ``float``, ``bool``, ``str``, ``ints`` or ``strs`` (lists).
+        key: Its study-file key and API name when it differs from the field's name.
+        choices: The allowed strings of a ``str`` option.
+        low, high: The allowed range of a number; ``low_open``/``high_open`` exclude the bound.
+        optional: ``None`` is allowed (and means "the option's automatic value").
+        callable_ok: The API may pass a callable instead of a name (optimizer, scheduler).
+        flag: The command-line flag (default ``--key`` with dashes); ``""`` for none.
+        fingerprint: Whether it changes what a trial trains (a study refuses a change of it).
+        empty_ok: An empty list is allowed (a list option).
+        exclusive: Flags sharing this group name exclude each other on the command line.
+    """
+
+    help: str
+    section: str
+    kind: str
+    key: str = ""
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+    callable_ok: bool = False
+    flag: str | None = None
+    fingerprint: bool = True
+    empty_ok: bool = False
+    exclusive: str = ""
+
+    def allowed(self, *, api: bool = True) -> str:
+        """What a value may be, in the words of an error message (``api``: as the Python API
+        takes it, where some options may be callables)."""
+        text = self._allowed()
+        if self.callable_ok and api:
+            text += " or a callable"
+        return text
+
+    def _allowed(self) -> str:
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "str":
+            return "one of " + ", ".join(sorted(self.choices)) if self.choices else "a string"
+        if self.kind == "ints":
+            return "a list of integers, e.g. [0, 1, 3]"
+        if self.kind == "strs":
+            return "a list of names"
+        return _range_text(self)
+
+    def check(self, name: str, value: Any) -> Any:
+        """``value`` normalised (an int as a float, a list as a tuple), or the house-format
+        error naming ``name``."""
+        if value is None and self.optional:
+            return None
+        if self.callable_ok and callable(value) and not isinstance(value, str):
+            return value
+        checked = _CHECKS[self.kind](self, value)
+        if checked is _INVALID:
+            raise invalid(name, _shown(value), self.allowed())
+        return checked
+
+
+_INVALID = object()
+
+
+def _shown(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+def _range_text(option: Option) -> str:
+    noun = "integer" if option.kind == "int" else "number"
+    low, high = option.low, option.high
+    if high is None:
+        if low is None:
+            return f"a finite {noun}" if noun == "number" else "an integer"
+        if low == 0:
+            return f"a positive {noun}" if option.low_open else f"a non-negative {noun}"
+        if low == 1 and noun == "integer":
+            return "a positive integer"
+        return f"an {noun} of at least {_plain(low)}"
+    left, right = "(" if option.low_open else "[", ")" if option.high_open else "]"
+    return f"a {noun} in {left}{_plain(low)}, {_plain(high)}{right}"
+
+
+def _plain(number: float | None) -> str:
+    return f"{number:g}"
+
+
+def _in_range(option: Option, value: float) -> bool:
+    if option.low is not None and (value < option.low or (option.low_open and value == option.low)):
+        return False
+    return option.high is None or not (
+        value > option.high or (option.high_open and value == option.high)
+    )
+
+
+def _check_int(option: Option, value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or not _in_range(option, value):
+        return _INVALID
+    return value
+
+
+def _check_float(option: Option, value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return _INVALID
+    if not math.isfinite(value) or not _in_range(option, value):
+        return _INVALID
+    return float(value)
+
+
+def _check_bool(option: Option, value: Any) -> Any:
+    return value if isinstance(value, bool) else _INVALID
+
+
+def _check_str(option: Option, value: Any) -> Any:
+    if not isinstance(value, str) or (option.choices and value not in option.choices):
+        return _INVALID
+    return value
+
+
+def _check_list(item: type) -> Callable[[Option, Any], Any]:
+    def check(option: Option, value: Any) -> Any:
+        if not isinstance(value, list | tuple) or not (value or option.empty_ok):
+            return _INVALID
+        if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            return _INVALID
+        return tuple(value)
+
+    return check
+
+
+_CHECKS: dict[str, Callable[[Option, Any], Any]] = {
+    "int": _check_int,
+    "float": _check_float,
+    "bool": _check_bool,
+    "str": _check_str,
+    "ints": _check_list(int),
+    "strs": _check_list(str),
+}
+
+
+def option(default: Any, help: str, *, section: str, kind: str, **meta: Any) -> Any:
+    """A dataclass field that is an option of the schema (see :class:`Option`)."""
+    return dataclasses.field(
+        default=default, metadata={"option": Option(help, section, kind, **meta)}
+    )
+
+
+@dataclass(frozen=True)
+class SchemaEntry:
+    """One option as every door sees it: its field, its metadata and its default."""
+
+    name: str
+    option: Option
+    default: Any
+    owner: type
+
+    @property
+    def key(self) -> str:
+        return self.option.key or self.name
+
+    @property
+    def flag(self) -> str:
+        if self.option.flag is not None:
+            return self.option.flag
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def dotted(self) -> str:
+        """Its study-file address, e.g. ``training.steps``."""
+        return f"{self.option.section}.{self.key}"
+
+
+def schema(*owners: type) -> Iterator[SchemaEntry]:
+    """Every option of the given schema dataclasses (default: all of them), in field order."""
+    for owner in owners or SCHEMA_CLASSES:
+        for f in fields(owner):
+            if "option" in f.metadata:
+                yield SchemaEntry(f.name, f.metadata["option"], f.default, owner)
+
+
+def option_of(owner: type, name: str) -> Option:
+    """The :class:`Option` of field ``name`` of ``owner``."""
+    for entry in schema(owner):
+        if entry.name == name:
+            return entry.option
+    raise KeyError(name)
+
+
+def _check_fields(instance: Any) -> None:
+    """Every option of a schema dataclass against its metadata (normalised in place)."""
+    for entry in schema(type(instance)):
+        value = entry.option.check(entry.key, getattr(instance, entry.name))
+        object.__setattr__(instance, entry.name, value)
 
 
 def factory_name(value: object) -> str:
@@ -50,180 +270,263 @@ def factory_name(value: object) -> str:
     return f"{module}.{name}" if module and module != "builtins" else name
 
 
+T, S = "training", "search"
+
+
 @dataclass(frozen=True)
 class ForkMergeConfig:
-    """Everything that defines a ForkMerge run; logged as run parameters and checkpointed.
+    """Everything that defines a ForkMerge run (and a baseline's budget and optimiser); logged
+    as run parameters and checkpointed. Each field's help, range, study-file key and flag are in
+    its :class:`Option`; ``fm-optuna run --help`` and ``studies/README.md`` list them.
 
-    Attributes:
-        dt: Merge interval Δt in optimizer steps.
-        total_steps: Training budget T in optimizer steps (per branch).
-        strategy: Merge-search strategy (``grid``, ``binary``, ``greedy``, ``tpe``, ``cmaes``,
-            ``random``).
-        merge_trials: Inner-study budget for the strategies that take one.
-        grid_resolution: Lattice step of ``grid``.
-        full_evaluation: Score every merge candidate on the whole validation set. By default a
-            candidate of ``grid``, ``random`` or ``tpe`` on a problem with
-            ``target_example_scores`` is scored part by part and stopped once it can matter
-            neither to the decision nor to the sampler's later proposals: the same search, for
-            fewer forwards (``evaluation = "exact"`` of :func:`fm_optuna.search.search_merge`).
-        pruned_evaluation: Score merge candidates part by part on the validation set and stop
-            those that can no longer win, even if the sampler's later proposals change: exactly,
-            hardest examples first, for problems with ``target_example_scores``
-            (``search._evaluation``); by the noise-aware ``prune_sigmas`` rule for those
-            with only ``target_chunks``; others evaluate whole. The chosen Λ is always fully
-            evaluated.
-        evaluation_chunks: Validation parts of an exact or pruned evaluation.
-        prune_sigmas: For problems scored chunk by chunk only: how many standard errors of what
-            the remaining chunks could add a candidate must trail the best finished one by
-            before it is stopped (0: any deficit).
-        plan: ``pruned`` (Alg. 4), ``pairwise`` (Alg. 1/2) or ``joint`` (App. A.4).
-        branches: L, the number of branches (``None``: the plan's default).
-        ranking: ``prepass`` (short target+aux runs ranked by target validation, the official
-            code), ``affinity`` (lookahead inter-task affinity), ``merge`` (the Λ_k one Alg. 2
-            merge gives each auxiliary, the paper's Alg. 4) or ``given`` (the order of
-            ``aux_order``, else the benchmark's task order).
-        ranking_steps: Steps of each pre-pass run (``None``: Δt).
-        aux_order: Explicit best-first order of the auxiliaries for ``ranking="given"``.
-        cut: Which intermediate ν^k a pruned plan keeps: ``auto`` (relevance drops that stand
-            out of the noise, else evenly spread), ``spread`` or ``gaps`` (the largest drops);
-            see :mod:`fm_optuna.core._branches`.
-        keep: Explicit top-k counts of the kept branches, from 0 (target only) to n (all), as
-            the official code's lists, e.g. ``(0, 1, 3)``; fixes L = len(keep) and overrides
-            ``cut``.
-        optimizer_policy: What happens to optimizer state at a merge: ``keep`` (each branch keeps
-            its moments, as the official code), ``reset`` or ``average`` (moments averaged by Λ).
-        final: ``last`` merge or ``best``-validated merge is the final model.
-        lr: Learning rate of the named optimizer (a factory sets its own).
-        optimizer: ``adam`` (default), ``adamw``, ``sgd``, or a callable ``params -> Optimizer``
-            (the API's way to any optimizer). Every branch, baseline and pre-pass run uses it.
-        momentum: SGD momentum (``optimizer="sgd"`` only).
-        weight_decay: Weight decay of the named optimizer (decoupled for ``adamw``).
-        scheduler: ``none``, ``cosine`` (cosine annealing to 0 over T), ``step`` (× ``lr_gamma``
-            every ``lr_step_size`` steps), or a callable ``optimizer -> LRScheduler``. It steps
-            once per optimizer step over the whole T; each branch keeps its own across merges.
-        lr_step_size: Steps between decays of ``step`` (``None``: a third of T).
-        lr_gamma: Decay factor of ``step``.
-        clip_grad_norm: Clip the gradient's total 2-norm to this before each step (``None``: no
-            clipping).
-        amp: Automatic mixed precision on CUDA (autocast, and a GradScaler for weighted-sum
-            updates); ignored, with a note, on CPU.
-        seed: Seeds model initialisation, data order and every inner study.
-        log_every: Steps between training-loss reports.
+    The API may give ``optimizer`` as a callable ``params -> Optimizer`` and ``scheduler`` as a
+    callable ``optimizer -> LRScheduler`` instead of a name.
     """
 
-    dt: int = 100
-    total_steps: int = 600
-    strategy: str = "grid"
-    merge_trials: int = 20
-    grid_resolution: float = 0.1
-    full_evaluation: bool = False
-    pruned_evaluation: bool = False
-    evaluation_chunks: int = 4
-    prune_sigmas: float = 2.0
-    plan: str = "pruned"
-    branches: int | None = None
-    ranking: str = "prepass"
-    ranking_steps: int | None = None
-    aux_order: tuple[str, ...] | None = None
-    cut: str = "auto"
-    keep: tuple[int, ...] | None = None
-    optimizer_policy: str = "keep"
-    final: str = "last"
-    lr: float = 1e-3
-    seed: int = 0
-    log_every: int = 25
-    optimizer: str | OptimizerFactory = "adam"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    scheduler: str | SchedulerFactory = "none"
-    lr_step_size: int | None = None
-    lr_gamma: float = 0.1
-    clip_grad_norm: float | None = None
-    amp: bool = False
+    dt: int = option(100, "merge interval Δt in optimizer steps", section=T, kind="int", low=1)
+    total_steps: int = option(
+        600, "training budget T in optimizer steps", section=T, kind="int", low=1, key="steps"
+    )
+    branches: int | None = option(
+        None,
+        "number of branches L (default: max(2, ceil(log2 K)) for pruned, K for pairwise; "
+        "the length of keep when it is given)",
+        section=T,
+        kind="int",
+        low=2,
+        optional=True,
+    )
+    plan: str = option(
+        "pruned",
+        "branch plan: pruned (Alg. 4), pairwise (Alg. 1/2) or joint (App. A.4)",
+        section=T,
+        kind="str",
+        choices=PLANS,
+    )
+    ranking: str = option(
+        "prepass",
+        "auxiliary ranking for the pruned plan: prepass trains target+aux for ranking_steps from "
+        "the initial model and ranks by target validation (the official code); affinity ranks by "
+        "the lookahead inter-task affinity of Fifty et al.; merge by the Λ_k one Alg. 2 merge "
+        "gives each auxiliary (the paper's Alg. 4); given uses aux_order, else the task order",
+        section=T,
+        kind="str",
+        choices=RANKINGS,
+    )
+    ranking_steps: int | None = option(
+        None,
+        "steps of each pre-pass run, or of the affinity run (default: Δt)",
+        section=T,
+        kind="int",
+        low=1,
+        optional=True,
+    )
+    aux_order: tuple[str, ...] | None = option(
+        None,
+        "best-first auxiliaries for ranking = given",
+        section=T,
+        kind="strs",
+        optional=True,
+    )
+    cut: str = option(
+        "auto",
+        "which intermediate branches ν^k a pruned plan keeps: auto cuts the relevance ranking "
+        "where a drop stands out of the noise and spreads the other cuts evenly; spread cuts "
+        "evenly; gaps cuts at the largest drops however small",
+        section=T,
+        kind="str",
+        choices=CUT_RULES,
+    )
+    keep: tuple[int, ...] | None = option(
+        None,
+        "explicit top-k counts of the kept branches from 0 (target only) to n (all auxiliaries), "
+        "as the official code's lists, e.g. 0,1,3; sets L to their number and overrides cut",
+        section=T,
+        kind="ints",
+        optional=True,
+    )
+    optimizer_policy: str = option(
+        "keep",
+        "optimizer state at a merge: keep (each branch keeps its moments, as the official code), "
+        "reset, or average (moments averaged by Λ)",
+        section=T,
+        kind="str",
+        choices=OPTIMIZER_POLICIES,
+    )
+    final: str = option(
+        "last",
+        "final model: the last or the best-validated merge",
+        section=T,
+        kind="str",
+        choices=FINAL_MODELS,
+    )
+    optimizer: str | OptimizerFactory = option(
+        "adam",
+        "optimizer of every branch, baseline and pre-pass run",
+        section=T,
+        kind="str",
+        choices=OPTIMIZERS,
+        callable_ok=True,
+    )
+    lr: float = option(
+        1e-3,
+        "learning rate of the named optimizer",
+        section=T,
+        kind="float",
+        low=0,
+        low_open=True,
+    )
+    momentum: float = option(
+        0.0,
+        "SGD momentum (optimizer = sgd only)",
+        section=T,
+        kind="float",
+        low=0,
+        high=1,
+        high_open=True,
+    )
+    weight_decay: float = option(
+        0.0,
+        "weight decay of the named optimizer (decoupled for adamw)",
+        section=T,
+        kind="float",
+        low=0,
+    )
+    scheduler: str | SchedulerFactory = option(
+        "none",
+        "learning-rate schedule over T, stepped every optimizer step: none, cosine (to 0 over T) "
+        "or step (× lr_gamma every lr_step_size steps); each branch keeps its own across merges",
+        section=T,
+        kind="str",
+        choices=SCHEDULERS,
+        callable_ok=True,
+    )
+    lr_step_size: int | None = option(
+        None,
+        "step schedule: decay every this many steps (default: T/3)",
+        section=T,
+        kind="int",
+        low=1,
+        optional=True,
+    )
+    lr_gamma: float = option(
+        0.1,
+        "step schedule: decay factor",
+        section=T,
+        kind="float",
+        low=0,
+        high=1,
+        low_open=True,
+    )
+    clip_grad_norm: float | None = option(
+        None,
+        "clip the gradient's 2-norm to this before each step (default: no clipping)",
+        section=T,
+        kind="float",
+        low=0,
+        low_open=True,
+        optional=True,
+    )
+    amp: bool = option(
+        False,
+        "automatic mixed precision on CUDA (ignored, with a note, on CPU)",
+        section=T,
+        kind="bool",
+    )
+    log_every: int = option(
+        25,
+        "steps between training-loss reports",
+        section=T,
+        kind="int",
+        low=1,
+        fingerprint=False,
+    )
+    strategy: str = option(
+        "tpe",
+        "merge-search strategy (default tpe: in the digits replays it came within 0.1 pp of the "
+        "best known Λ on most merges at 20 evaluations for L = 3 to 5, at the cost per "
+        "evaluation of greedy; see studies/README.md)",
+        section=S,
+        kind="str",
+        choices=tuple(STRATEGIES),
+    )
+    merge_trials: int = option(
+        20,
+        "inner-study budget of the strategies that take one (tpe, binary, cmaes, random, "
+        "gp, gradient)",
+        section=S,
+        kind="int",
+        low=1,
+    )
+    grid_resolution: float = option(
+        0.1, "lattice step of grid", section=S, kind="float", low=0, high=1, low_open=True
+    )
+    full_evaluation: bool = option(
+        False,
+        "score every candidate on the whole validation set (by default grid, random and tpe "
+        "candidates on problems that score examples one by one stop once they can change "
+        "neither the decision nor the sampler's next proposals: the same search, fewer forwards)",
+        section=S,
+        kind="bool",
+        exclusive="evaluation",
+    )
+    pruned_evaluation: bool = option(
+        False,
+        "stop candidates once they can no longer win, even if the sampler's later proposals "
+        "change: exactly where the problem scores examples one by one, else by prune_sigmas; "
+        "the chosen merge is always fully evaluated",
+        section=S,
+        kind="bool",
+        exclusive="evaluation",
+    )
+    evaluation_chunks: int = option(
+        4,
+        "validation parts a candidate is scored in when it may be stopped",
+        section=S,
+        kind="int",
+        low=2,
+    )
+    prune_sigmas: float = option(
+        2.0,
+        "problems scored chunk by chunk only (QM9): a candidate is stopped when it trails the "
+        "best finished one by more than this many standard errors of what the remaining chunks "
+        "could add (0 stops at any deficit)",
+        section=S,
+        kind="float",
+        low=0,
+    )
+    seed: int = option(
+        0,
+        "seed of initialisation, data order, inner studies and the outer sampler",
+        section="study",
+        kind="int",
+        low=0,
+    )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.total_steps, int) or self.total_steps < 1:
-            raise invalid("steps", self.total_steps, "a positive integer")
-        if not isinstance(self.dt, int) or not 1 <= self.dt <= self.total_steps:
+        _check_fields(self)
+        if self.dt > self.total_steps:
             raise invalid("dt", self.dt, f"an integer from 1 to steps ({self.total_steps})")
-        if self.strategy not in STRATEGIES:
-            raise one_of("strategy", self.strategy, STRATEGIES)
-        if not isinstance(self.merge_trials, int) or self.merge_trials < 1:
-            raise invalid("merge_trials", self.merge_trials, "a positive integer")
-        for name in ("full_evaluation", "pruned_evaluation"):
-            if not isinstance(getattr(self, name), bool):
-                raise invalid(name, getattr(self, name), "true or false")
         if self.full_evaluation and self.pruned_evaluation:
             raise invalid(
                 "full_evaluation", True, "false when pruned_evaluation is true (choose one)"
             )
-        if not isinstance(self.evaluation_chunks, int) or self.evaluation_chunks < 2:
-            raise invalid("evaluation_chunks", self.evaluation_chunks, "an integer of at least 2")
-        check_finite("prune_sigmas", self.prune_sigmas, "a non-negative number")
-        if self.prune_sigmas < 0:
-            raise invalid("prune_sigmas", self.prune_sigmas, "a non-negative number")
-        if self.plan not in PLANS:
-            raise one_of("plan", self.plan, PLANS)
-        if self.ranking not in RANKINGS:
-            raise one_of("ranking", self.ranking, RANKINGS)
-        if self.ranking_steps is not None and self.ranking_steps < 1:
-            raise invalid("ranking_steps", self.ranking_steps, "a positive integer")
-        if self.cut not in CUT_RULES:
-            raise one_of("cut", self.cut, CUT_RULES)
         if self.keep is not None:
             self._check_keep()
-        if self.optimizer_policy not in OPTIMIZER_POLICIES:
-            raise one_of("optimizer_policy", self.optimizer_policy, OPTIMIZER_POLICIES)
-        if self.final not in FINAL_MODELS:
-            raise one_of("final", self.final, FINAL_MODELS)
-        if not check_finite("lr", self.lr, "a positive number") > 0:
-            raise invalid("lr", self.lr, "a positive number")
-        if self.log_every < 1:
-            raise invalid("log_every", self.log_every, "a positive integer")
-        check_finite("grid_resolution", self.grid_resolution, "a positive number")
-        make_strategy(self.strategy, resolution=self.grid_resolution)  # validates its options
-        self._check_training_hooks()
-
-    def _check_training_hooks(self) -> None:
-        if isinstance(self.optimizer, str):
-            if self.optimizer not in OPTIMIZERS:
-                raise one_of("optimizer", self.optimizer, OPTIMIZERS)
-        elif not callable(self.optimizer):
-            raise invalid("optimizer", self.optimizer, "one of adam, adamw, sgd or a callable")
-        named = isinstance(self.optimizer, str)
-        if not 0 <= check_finite("momentum", self.momentum) < 1:
-            raise invalid("momentum", self.momentum, "a number in [0, 1)")
         if self.momentum and self.optimizer != "sgd":
             raise invalid("momentum", self.momentum, "0 unless optimizer = sgd")
-        if check_finite("weight_decay", self.weight_decay) < 0:
-            raise invalid("weight_decay", self.weight_decay, "a non-negative number")
-        if self.weight_decay and not named:
+        if self.weight_decay and not isinstance(self.optimizer, str):
             raise invalid("weight_decay", self.weight_decay, "0 with an optimizer factory")
-        if isinstance(self.scheduler, str):
-            if self.scheduler not in SCHEDULERS:
-                raise one_of("scheduler", self.scheduler, SCHEDULERS)
-        elif not callable(self.scheduler):
-            raise invalid("scheduler", self.scheduler, "one of cosine, none, step or a callable")
-        if self.lr_step_size is not None and (
-            isinstance(self.lr_step_size, bool)
-            or not isinstance(self.lr_step_size, int)
-            or self.lr_step_size < 1
-        ):
-            raise invalid("lr_step_size", self.lr_step_size, "a positive integer")
-        if not 0 < check_finite("lr_gamma", self.lr_gamma) <= 1:
-            raise invalid("lr_gamma", self.lr_gamma, "a number in (0, 1]")
-        if self.clip_grad_norm is not None and not (
-            check_finite("clip_grad_norm", self.clip_grad_norm, "a positive number") > 0
-        ):
-            raise invalid("clip_grad_norm", self.clip_grad_norm, "a positive number")
-        if not isinstance(self.amp, bool):
-            raise invalid("amp", self.amp, "true or false")
+        make_strategy(self.strategy, resolution=self.grid_resolution)  # validates its options
 
     def _check_keep(self) -> None:
+        assert self.keep is not None
         check_keep(self.keep)
         if self.plan == "pairwise":
             raise invalid("keep", _joined(self.keep), "used only with the pruned or joint plan")
-        if self.branches is not None and self.branches != len(self.keep):
+        if self.branches is None:
+            object.__setattr__(self, "branches", len(self.keep))
+        elif self.branches != len(self.keep):
             raise invalid("branches", self.branches, f"{len(self.keep)} (the length of keep)")
 
     @property
@@ -236,6 +539,7 @@ class ForkMergeConfig:
         return "pruned" if self.pruned_evaluation else "full" if self.full_evaluation else "exact"
 
     def as_params(self) -> dict[str, Any]:
+        """The MLflow params: every option by its field name, lists joined, callables named."""
         # Not asdict: it would deep-copy an optimizer or scheduler factory.
         params = {f.name: getattr(self, f.name) for f in fields(self)}
         params["aux_order"] = ",".join(self.aux_order) if self.aux_order else None
@@ -247,3 +551,177 @@ class ForkMergeConfig:
 
 def _joined(values: tuple[int, ...]) -> str:
     return ",".join(str(value) for value in values)
+
+
+DEFAULT_OPTUNA_STORAGE = "sqlite:///tracking/optuna.db"
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """The outer study's own options (``[study]`` of a study file, ``fm_optuna.tune``'s keyword
+    arguments); none of them changes what a trial trains."""
+
+    name: str = option(
+        "",
+        "study name (default: the file's stem)",
+        section="study",
+        kind="str",
+        flag="",
+        fingerprint=False,
+    )
+    n_trials: int = option(
+        8,
+        "finished (complete or pruned) trials the study grows to",
+        section="study",
+        kind="int",
+        low=1,
+        fingerprint=False,
+    )
+    sampler: str = option(
+        "tpe",
+        "outer sampler over the space (seeded by seed, never repeating a trial)",
+        section="study",
+        kind="str",
+        choices=OUTER_SAMPLERS,
+        flag="",
+        fingerprint=False,
+    )
+    pruner: str = option(
+        "median",
+        "outer pruner: median (aligned on training steps) or none",
+        section="study",
+        kind="str",
+        choices=PRUNERS,
+        flag="",
+        fingerprint=False,
+    )
+    storage: str = option(
+        DEFAULT_OPTUNA_STORAGE,
+        "Optuna RDB storage URL (sqlite:///path.db, postgresql://user:password@host/db)",
+        section="study",
+        kind="str",
+        fingerprint=False,
+    )
+    tracking_uri: str | None = option(
+        None,
+        "MLflow store: sqlite:///path.db, postgresql://… or an http(s):// MLflow server "
+        "(default: $MLFLOW_TRACKING_URI, else sqlite:///tracking/mlflow.db)",
+        section="study",
+        kind="str",
+        optional=True,
+        fingerprint=False,
+    )
+    heartbeat_seconds: int = option(
+        10,
+        "seconds between a running trial's heartbeats (a silent trial is retried)",
+        section="study",
+        kind="int",
+        low=1,
+        flag="",
+        fingerprint=False,
+    )
+    max_retry: int = option(
+        2,
+        "retries of a trial whose worker died",
+        section="study",
+        kind="int",
+        low=0,
+        flag="",
+        fingerprint=False,
+    )
+    checkpoint_dir: str = option(
+        "tracking/checkpoints",
+        "where trials checkpoint every merge and save their final model",
+        section="study",
+        kind="str",
+        flag="",
+        fingerprint=False,
+    )
+    baselines: tuple[str, ...] = option(
+        (),
+        "baselines trained once with the best trial's budget for the final summary, e.g. "
+        '["stl", "ew"]',
+        section="study",
+        kind="strs",
+        empty_ok=True,
+        flag="",
+        fingerprint=False,
+    )
+    save_merge_problems: bool = option(
+        False,
+        "save every merge's problem to the output folder and MLflow (for compare --replay)",
+        section=S,
+        kind="bool",
+        flag="",
+        fingerprint=False,
+    )
+
+    def __post_init__(self) -> None:
+        _check_fields(self)  # the baselines' names are checked by the study that trains them
+        object.__setattr__(self, "baselines", tuple(dict.fromkeys(self.baselines)))
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Where and how a process trains; never part of what a trial trains."""
+
+    device: str | None = option(
+        None,
+        "torch device (default: cuda if available, else cpu)",
+        section="study",
+        kind="str",
+        optional=True,
+        fingerprint=False,
+    )
+    threads: int | None = option(
+        1,
+        "intra-op CPU threads of this process (1 by default: the bench's threads measurement "
+        "shows why; none leaves torch's own setting)",
+        section="study",
+        kind="int",
+        low=1,
+        optional=True,
+        fingerprint=False,
+    )
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+SCHEMA_CLASSES: tuple[type, ...] = (ForkMergeConfig, StudyOptions, RuntimeOptions)
+
+
+def key_table() -> str:
+    """The study-file keys as a Markdown table (written into ``studies/README.md``)."""
+    rows = ["| key | default | allowed | what |", "| --- | --- | --- | --- |"]
+    for entry in sorted(schema(), key=lambda e: SECTIONS.index(e.option.section)):
+        default = "—" if entry.default in (None, "", ()) else f"`{_toml(entry.default)}`"
+        rows.append(
+            f"| `{entry.dotted}` | {default} | {entry.option.allowed()} | {entry.option.help} |"
+        )
+    return "\n".join(rows)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def fingerprint_keys() -> list[str]:
+    """The dotted study-file keys that change what a trial trains."""
+    return [entry.dotted for entry in schema() if entry.option.fingerprint]
+
+
+__all__ = [
+    "ConfigError",
+    "ForkMergeConfig",
+    "Option",
+    "RuntimeOptions",
+    "StudyOptions",
+    "key_table",
+    "option_of",
+    "schema",
+]

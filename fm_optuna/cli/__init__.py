@@ -30,25 +30,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _add_training_options(parser: argparse.ArgumentParser) -> None:
+def _add_problem_options(parser: argparse.ArgumentParser) -> None:
     from fm_optuna.benchmarks import describe_sources
-    from fm_optuna.cli._study import _add_plan_choice
-    from fm_optuna.config import (
-        FINAL_MODELS,
-        OPTIMIZER_POLICIES,
-        OPTIMIZERS,
-        RANKINGS,
-        SCHEDULERS,
-    )
-    from fm_optuna.core._branches import PLANS
-    from fm_optuna.search.strategies import STRATEGIES
+    from fm_optuna.study._spec import DEFAULT_BENCHMARK
 
     g = parser.add_argument_group("problem")
     g.add_argument(
         "--benchmark",
-        default="digits",
+        default=DEFAULT_BENCHMARK,
         help=f"the problem: {describe_sources()} (e.g. examples.diabetes:build, importable from "
-        "the working directory; default: digits)",
+        f"the working directory; default: {DEFAULT_BENCHMARK})",
     )
     g.add_argument(
         "--target",
@@ -83,198 +74,20 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="per-task batch size (default: the problem's own, e.g. digits 32, qm9 64; 32 for a "
         "factory that requires one)",
     )
-    g.add_argument(
-        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
-    )
-    g.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="intra-op CPU threads (default: 1; small models run faster single-threaded, and "
-        "parallel workers then share the cores without spin-waiting)",
-    )
 
-    g = parser.add_argument_group("ForkMerge")
-    g.add_argument(
-        "--dt", type=int, default=100, help="merge interval Δt in optimizer steps (default: 100)"
-    )
-    g.add_argument(
-        "--steps", type=int, default=600, help="training budget T in optimizer steps (default: 600)"
-    )
-    g.add_argument(
-        "--branches",
-        type=int,
-        default=None,
-        help="number of branches L (default: max(2, ceil(log2 K)) for pruned, K for pairwise)",
-    )
-    g.add_argument(
-        "--plan",
-        default="pruned",
-        help=f"branch plan: {', '.join(PLANS)} (default: pruned = Alg. 4)",
-    )
-    g.add_argument(
-        "--ranking",
-        default="prepass",
-        help=f"auxiliary ranking for the pruned plan: {', '.join(RANKINGS)}. "
-        "prepass (default) trains "
-        "target+aux for --ranking-steps from the initial model and ranks by target validation, "
-        "as the official code; affinity ranks by the lookahead inter-task affinity of Fifty et al. "
-        "(a short joint run); merge ranks by the weight Λ_k one Alg. 2 merge of the pairwise "
-        "branches gives each auxiliary (the paper's Alg. 4); given uses --aux-order, else the "
-        "benchmark's task order",
-    )
-    g.add_argument(
-        "--ranking-steps",
-        type=int,
-        default=None,
-        help="steps of each pre-pass run, or of the affinity run (default: Δt)",
-    )
-    g.add_argument(
-        "--aux-order",
-        default=None,
-        help="comma-separated best-first auxiliaries for --ranking given",
-    )
-    _add_plan_choice(g)
-    g.add_argument(
-        "--optimizer-policy",
-        default="keep",
-        help=f"optimizer state at a merge: {', '.join(OPTIMIZER_POLICIES)} (default: keep)",
-    )
-    g.add_argument(
-        "--final",
-        default="last",
-        help=f"final model: {', '.join(FINAL_MODELS)} merge (default: last)",
-    )
-    g.add_argument(
-        "--seed", type=int, default=0, help="seed of initialisation, data order and inner studies"
-    )
 
-    g = parser.add_argument_group(
-        "optimisation (every branch, baseline and pre-pass run uses the same)"
-    )
-    g.add_argument(
-        "--optimizer",
-        default="adam",
-        help=f"one of {', '.join(OPTIMIZERS)} (default: adam)",
-    )
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
-    g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0)")
-    g.add_argument(
-        "--weight-decay",
-        type=float,
-        default=0.0,
-        help="weight decay (default: 0; adamw: decoupled)",
-    )
-    g.add_argument(
-        "--scheduler",
-        default="none",
-        help=f"learning-rate schedule over T, stepped every optimizer step: "
-        f"{', '.join(SCHEDULERS)} (default: none); each branch keeps its own across merges",
-    )
-    g.add_argument(
-        "--lr-step-size",
-        type=int,
-        default=None,
-        help="step: decay every this many steps (default: T/3)",
-    )
-    g.add_argument("--lr-gamma", type=float, default=0.1, help="step: decay factor (default: 0.1)")
-    g.add_argument(
-        "--clip-grad-norm",
-        type=float,
-        default=None,
-        help="clip the gradient's 2-norm to this before each step (default: no clipping)",
-    )
-    g.add_argument(
-        "--amp",
-        action="store_true",
-        help="automatic mixed precision on CUDA (ignored, with a note, on CPU)",
-    )
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    """The problem's flags, then every option of the schema (training, search, runtime)."""
+    from fm_optuna.cli._options import add_flags, config_flags, runtime_flags
 
-    g = parser.add_argument_group("merge search (the inner Optuna study)")
-    g.add_argument(
-        "--strategy",
-        default="greedy",
-        help=f"one of {', '.join(STRATEGIES)} (default: greedy, the paper's Algorithm 3)",
-    )
-    g.add_argument(
-        "--merge-trials",
-        type=int,
-        default=20,
-        help="inner-study budget for binary, tpe, cmaes, random (default: 20)",
-    )
-    g.add_argument(
-        "--grid-resolution",
-        type=float,
-        default=0.1,
-        help="lattice step for grid (default: 0.1)",
-    )
-    evaluation = g.add_mutually_exclusive_group()
-    evaluation.add_argument(
-        "--full-evaluation",
-        action="store_true",
-        help="score every candidate on the whole validation set (by default grid, random and "
-        "tpe candidates on problems scoring examples one by one, as digits does, are stopped "
-        "once they can change neither the decision nor the sampler's next proposals: the same "
-        "search, fewer forwards)",
-    )
-    evaluation.add_argument(
-        "--pruned-evaluation",
-        action="store_true",
-        help="stop candidates once they can no longer win, even if the sampler's later "
-        "proposals change: exactly where the problem scores examples one by one, else by "
-        "--prune-sigmas; the chosen merge is always fully evaluated",
-    )
-    g.add_argument(
-        "--evaluation-chunks",
-        type=int,
-        default=4,
-        help="validation parts a candidate is scored in when it may be stopped (default: 4)",
-    )
-    g.add_argument(
-        "--prune-sigmas",
-        type=float,
-        default=2.0,
-        help="problems scored chunk by chunk only (QM9): a candidate is stopped when it trails "
-        "the best finished one on the same chunks by more than this many standard errors of what "
-        "the remaining chunks could add (default: 2; 0 stops at any deficit)",
-    )
+    _add_problem_options(parser)
+    add_flags(parser, [*runtime_flags(), *config_flags()])
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> Any:
-    from fm_optuna.cli._study import plan_choice
-    from fm_optuna.config import ForkMergeConfig
+    from fm_optuna.cli._options import config_from
 
-    values = dict(
-        dt=args.dt,
-        total_steps=args.steps,
-        strategy=args.strategy,
-        merge_trials=args.merge_trials,
-        grid_resolution=args.grid_resolution,
-        full_evaluation=args.full_evaluation,
-        pruned_evaluation=args.pruned_evaluation,
-        evaluation_chunks=args.evaluation_chunks,
-        prune_sigmas=args.prune_sigmas,
-        plan=args.plan,
-        branches=args.branches,
-        ranking=args.ranking,
-        ranking_steps=args.ranking_steps,
-        aux_order=tuple(args.aux_order.split(",")) if args.aux_order else None,
-        optimizer_policy=args.optimizer_policy,
-        final=args.final,
-        lr=args.lr,
-        seed=args.seed,
-        optimizer=args.optimizer,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        scheduler=args.scheduler,
-        lr_step_size=args.lr_step_size,
-        lr_gamma=args.lr_gamma,
-        clip_grad_norm=args.clip_grad_norm,
-        amp=args.amp,
-    )
-    values.update(plan_choice(args))
-    values.update(overrides)
-    return ForkMergeConfig(**values)
+    return config_from(args, **overrides)
 
 
 def benchmark_options(pairs: list[str]) -> dict[str, Any]:
@@ -304,9 +117,9 @@ def benchmark_options(pairs: list[str]) -> dict[str, Any]:
 
 def _problem(args: argparse.Namespace) -> Any:
     from fm_optuna.benchmarks import build_problem, resolve
-    from fm_optuna.cli._study import _torch_setup
+    from fm_optuna.cli._common import torch_setup
 
-    device = _torch_setup(args)
+    device = torch_setup(args)
     source = resolve(args.benchmark)
     extra = _problem_options(args)
     return build_problem(source, target=args.target, seed=args.seed, device=device, **extra)
@@ -561,16 +374,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
     )
 
 
-def _add_tracking_uri(parser: Any) -> None:  # a parser or an argument group
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow store: sqlite:///path.db, postgresql://user:password@host/db or an "
-        "http(s):// MLflow server (default: $MLFLOW_TRACKING_URI, else "
-        "sqlite:///tracking/mlflow.db with artifacts in tracking/mlartifacts)",
-    )
-
-
 # --- end tracking -------------------------------------------------------------------------------
 
 
@@ -606,6 +409,8 @@ def report_text(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fm_optuna.cli._common import add_tracking
+
     parser = _Parser(
         prog="fm-optuna", description="ForkMerge with Optuna merge search and MLflow tracking."
     )
@@ -653,14 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
         "required); the baselines are retrained, which is deterministic for a seed",
     )
     # tracking (issue #3)
-    g = run.add_argument_group("tracking (MLflow)")
-    _add_tracking_uri(g)
-    g.add_argument(
-        "--experiment",
-        default=None,
-        help="MLflow experiment name (default: fm-optuna/<benchmark>-<target>)",
+    add_tracking(
+        run.add_argument_group("tracking (MLflow)"),
+        experiment="MLflow experiment name (default: fm-optuna/<benchmark>-<target>)",
     )
-    g.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
     run.set_defaults(handler=cmd_run)
 
     ui = sub.add_parser(  # tracking (issue #3)
@@ -671,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         "latest ForkMerge runs in the model-training view (the links work in a fresh browser). "
         "See tracking/README.md to serve a store to a team.",
     )
-    _add_tracking_uri(ui)
+    add_tracking(ui, no_tracking=False)
     ui.add_argument(
         "--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000; 0: any free)"
     )

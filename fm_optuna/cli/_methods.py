@@ -19,15 +19,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fm_optuna.cli._study import (
-    _add_plan_choice,
-    _add_runtime,
-    _add_tracking,
-    _torch_setup,
-    comparison_tracking,
-    plan_choice,
-    tracked_comparison,
+from fm_optuna.cli._common import (
+    add_runtime,
+    add_spec_overrides,
+    add_tracking,
+    spec_config,
+    torch_setup,
 )
+from fm_optuna.cli._study import comparison_tracking, tracked_comparison
 from fm_optuna.core._progress import progress_stream
 
 
@@ -40,16 +39,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if args.seeds < 1:
         raise invalid("seeds", args.seeds, "a positive integer")
     overrides: dict[str, Any] = {}
-    if args.steps is not None:
-        overrides["total_steps"] = args.steps
-        if args.dt is None and spec.training.dt > args.steps:
-            overrides["dt"] = args.steps
-    if args.dt is not None:
-        overrides["dt"] = args.dt
-    if "keep" in args:  # compare-methods chooses the branches; task-affinity has none
-        overrides.update(plan_choice(args))
-    config = spec.config(**overrides)
-    return spec, config, _torch_setup(args)
+    if args.total_steps is not None and args.dt is None and spec.base.dt > args.total_steps:
+        overrides["dt"] = args.total_steps  # a shorter budget keeps Δt within it
+    config = spec_config(spec, args, **overrides)
+    return spec, config, torch_setup(args, spec)
 
 
 def _problems(spec: Any, text: str | None, device: Any) -> list[Any]:
@@ -98,7 +91,7 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
     problems = _problems(spec, args.targets, device)
     if "forkmerge" in methods:
         check_branches_fit(spec, problems[0], config.keep)
-    seeds = [spec.study.seed + i for i in range(args.seeds)]
+    seeds = [spec.seed + i for i in range(args.seeds)]
     tracking = comparison_tracking(
         args,
         spec,
@@ -219,7 +212,7 @@ def cmd_task_affinity(args: argparse.Namespace) -> int:
     if len(problem.auxiliaries) < 2:
         raise invalid("spec", spec.path, "a problem with at least two auxiliary tasks to rank")
     steps = args.affinity_steps or config.ranking_steps or config.dt
-    seeds = [spec.study.seed + i for i in range(args.seeds)]
+    seeds = [spec.seed + i for i in range(args.seeds)]
     out = Path(args.out or Path("tracking") / "task-affinity" / spec.study.name)
     store = None
     if not args.no_tracking:  # opened before any training: a bad store costs nothing
@@ -350,10 +343,7 @@ def cmd_task_affinity(args: argparse.Namespace) -> int:
 def _add_budget(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="a study specification, e.g. studies/digits.toml")
     parser.add_argument("--seeds", type=int, default=1, help="seeds study.seed.. (default: 1)")
-    parser.add_argument(
-        "--steps", type=int, default=None, help="budget T (default: the spec's training.steps)"
-    )
-    parser.add_argument("--dt", type=int, default=None, help="Δt (default: the spec's)")
+    add_spec_overrides(parser, ("total_steps", "dt"))
 
 
 def add_commands(sub: Any) -> None:
@@ -369,7 +359,7 @@ def add_commands(sub: Any) -> None:
         "transfer per task; save CSV and JSON.",
     )
     _add_budget(compare)
-    _add_plan_choice(compare)
+    add_spec_overrides(compare, ("branches", "cut", "keep"))
     compare.add_argument(
         "--methods",
         default="all",
@@ -390,8 +380,8 @@ def add_commands(sub: Any) -> None:
     compare.add_argument(
         "--out", default=None, help="output folder (default: tracking/compare-methods/<study>)"
     )
-    _add_tracking(compare)
-    _add_runtime(compare)
+    add_tracking(compare)
+    add_runtime(compare)
     compare.set_defaults(handler=cmd_compare_methods)
 
     affinity = sub.add_parser(
@@ -416,6 +406,6 @@ def add_commands(sub: Any) -> None:
     affinity.add_argument(
         "--out", default=None, help="output folder (default: tracking/task-affinity/<study>)"
     )
-    _add_tracking(affinity)
-    _add_runtime(affinity)
+    add_tracking(affinity)
+    add_runtime(affinity)
     affinity.set_defaults(handler=cmd_task_affinity)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import shlex
@@ -15,6 +16,14 @@ from typing import Any
 import optuna
 from tqdm.auto import tqdm
 
+from fm_optuna.cli._common import (
+    add_runtime,
+    add_spec_overrides,
+    add_tracking,
+    spec_config,
+    torch_setup,
+)
+from fm_optuna.cli._options import add_flags, study_flags, values
 from fm_optuna.core._events import MergeCompleted, Observer
 from fm_optuna.core._progress import ProgressLines, progress_stream
 from fm_optuna.tracking.uris import absolute_uri
@@ -47,31 +56,17 @@ def _best_value(study: optuna.Study) -> str:
         return "-"
 
 
-def _torch_setup(args: argparse.Namespace) -> Any:
-    import torch
-
-    from fm_optuna.errors import invalid
-
-    if args.threads < 1:
-        raise invalid("threads", args.threads, "a positive integer")
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise invalid("device", args.device, "cpu (no CUDA device is available)")
-    return device
-
-
 def cmd_tune(args: argparse.Namespace) -> int:
-    from fm_optuna.errors import invalid
     from fm_optuna.study._spec import load_spec
     from fm_optuna.study._tuner import Tuner, finished_trials
 
     spec = load_spec(args.spec)
-    if args.n_trials is not None and args.n_trials < 1:
-        raise invalid("n_trials", args.n_trials, "a positive integer")
-    device = _torch_setup(args)
+    study = dataclasses.replace(
+        spec.study, **values(args, study_flags(("storage", "n_trials")), from_spec=True)
+    )
+    device = torch_setup(args, spec)
     bar = tqdm(
-        total=args.n_trials or spec.study.n_trials,
+        total=study.n_trials,
         desc=f"study {spec.study.name}",
         unit="trial",
         disable=None,
@@ -96,8 +91,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     tuner = Tuner(
         spec,
-        storage=args.storage,
-        n_trials=args.n_trials,
+        storage=study.storage,
+        n_trials=study.n_trials,
         observers=observers,
         device=device,
         tracking=tracking,
@@ -197,7 +192,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if args.seeds < 1:
         raise invalid("seeds", args.seeds, "a positive integer")
-    device = _torch_setup(args)
+    device = torch_setup(args, spec)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     from fm_optuna.search.strategies import STRATEGIES
 
@@ -206,16 +201,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise invalid(
                 "strategies", strategy, "a comma-separated list of " + ", ".join(STRATEGIES)
             )
-    overrides: dict[str, Any] = {}
-    if args.dt is not None:
-        overrides["dt"] = args.dt
-    if args.branches is not None:
-        overrides["branches"] = args.branches
-    overrides.update(plan_choice(args))
-    config = spec.config(**overrides)
+    config = spec_config(spec, args)
     problem = spec.build_problem(device=device)
     check_branches_fit(spec, problem, config.keep)
-    seeds = [spec.study.seed + i for i in range(args.seeds)]
+    seeds = [spec.seed + i for i in range(args.seeds)]
     tracking = comparison_tracking(
         args, spec, problem, "compare", "strategy", {**config.as_params(), "seeds": seeds}
     )
@@ -286,7 +275,7 @@ def _saving_merge_problems(observers: Any, spec: Any, problem: Any, folder: Path
     source = {
         "benchmark": spec.problem.benchmark,
         "target": problem.target,
-        "seed": spec.study.seed,
+        "seed": spec.seed,
         "options": dict(spec.problem.options),
     }
 
@@ -344,7 +333,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.evaluation_chunks < 2:
         raise invalid("evaluation_chunks", args.evaluation_chunks, "an integer of at least 2")
     paths = find_merge_problems(Path(args.replay))
-    device = _torch_setup(args)
+    device = torch_setup(args)
     store = None
     if not args.no_tracking:
         from fm_optuna.tracking import open_store
@@ -465,19 +454,9 @@ def add_commands(sub: Any) -> None:
         "several machines against one PostgreSQL storage to share the study.",
     )
     tune.add_argument("spec", help="a study specification, e.g. studies/digits.toml")
-    tune.add_argument(
-        "--storage",
-        default=None,
-        help="Optuna storage URL (default: the spec's, else sqlite:///tracking/optuna.db)",
-    )
-    tune.add_argument(
-        "--n-trials",
-        type=int,
-        default=None,
-        help="total finished trials to reach (default: the spec's n_trials)",
-    )
-    _add_tracking(tune)
-    _add_runtime(tune)
+    add_flags(tune, study_flags(("storage", "n_trials")), from_spec=True)
+    add_tracking(tune)
+    add_runtime(tune)
     tune.set_defaults(handler=cmd_tune)
 
     compare = sub.add_parser(
@@ -540,18 +519,12 @@ def add_commands(sub: Any) -> None:
         help="run grid's 0.1 lattice only up to this many points (default: 300, i.e. L ≤ 4)",
     )
     compare.add_argument("--seeds", type=int, default=3, help="seeds per strategy (default: 3)")
-    compare.add_argument(
-        "--dt", type=int, default=None, help="Δt (default: the spec's training.dt)"
-    )
-    compare.add_argument(
-        "--branches", type=int, default=None, help="L (default: the spec's training.branches)"
-    )
-    _add_plan_choice(compare)
+    add_spec_overrides(compare, ("dt", "branches", "cut", "keep"))
     compare.add_argument(
         "--out", default=None, help="output folder (default: tracking/compare/<study name>)"
     )
-    _add_tracking(compare)
-    _add_runtime(compare)
+    add_tracking(compare)
+    add_runtime(compare)
     compare.set_defaults(handler=cmd_compare)
 
 
@@ -589,55 +562,3 @@ def tracked_comparison(tracking: Any) -> Iterator[list[Path]]:
         yield files
     for line in tracking.browse():
         print(f"browse: {line}", file=sys.stderr)
-
-
-def _add_tracking(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow store (default: the spec's tracking_uri, else $MLFLOW_TRACKING_URI, else "
-        "sqlite:///tracking/mlflow.db); one experiment per study, one parent run per study",
-    )
-    parser.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
-
-
-CUT_HELP = (
-    "which intermediate branches ν^k (target + top-k auxiliaries) a pruned plan keeps: auto "
-    "(default) cuts the relevance ranking only where a drop stands out of the noise (larger than "
-    "max(8, 4√m) × the median of the m drops) and spreads the other cuts evenly; spread cuts "
-    "evenly, k_i = round(i·n/(L−1)); gaps cuts at the largest drops however small (the older "
-    "rule)"
-)
-KEEP_HELP = (
-    "explicit top-k counts of the kept branches from 0 (target only) to n (all auxiliaries), "
-    "as the official code's lists, e.g. 0,1,3; sets L to their number and overrides --cut"
-)
-
-
-def _add_plan_choice(parser: Any) -> None:
-    parser.add_argument("--cut", default=None, help=CUT_HELP)
-    parser.add_argument("--keep", default=None, help=KEEP_HELP)
-
-
-def plan_choice(args: argparse.Namespace) -> dict[str, Any]:
-    """``--cut`` and ``--keep`` as configuration overrides (an absent flag overrides nothing)."""
-    from fm_optuna.errors import invalid
-
-    overrides: dict[str, Any] = {}
-    if args.cut is not None:
-        overrides["cut"] = args.cut
-    if args.keep is not None:
-        try:
-            keep = tuple(int(part) for part in args.keep.split(","))
-        except ValueError:
-            raise invalid("keep", args.keep, "comma-separated integers, e.g. 0,1,3") from None
-        overrides.update(keep=keep, branches=len(keep))
-    return overrides
-
-
-def _add_runtime(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
-    )
-    parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads (default: 1)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")

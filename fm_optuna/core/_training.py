@@ -39,7 +39,7 @@ from fm_optuna.errors import NonFiniteTraining
 if TYPE_CHECKING:
     from torch import nn
 
-    from fm_optuna.config import ForkMergeConfig
+    from fm_optuna.config import ForkMergeConfig, RuntimeOptions
     from fm_optuna.problem._tasks import Problem, Split
 
 LossCallback = Callable[[int, dict[str, float]], None]
@@ -221,6 +221,26 @@ def make_optimization(
         else:
             _note_amp_ignored(device)
     return Optimization(optimizer, make_scheduler(optimizer, config), config.clip_grad_norm, scaler)
+
+
+def use_runtime(runtime: RuntimeOptions) -> torch.device:
+    """Apply ``runtime``'s threads policy to this process and return its torch device.
+
+    One policy for every door (CLI, study files, API): ``threads`` intra-op threads (1 by
+    default, see :class:`~fm_optuna.config.RuntimeOptions`), or torch's own setting for
+    ``None``. The device is CUDA when there is one, else the CPU, unless named.
+    """
+    from fm_optuna.errors import invalid
+
+    if runtime.threads is not None:
+        torch.set_num_threads(runtime.threads)
+    try:
+        device = torch.device(runtime.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise invalid("device", runtime.device, "a torch device: cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise invalid("device", runtime.device, "cpu (no CUDA device is available)")
+    return device
 
 
 def seeded_model(problem: Problem, seed: int) -> nn.Module:

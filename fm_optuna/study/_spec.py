@@ -1,7 +1,10 @@
 """Study specifications (``studies/*.toml``) parsed into typed, validated configuration.
 
-Every mistake is one :class:`ConfigError` naming the file, the key and what is allowed, raised
-before anything is created in any store.
+The keys of ``[study]``, ``[training]`` and ``[search]``, their types, ranges and defaults are
+those of the schema in :mod:`fm_optuna.config`; ``[problem]`` holds the problem's source and its
+own options, ``[space]`` what the outer study searches. Every mistake is one
+:class:`ConfigError` naming the file, the key and what is allowed, raised before anything is
+created in any store.
 
 Example:
     >>> spec = load_spec("studies/digits.toml")  # doctest: +SKIP
@@ -11,7 +14,8 @@ Example:
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -20,24 +24,27 @@ from typing import TYPE_CHECKING, Any
 
 from fm_optuna.benchmarks import resolve
 from fm_optuna.config import (
-    FINAL_MODELS,
+    DEFAULT_OPTUNA_STORAGE,
     OPTIMIZER_POLICIES,
-    OPTIMIZERS,
-    RANKINGS,
-    SCHEDULERS,
     ForkMergeConfig,
+    RuntimeOptions,
+    SchemaEntry,
+    StudyOptions,
+    schema,
 )
-from fm_optuna.core._branches import CUT_RULES, PLANS, check_keep
+from fm_optuna.core._branches import check_keep
 from fm_optuna.errors import ConfigError
-from fm_optuna.search.strategies import STRATEGIES
 
 if TYPE_CHECKING:
     from fm_optuna.problem._tasks import Problem
 
-DEFAULT_OPTUNA_STORAGE = "sqlite:///tracking/optuna.db"
-OUTER_SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "none")
 REQUIRED_TABLES = ("study", "problem")
+TABLES = ("study", "problem", "training", "search", "space")
+DEFAULT_BENCHMARK = "digits"
+#: Kept for code written before the schema moved to :mod:`fm_optuna.config`.
+StudySection = StudyOptions
+
+__all__ = ["DEFAULT_OPTUNA_STORAGE", "StudySpec", "load_spec", "parse_space"]
 
 
 @dataclass(frozen=True)
@@ -55,60 +62,10 @@ class FloatRange:
 
 
 @dataclass(frozen=True)
-class StudySection:
-    name: str
-    n_trials: int = 8
-    seed: int = 0
-    sampler: str = "tpe"
-    pruner: str = "median"
-    storage: str = DEFAULT_OPTUNA_STORAGE
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else the local SQLite store
-    heartbeat_seconds: int = 10
-    max_retry: int = 2
-    checkpoint_dir: str = "tracking/checkpoints"
-    # Baselines trained once with the best trial's budget, for the summary `tune` ends with.
-    baselines: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class ProblemSection:
-    benchmark: str = "digits"  # a shipped benchmark, a plugin's name or module.path:factory
+    benchmark: str = DEFAULT_BENCHMARK  # a shipped benchmark, a plugin's name or module:factory
     target: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)  # benchmark-specific options
-
-
-@dataclass(frozen=True)
-class TrainingSection:
-    steps: int = 600
-    dt: int = 100  # used by `compare` and as the default when the space does not search Δt
-    branches: int | None = None
-    lr: float = 1e-3
-    plan: str = "pruned"
-    ranking: str = "prepass"
-    cut: str = "auto"  # which intermediate ν^k a pruned plan keeps (fm_optuna.core._branches)
-    keep: tuple[int, ...] | None = None  # explicit top-k counts, e.g. [0, 1, 3]
-    optimizer_policy: str = "keep"
-    final: str = "last"
-    optimizer: str = "adam"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    scheduler: str = "none"
-    lr_step_size: int | None = None
-    lr_gamma: float = 0.1
-    clip_grad_norm: float | None = None
-    amp: bool = False
-
-
-@dataclass(frozen=True)
-class SearchSection:
-    strategy: str = "greedy"
-    merge_trials: int = 20
-    grid_resolution: float = 0.1
-    full_evaluation: bool = False
-    pruned_evaluation: bool = False
-    evaluation_chunks: int = 4
-    prune_sigmas: float = 2.0
-    save_merge_problems: bool = False  # every merge's problem to the output folder and MLflow
 
 
 @dataclass(frozen=True)
@@ -119,47 +76,66 @@ class SpaceSection:
     optimizer_policy: tuple[str, ...] | None = None
 
 
+class SectionView:
+    """A study-file table's values by their keys (``spec.training.steps``), read-only."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = dict(values)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
 @dataclass(frozen=True)
 class StudySpec:
-    path: Path | str  # the file, or the call that built the spec (named in messages)
-    study: StudySection
+    """A study file (or the API call that stands for one), validated.
+
+    Attributes:
+        path: The file, or the call that built the spec (named in messages).
+        study: The outer study's options.
+        problem: The problem's source, target and options.
+        base: The fixed ForkMerge configuration; an outer trial overrides what it searches.
+        space: What the outer study searches.
+        runtime: Device and threads.
+    """
+
+    path: Path | str
+    study: StudyOptions
     problem: ProblemSection
-    training: TrainingSection
-    search: SearchSection
+    base: ForkMergeConfig
     space: SpaceSection
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+    @property
+    def seed(self) -> int:
+        return self.base.seed
+
+    @property
+    def training(self) -> SectionView:
+        return self._view("training")
+
+    @property
+    def search(self) -> SectionView:
+        return self._view("search")
+
+    def _view(self, section: str) -> SectionView:
+        values = {}
+        for entry in schema():
+            if entry.option.section == section:
+                owner = self.base if entry.owner is ForkMergeConfig else self.study
+                if entry.owner is not RuntimeOptions:
+                    values[entry.key] = getattr(owner, entry.name)
+        return SectionView(values)
 
     def config(self, **overrides: Any) -> ForkMergeConfig:
         """The ForkMerge configuration for fixed values plus ``overrides`` (an outer trial's)."""
-        values: dict[str, Any] = {
-            "dt": self.training.dt,
-            "total_steps": self.training.steps,
-            "branches": self.training.branches,
-            "lr": self.training.lr,
-            "plan": self.training.plan,
-            "ranking": self.training.ranking,
-            "cut": self.training.cut,
-            "keep": self.training.keep,
-            "optimizer_policy": self.training.optimizer_policy,
-            "final": self.training.final,
-            "optimizer": self.training.optimizer,
-            "momentum": self.training.momentum,
-            "weight_decay": self.training.weight_decay,
-            "scheduler": self.training.scheduler,
-            "lr_step_size": self.training.lr_step_size,
-            "lr_gamma": self.training.lr_gamma,
-            "clip_grad_norm": self.training.clip_grad_norm,
-            "amp": self.training.amp,
-            "strategy": self.search.strategy,
-            "merge_trials": self.search.merge_trials,
-            "grid_resolution": self.search.grid_resolution,
-            "full_evaluation": self.search.full_evaluation,
-            "pruned_evaluation": self.search.pruned_evaluation,
-            "evaluation_chunks": self.search.evaluation_chunks,
-            "prune_sigmas": self.search.prune_sigmas,
-            "seed": self.study.seed,
-        }
-        values.update(overrides)
-        return ForkMergeConfig(**values)
+        return dataclasses.replace(self.base, **overrides)
 
     def build_problem(self, *, device: Any, target: str | None = None) -> Problem:
         """The ``[problem]`` built (``target`` overrides the spec's) and checked; a mistake is
@@ -170,7 +146,7 @@ class StudySpec:
             return build_problem(
                 self.problem.benchmark,
                 target=target or self.problem.target,
-                seed=self.study.seed,
+                seed=self.seed,
                 device=device,
                 **self.problem.options,
             )
@@ -199,41 +175,30 @@ class _Reader:
                     + "."
                 )
 
-    def int(self, key: str, default: Any, *, minimum: int | None = None) -> Any:
-        value = self.table.get(key, default)
-        if value is None and default is None:
+    def value(self, entry: SchemaEntry) -> Any:
+        """The table's value of a schema option, checked against the schema."""
+        value = self.table[entry.key]
+        try:
+            return entry.option.check(entry.key, value)
+        except ConfigError:
+            raise self.error(entry.key, value, entry.option.allowed(api=False)) from None
+
+    def int(self, key: str, *, minimum: int) -> int | None:
+        value = self.table.get(key)
+        if value is None:
             return None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or (minimum is not None and value < minimum)
-        ):
-            allowed = "an integer" if minimum is None else f"an integer ≥ {minimum}"
-            raise self.error(key, value, allowed)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(key, value, f"an integer ≥ {minimum}")
         return value
 
-    def float(self, key: str, default: float, *, positive: bool = False) -> float:
-        value = self.table.get(key, default)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or (positive and value <= 0)
-        ):
-            raise self.error(key, value, "a positive number" if positive else "a number")
+    def positive(self, key: str) -> float:
+        value = self.table.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise self.error(key, value, "a positive number")
         return float(value)
 
-    def str(self, key: str, default: Any, choices: Any = None) -> Any:
-        value = self.table.get(key, default)
-        if value is None and default is None:
-            return None
-        if not isinstance(value, str) or (choices is not None and value not in choices):
-            allowed = "a string" if choices is None else "one of " + ", ".join(choices)
-            raise self.error(key, value, allowed)
-        return value
-
-    def bool(self, key: str, default: bool) -> bool:
-        value = self.table.get(key, default)
+    def bool(self, key: str) -> bool:
+        value = self.table.get(key, False)
         if not isinstance(value, bool):
             raise self.error(key, value, "true or false")
         return value
@@ -245,64 +210,34 @@ class _Reader:
         return _Reader(self.path, value, f"{self.prefix}{key}.")
 
 
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in fields(cls)}
-
-
-def _non_negative(table: _Reader, key: str, default: float) -> float:
-    value = table.float(key, default)
-    if value < 0:
-        raise table.error(key, value, "a non-negative number")
-    return value
-
-
-def _int_range(reader: _Reader, key: str, *, minimum: int) -> IntRange | None:
-    if key not in reader.table:
-        return None
-    table = reader.sub(key)
-    table.check_keys({"low", "high", "log"})
-    low = table.int("low", None, minimum=minimum)
-    high = table.int("high", None, minimum=minimum)
-    if low is None or high is None:
-        raise reader.error(key, reader.table[key], "a table with integer `low` and `high`")
-    if low > high:
-        raise reader.error(key, reader.table[key], "a non-empty range (low ≤ high)")
-    return IntRange(low, high, table.bool("log", False))
-
-
-def _int_list(reader: _Reader, key: str) -> tuple[int, ...] | None:
-    value = reader.table.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(
-        isinstance(item, int) and not isinstance(item, bool) for item in value
-    ):
-        raise reader.error(key, value, "a list of integers, e.g. [0, 1, 3]")
-    return tuple(value)
-
-
-def _baselines(reader: _Reader) -> tuple[str, ...]:
-    from fm_optuna.baselines import BASELINES
-
-    value = reader.table.get("baselines", [])
-    allowed = "a list of baseline names among " + ", ".join(BASELINES)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise reader.error("baselines", value, allowed)
-    for name in value:
-        if name not in BASELINES:
-            raise reader.error("baselines", name, allowed)
-    return tuple(dict.fromkeys(value))
+def _schema_values(root: _Reader) -> dict[type, dict[str, Any]]:
+    """The values the file gives to schema options, by the dataclass that owns them; unknown
+    keys and values the schema does not allow are one line naming the file and the key."""
+    values: dict[type, dict[str, Any]] = {ForkMergeConfig: {}, StudyOptions: {}, RuntimeOptions: {}}
+    for section in ("study", "training", "search"):
+        table = root.sub(section)
+        entries = {e.key: e for e in schema() if e.option.section == section}
+        table.check_keys(entries)
+        for key, entry in entries.items():
+            if key in table.table:
+                values[entry.owner][entry.name] = table.value(entry)
+    return values
 
 
 def _problem_section(p: _Reader) -> ProblemSection:
     """[problem]: the problem's source is resolved now (an unimportable module is one line);
     targets and options are checked against what the factory declares."""
-    benchmark = p.str("benchmark", "digits")
+    benchmark = p.table.get("benchmark", DEFAULT_BENCHMARK)
+    if not isinstance(benchmark, str):
+        raise p.error("benchmark", benchmark, "a string")
     try:
         source = resolve(benchmark)
     except ConfigError as error:
         raise ConfigError(f"{p.path}: {error}") from None
-    target = p.str("target", None, source.targets)
+    target = p.table.get("target")
+    known = source.targets  # None: the factory does not declare its targets
+    if target is not None and (not isinstance(target, str) or (known and target not in known)):
+        raise p.error("target", target, "one of " + ", ".join(known) if known else "a string")
     options = {k: v for k, v in p.table.items() if k not in ("benchmark", "target")}
     p.check_keys({"benchmark", "target", *source.options} if not source.any_option else p.table)
     return ProblemSection(benchmark, target, options)
@@ -320,23 +255,35 @@ def parse_space(table: Mapping[str, Any], *, steps: int, where: str = "space") -
     return _space_section(_Reader(where, table, "space."), steps)
 
 
+def _int_range(reader: _Reader, key: str, *, minimum: int) -> IntRange | None:
+    if key not in reader.table:
+        return None
+    table = reader.sub(key)
+    table.check_keys({"low", "high", "log"})
+    low, high = table.int("low", minimum=minimum), table.int("high", minimum=minimum)
+    if low is None or high is None:
+        raise reader.error(key, reader.table[key], "a table with integer `low` and `high`")
+    if low > high:
+        raise reader.error(key, reader.table[key], "a non-empty range (low ≤ high)")
+    return IntRange(low, high, table.bool("log"))
+
+
+def _float_range(reader: _Reader, key: str) -> FloatRange | None:
+    if key not in reader.table:
+        return None
+    table = reader.sub(key)
+    table.check_keys({"low", "high", "log"})
+    lr = FloatRange(table.positive("low"), table.positive("high"), table.bool("log"))
+    if lr.low > lr.high:
+        raise reader.error(key, reader.table[key], "a non-empty range (low ≤ high)")
+    return lr
+
+
 def _space_section(r: _Reader, steps: int) -> SpaceSection:
-    r.check_keys(_field_names(SpaceSection))
+    r.check_keys({f.name for f in fields(SpaceSection)})
     dt = _int_range(r, "dt", minimum=1)
     if dt is not None and dt.high > steps:
         raise r.error("dt", r.table["dt"], f"a range within 1..training.steps ({steps})")
-    branches = _int_range(r, "branches", minimum=2)
-    lr = None
-    if "lr" in r.table:
-        lt = r.sub("lr")
-        lt.check_keys({"low", "high", "log"})
-        lr = FloatRange(
-            lt.float("low", 0, positive=True),
-            lt.float("high", 0, positive=True),
-            lt.bool("log", False),
-        )
-        if lr.low > lr.high:
-            raise r.error("lr", r.table["lr"], "a non-empty range (low ≤ high)")
     policies = r.table.get("optimizer_policy")
     if policies is not None and (
         not isinstance(policies, list)
@@ -346,12 +293,15 @@ def _space_section(r: _Reader, steps: int) -> SpaceSection:
         raise r.error(
             "optimizer_policy", policies, "a non-empty list of " + ", ".join(OPTIMIZER_POLICIES)
         )
-    return SpaceSection(dt, branches, lr, tuple(policies) if policies else None)
+    return SpaceSection(
+        dt,
+        _int_range(r, "branches", minimum=2),
+        _float_range(r, "lr"),
+        tuple(policies) if policies else None,
+    )
 
 
-def load_spec(path: str | Path) -> StudySpec:
-    """Read and validate a study specification; every mistake is a one-line ConfigError."""
-    path = Path(path)
+def _read_document(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(
             f"Parameter `spec` should be an existing TOML file. Found `spec = {path}`."
@@ -360,88 +310,60 @@ def load_spec(path: str | Path) -> StudySpec:
         document = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error}).") from None
-    root = _Reader(path, document, "")
-    root.check_keys({"study", "problem", "training", "search", "space"})
-    missing = [f"[{table}]" for table in REQUIRED_TABLES if table not in document]
+    return document
+
+
+def _check_tables(root: _Reader) -> None:
+    root.check_keys(TABLES)
+    missing = [f"[{table}]" for table in REQUIRED_TABLES if table not in root.table]
     if missing:
         # An empty file would otherwise start a whole default study nobody asked for.
         raise ConfigError(
-            f"{path}: a study file needs a [study] and a [problem] table; "
+            f"{root.path}: a study file needs a [study] and a [problem] table; "
             f"missing: {', '.join(missing)}."
         )
 
-    s = root.sub("study")
-    s.check_keys(_field_names(StudySection))
-    study = StudySection(
-        name=s.str("name", path.stem),
-        n_trials=s.int("n_trials", 8, minimum=1),
-        seed=s.int("seed", 0, minimum=0),
-        sampler=s.str("sampler", "tpe", OUTER_SAMPLERS),
-        pruner=s.str("pruner", "median", PRUNERS),
-        storage=s.str("storage", DEFAULT_OPTUNA_STORAGE),
-        tracking_uri=s.str("tracking_uri", None),
-        heartbeat_seconds=s.int("heartbeat_seconds", 10, minimum=1),
-        max_retry=s.int("max_retry", 2, minimum=0),
-        checkpoint_dir=s.str("checkpoint_dir", "tracking/checkpoints"),
-        baselines=_baselines(s),
-    )
 
+def _check_baselines(reader: _Reader, names: tuple[str, ...]) -> None:
+    from fm_optuna.baselines import BASELINES
+
+    for name in names:
+        if name not in BASELINES:
+            allowed = "a list of baseline names among " + ", ".join(BASELINES)
+            raise reader.error("baselines", name, allowed)
+
+
+def _at_file_keys(message: str) -> str:
+    """A configuration error's parameter named by its study-file address (``training.dt``)."""
+    match = re.match(r"Parameter `(\w+)`", message)
+    if match is None:
+        return message
+    for entry in schema():
+        if entry.key == match.group(1):
+            return re.sub(rf"`{entry.key}( = |`)", rf"`{entry.dotted}\1", message)
+    return message
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study specification; every mistake is a one-line ConfigError."""
+    path = Path(path)
+    root = _Reader(path, _read_document(path), "")
+    _check_tables(root)
+    values = _schema_values(root)
     problem = _problem_section(root.sub("problem"))
-
-    t = root.sub("training")
-    t.check_keys(_field_names(TrainingSection))
-    steps = t.int("steps", 600, minimum=1)
-    training = TrainingSection(
-        steps=steps,
-        dt=t.int("dt", min(100, steps), minimum=1),
-        branches=t.int("branches", None, minimum=2),
-        lr=t.float("lr", 1e-3, positive=True),
-        plan=t.str("plan", "pruned", PLANS),
-        ranking=t.str("ranking", "prepass", RANKINGS),
-        cut=t.str("cut", "auto", CUT_RULES),
-        keep=_int_list(t, "keep"),
-        optimizer_policy=t.str("optimizer_policy", "keep", OPTIMIZER_POLICIES),
-        final=t.str("final", "last", FINAL_MODELS),
-        optimizer=t.str("optimizer", "adam", OPTIMIZERS),
-        momentum=t.float("momentum", 0.0),
-        weight_decay=t.float("weight_decay", 0.0),
-        scheduler=t.str("scheduler", "none", SCHEDULERS),
-        lr_step_size=t.int("lr_step_size", None, minimum=1),
-        lr_gamma=t.float("lr_gamma", 0.1, positive=True),
-        clip_grad_norm=(
-            t.float("clip_grad_norm", 1.0, positive=True) if "clip_grad_norm" in t.table else None
-        ),
-        amp=t.bool("amp", False),
-    )
-    if training.dt > steps:
-        raise t.error("dt", training.dt, f"at most training.steps ({steps})")
-
-    q = root.sub("search")
-    q.check_keys(_field_names(SearchSection))
-    search = SearchSection(
-        strategy=q.str("strategy", "greedy", STRATEGIES),
-        merge_trials=q.int("merge_trials", 20, minimum=1),
-        grid_resolution=q.float("grid_resolution", 0.1, positive=True),
-        full_evaluation=q.bool("full_evaluation", False),
-        pruned_evaluation=q.bool("pruned_evaluation", False),
-        evaluation_chunks=q.int("evaluation_chunks", 4, minimum=2),
-        prune_sigmas=_non_negative(q, "prune_sigmas", 2.0),
-        save_merge_problems=q.bool("save_merge_problems", False),
-    )
-    if search.full_evaluation and search.pruned_evaluation:
-        raise q.error("full_evaluation", True, "false when search.pruned_evaluation is true")
-
+    try:
+        base = ForkMergeConfig(**values[ForkMergeConfig])
+        study = StudyOptions(**{"name": path.stem, **values[StudyOptions]})
+        runtime = RuntimeOptions(**values[RuntimeOptions])
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {_at_file_keys(str(error))}") from None
+    _check_baselines(root.sub("study"), study.baselines)
     space_table = root.sub("space")
-    space = _space_section(space_table, steps)
-    if training.keep is not None and space.branches is not None:
+    space = _space_section(space_table, base.total_steps)
+    if base.keep is not None and space.branches is not None:
         allowed = "absent when training.keep fixes L"
         raise space_table.error("branches", space_table.table["branches"], allowed)
-    spec = StudySpec(path, study, problem, training, search, space)
-    try:
-        spec.config()  # the fixed part must be a valid configuration on its own
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
-    return spec
+    return StudySpec(path, study, problem, base, space, runtime)
 
 
 def check_branches_fit(
@@ -449,14 +371,14 @@ def check_branches_fit(
 ) -> None:
     """L (fixed or its searched range) and ``keep`` (else the spec's) must fit the K tasks."""
     n_tasks = len(problem.tasks)
-    keep = keep or spec.training.keep
+    keep = keep or spec.base.keep
     if keep is not None:
-        n_aux = n_tasks if spec.training.plan == "joint" else n_tasks - 1
+        n_aux = n_tasks if spec.base.plan == "joint" else n_tasks - 1
         try:
-            check_keep(keep, n_aux, name="keep" if keep != spec.training.keep else "training.keep")
+            check_keep(keep, n_aux, name="keep" if keep != spec.base.keep else "training.keep")
         except ConfigError as error:
             raise ConfigError(f"{spec.path}: {error}") from None
-    highest = spec.space.branches.high if spec.space.branches else spec.training.branches
+    highest = spec.space.branches.high if spec.space.branches else spec.base.branches
     if highest is not None and highest > n_tasks:
         key = "space.branches.high" if spec.space.branches else "training.branches"
         raise ConfigError(

@@ -420,7 +420,7 @@ class Tuner:
         source = {
             "benchmark": self.spec.problem.benchmark,
             "target": self.problem.target,
-            "seed": self.spec.study.seed,
+            "seed": self.spec.seed,
             "options": dict(self.spec.problem.options),
         }
         folder = self.merge_problems(trial.number)

@@ -18,7 +18,7 @@ from fm_optuna import cli
 from fm_optuna.benchmarks import aliexpress, build_problem
 from fm_optuna.errors import ConfigError
 from tests.conftest import run_tiny_forkmerge
-from tests.unit.test_datasets import write_aliexpress
+from tests.datasets.test_datasets import write_aliexpress
 
 ROWS = 400  # per CSV: 40 validation rows per country hold CTCVR positives (~15% of rows)
 US_SHIFT = 100.0  # US's numerical_1 is shifted so a row tells its country

@@ -59,7 +59,7 @@ def distinct_rows(images: torch.Tensor) -> set[bytes]:
     return {image.numpy().tobytes() for image in images.cpu()}
 
 
-# The image benchmarks; QM9 and MovieLens have their own suites (tests/unit/test_qm9.py,
+# The image benchmarks; QM9 and MovieLens have their own suites (tests/benchmarks/test_qm9.py,
 # test_movielens.py) because their data, metrics (MAE, AUC) and models differ.
 IMAGE_BENCHMARKS = ("digits", "multimnist")
 assert set(IMAGE_BENCHMARKS) <= set(BENCHMARKS)

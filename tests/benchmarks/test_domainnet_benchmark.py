@@ -20,7 +20,7 @@ from fm_optuna.benchmarks import domainnet as bench
 from fm_optuna.cli import main
 from fm_optuna.errors import ConfigError
 from tests.conftest import run_tiny_forkmerge
-from tests.unit.test_datasets import write_domainnet
+from tests.datasets.test_datasets import write_domainnet
 
 TWO = ("clipart", "sketch")
 SMALL: dict[str, object] = {"image_size": 32, "batch_size": 2}

@@ -15,7 +15,7 @@ from fm_optuna.benchmarks import build_problem, nyuv2
 from fm_optuna.datasets.nyuv2 import NUM_CLASSES
 from fm_optuna.errors import ConfigError
 from tests.conftest import run_tiny_forkmerge
-from tests.unit.test_datasets import write_nyuv2
+from tests.datasets.test_datasets import write_nyuv2
 
 TRAIN, TEST = 6, 3
 

@@ -67,9 +67,9 @@ def test_spec_reads_cut_and_keep(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("training", "space", "message"),
     [
-        ('cut = "even"', "", "`training.cut` should be one of auto, spread, gaps"),
+        ('cut = "even"', "", "`training.cut` should be one of auto, gaps, spread"),
         ('keep = "0,1,3"', "", "`training.keep` should be a list of integers"),
-        ("keep = [0, 3, 1]", "", "`keep` should be increasing integers"),
+        ("keep = [0, 3, 1]", "", "`training.keep` should be increasing integers"),
         ("keep = [0, 1, 3]", "branches = { low = 2, high = 3 }", "absent when training.keep"),
     ],
 )
