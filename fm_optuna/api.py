@@ -18,7 +18,7 @@ import numpy as np
 from fm_optuna.config import ForkMergeConfig, RuntimeOptions, StudyOptions
 from fm_optuna.core._events import EventStream, Observer, RunFinished
 from fm_optuna.core._loop import ForkMergeResult, run_forkmerge
-from fm_optuna.core._training import target_score
+from fm_optuna.core._training import target_score, use_threads
 from fm_optuna.errors import ConfigError, invalid
 from fm_optuna.experiments._run_methods import REFERENCES
 from fm_optuna.problem._checks import check_problem
@@ -48,6 +48,11 @@ def _tracking_uri(uri: str | None) -> str | None:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+def _use_threads(threads: int | None) -> None:
+    RuntimeOptions(threads=threads)  # checked as every door checks it
+    use_threads(threads)
+
+
 def _check(problem: Problem, config: ForkMergeConfig) -> None:
     """The problem's contract, then L against its tasks: nothing trained or opened yet."""
     from fm_optuna.core._branches import make_plan
@@ -69,6 +74,7 @@ def train_forkmerge(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     observers: Iterable[Observer] = (),
+    threads: int | None = RuntimeOptions.threads,
 ) -> ForkMergeResult:
     """Train ForkMerge on ``problem`` and return the final model with every merge decision.
 
@@ -79,6 +85,7 @@ def train_forkmerge(
             ``MLFLOW_TRACKING_URI``; neither: nothing is logged).
         experiment: MLflow experiment (default: ``fm-optuna/<problem>-<target>``).
         observers: Extra :class:`~fm_optuna.core.Observer` s of the event stream.
+        threads: Intra-op CPU threads (``None``: torch's own setting), as ``--threads``.
 
     Returns:
         :class:`~fm_optuna.core.ForkMergeResult`: ``model`` (final), ``decisions`` (every
@@ -98,6 +105,7 @@ def train_forkmerge(
     """
     config = config or ForkMergeConfig()
     _check(problem, config)
+    _use_threads(threads)
     uri = _tracking_uri(tracking_uri)
     events = EventStream(list(observers))
     store = None
@@ -128,6 +136,7 @@ def compare_methods(
     references: str = "target",
     tracking_uri: str | None = None,
     experiment: str | None = None,
+    threads: int | None = RuntimeOptions.threads,
 ) -> MethodsComparison:
     """Train STL, EW, the baselines and ForkMerge with one budget; TG, Δm and negative transfer.
 
@@ -141,6 +150,7 @@ def compare_methods(
             for every task, so Δm covers every task a multi-task model serves).
         tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI``; neither: no tracking).
         experiment: MLflow experiment (default ``fm-optuna/compare-methods/<problem>``).
+        threads: Intra-op CPU threads (``None``: torch's own setting), as ``--threads``.
 
     Returns:
         :class:`~fm_optuna.experiments.MethodsComparison`; ``rows()`` is the table, ``save(folder)``
@@ -162,6 +172,7 @@ def compare_methods(
         _check(problem, config)
     else:
         check_problem(problem)
+    _use_threads(threads)
     uri = _tracking_uri(tracking_uri)
     if uri is None:
         return compare([problem], config, tuple(methods), list(seeds), references=references)
@@ -262,6 +273,7 @@ def tune(
         runtime=RuntimeOptions(threads=threads),
     )
     check_branches_fit(spec, problem)
+    _use_threads(threads)
     tracking = None
     uri = _tracking_uri(tracking_uri)
     if uri is not None:
@@ -283,10 +295,10 @@ def search_merge(
     evaluate: Callable[[np.ndarray], float],
     n_branches: int,
     *,
-    strategy: str | MergeStrategy = "greedy",
-    budget: int = 20,
+    strategy: str | MergeStrategy = ForkMergeConfig.strategy,
+    budget: int = ForkMergeConfig.merge_trials,
     seed: int = 0,
-    grid_resolution: float = 0.1,
+    grid_resolution: float = ForkMergeConfig.grid_resolution,
     branch_scores: Sequence[float] | None = None,
     warm_start: Sequence[float] | None = None,
 ) -> MergeDecision:
@@ -296,8 +308,9 @@ def search_merge(
         evaluate: Score of the merge with weights Λ (an array of ``n_branches`` summing to 1);
             higher is better; NaN or infinite scores are never chosen.
         n_branches: How many models are merged.
-        strategy: ``grid``, ``binary``, ``greedy`` (the paper's Algorithm 3), ``tpe``,
-            ``cmaes``, ``random``, or a :class:`~fm_optuna.search.MergeStrategy`.
+        strategy: A name of ``fm_optuna.search.STRATEGIES`` (``tpe``, the default of every
+            door, ``grid``, ``binary``, ``greedy`` (the paper's Algorithm 3), ``cmaes``,
+            ``random``, ``gp``, ``gradient``) or a :class:`~fm_optuna.search.MergeStrategy`.
         budget: Evaluations for the strategies that take a budget.
         seed: Seed of the inner study.
         grid_resolution: Lattice step of ``grid``.

@@ -725,3 +725,17 @@ __all__ = [
     "option_of",
     "schema",
 ]
+
+
+def write_key_table(path: str = "studies/README.md") -> None:
+    """Rewrite the generated key table between its markers in ``path``."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    begin, end = text.index("<!-- keys:begin"), text.index("<!-- keys:end -->")
+    marker = text[begin : text.index("-->", begin) + 3]
+    Path(path).write_text(text[:begin] + marker + "\n" + key_table() + "\n" + text[end:])
+
+
+if __name__ == "__main__":
+    write_key_table()

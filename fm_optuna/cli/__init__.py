@@ -389,6 +389,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = _config(args)
     problem = _problem(args)
     _check_plan(problem, config)
+    if args.measure_threads:
+        from fm_optuna.experiments._bench_threads import measure_threads, threads_text
+
+        threads = measure_threads(problem, config)
+        print(json.dumps(threads, indent=2) if args.json else threads_text(threads))
+        return 0
     report = run_bench(problem, config, repeats=args.repeats)
     print(json.dumps(report, indent=2) if args.json else report_text(report))
     return 0
@@ -496,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
         "over EW, and the ranking pre-pass cost.",
     )
     _add_training_options(bench)
-    bench.set_defaults(strategy="tpe", dt=200, steps=1500, branches=3)
+    bench.set_defaults(dt=200, total_steps=1500, branches=3)
     bench.add_argument(
         "--repeats",
         type=int,
@@ -504,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeat each measurement and keep the fastest (default: 1)",
     )
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.add_argument(
+        "--measure-threads",
+        action="store_true",
+        help="instead, measure the threads policy: the branches trained with 1 intra-op thread "
+        "and with every core, on an idle machine and with one core kept busy",
+    )
     bench.set_defaults(handler=cmd_bench)
 
     from fm_optuna.cli._methods import add_commands as add_method_commands

@@ -223,24 +223,31 @@ def make_optimization(
     return Optimization(optimizer, make_scheduler(optimizer, config), config.clip_grad_norm, scaler)
 
 
-def use_runtime(runtime: RuntimeOptions) -> torch.device:
-    """Apply ``runtime``'s threads policy to this process and return its torch device.
+def use_threads(threads: int | None) -> None:
+    """The one threads policy of every door (CLI, study files, API): ``threads`` intra-op
+    threads for this process (1 by default, see :class:`~fm_optuna.config.RuntimeOptions`), or
+    torch's own setting for ``None``."""
+    if threads is not None:
+        torch.set_num_threads(threads)
 
-    One policy for every door (CLI, study files, API): ``threads`` intra-op threads (1 by
-    default, see :class:`~fm_optuna.config.RuntimeOptions`), or torch's own setting for
-    ``None``. The device is CUDA when there is one, else the CPU, unless named.
-    """
+
+def resolve_device(name: str | None) -> torch.device:
+    """The named torch device, else CUDA when there is one, else the CPU."""
     from fm_optuna.errors import invalid
 
-    if runtime.threads is not None:
-        torch.set_num_threads(runtime.threads)
     try:
-        device = torch.device(runtime.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
-        raise invalid("device", runtime.device, "a torch device: cpu, cuda or cuda:N") from None
+        raise invalid("device", name, "a torch device: cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise invalid("device", runtime.device, "cpu (no CUDA device is available)")
+        raise invalid("device", name, "cpu (no CUDA device is available)")
     return device
+
+
+def use_runtime(runtime: RuntimeOptions) -> torch.device:
+    """Apply ``runtime``'s threads policy and return its device."""
+    use_threads(runtime.threads)
+    return resolve_device(runtime.device)
 
 
 def seeded_model(problem: Problem, seed: int) -> nn.Module:

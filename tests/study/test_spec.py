@@ -73,7 +73,11 @@ def test_a_full_spec_parses_into_typed_sections(tmp_path: Path) -> None:
         (("[study]", "[studies]"), "studies", "allowed keys"),
         (("n_trials = 3", "n_trials = 0"), "study.n_trials", "a positive integer"),
         (("dt = 50", 'dt = 50\noptimizer = "lbfgs"'), "training.optimizer", "one of adam"),
-        (("dt = 50", 'dt = 50\nscheduler = "linear"'), "training.scheduler", "one of cosine, none, step."),
+        (
+            ("dt = 50", 'dt = 50\nscheduler = "linear"'),
+            "training.scheduler",
+            "one of cosine, none, step.",
+        ),
         (("dt = 50", "dt = 50\nclip_grad_norm = 0"), "training.clip_grad_norm", "positive"),
         (("dt = 50", "dt = 50\nclip_grad_norm = nan"), "training.clip_grad_norm", "positive"),
         (("dt = 50", "dt = 50\nmomentum = inf"), "training.momentum", "a number in [0, 1)"),
