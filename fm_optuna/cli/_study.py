@@ -101,6 +101,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         observers=observers,
         device=device,
         tracking=tracking,
+        allow_config_change=args.allow_config_change,
     )
 
     def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -475,6 +476,13 @@ def add_commands(sub: Any) -> None:
         type=int,
         default=None,
         help="total finished trials to reach (default: the spec's n_trials)",
+    )
+    tune.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="continue a study whose recorded configuration (problem, training, search, space, "
+        "seed) differs from the spec's, as a new configuration version; its trials from now on "
+        "are tagged config_version (without the flag such a run is refused)",
     )
     _add_tracking(tune)
     _add_runtime(tune)
