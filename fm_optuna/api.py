@@ -213,6 +213,7 @@ def tune(
     checkpoint_dir: str = StudyOptions.checkpoint_dir,
     threads: int | None = RuntimeOptions.threads,
     callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
+    allow_config_change: bool = False,
 ) -> TuneReport:
     """Create or resume the outer Optuna study: each trial trains ForkMerge with suggested Δt, L.
 
@@ -237,6 +238,10 @@ def tune(
         checkpoint_dir: Where trials checkpoint every merge and save their final model.
         callbacks: Optuna callbacks run after each trial.
         threads: Intra-op CPU threads (``None``: torch's own setting), as ``--threads``.
+        allow_config_change: Continue a study that was trained with a different configuration
+            (problem, ``config``, ``space``, seed) as a new configuration version; its trials
+            from now on carry the user attribute ``config_version``. Without it such a call is
+            refused before anything is trained or written.
 
     Returns:
         :class:`~fm_optuna.study.TuneReport`: best parameters and value, the best trial's test
@@ -287,6 +292,7 @@ def tune(
         pruner=pruner,
         tracking=tracking,
         device=problem.device,
+        allow_config_change=allow_config_change,
     )
     return tuner.run(callbacks=callbacks)
 

@@ -96,6 +96,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         observers=observers,
         device=device,
         tracking=tracking,
+        allow_config_change=args.allow_config_change,
     )
 
     def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -455,6 +456,13 @@ def add_commands(sub: Any) -> None:
     )
     tune.add_argument("spec", help="a study specification, e.g. studies/digits.toml")
     add_flags(tune, study_flags(("storage", "n_trials")), from_spec=True)
+    tune.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="continue a study whose recorded configuration (problem, training, search, space, "
+        "seed) differs from the spec's, as a new configuration version; its trials from now on "
+        "are tagged config_version (without the flag such a run is refused)",
+    )
     add_tracking(tune)
     add_runtime(tune)
     tune.set_defaults(handler=cmd_tune)

@@ -3,7 +3,9 @@
 Every worker of a study ends by comparing the best trial with the spec's baselines (STL, EW, …)
 trained at the best trial's budget. Workers of one study tend to finish together, and without
 coordination each would train every baseline again. Here each result is kept in its own study
-user attribute (``baseline:<method> <budget>``), and a missing one is claimed first
+user attribute (``baseline:<method> <budget>``; the budget names the steps, learning rate, seed
+and the study's configuration fingerprint, so a baseline trained under another configuration is
+never reused: see :mod:`fm_optuna.study._fingerprint`), and a missing one is claimed first
 (``baseline_claim:<method> <budget>``): a worker writes its claim, waits a moment and reads the
 claim back. Storages keep the last write, so of workers claiming together exactly one reads back
 its own name and trains; the others train the baselines nobody has claimed (two workers split

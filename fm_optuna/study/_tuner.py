@@ -11,12 +11,18 @@ Studies are resumable (same name and storage: finished trials are kept, a new in
 trials up to the requested total) and shareable by many workers on an RDB storage; heartbeats
 mark a dead worker's trial FAIL, it is re-enqueued with the same parameters, and the retry
 resumes from the dead trial's last merge checkpoint.
+
+A study records what its trials train with (:mod:`fm_optuna.study._fingerprint`): an
+invocation whose spec changes it is refused before it trains or writes anything, unless it
+continues on purpose (``allow_config_change``), and every trial carries its configuration
+version (user attribute ``config_version``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import re
 import warnings
@@ -48,11 +54,23 @@ from fm_optuna.problem._checks import check_problem
 from fm_optuna.problem._tasks import Problem
 from fm_optuna.search._merge_problem import MergeProblemWriter, artifact_logger
 from fm_optuna.search._search import quiet_optuna
+from fm_optuna.study._fingerprint import (
+    TRIAL_FINGERPRINT_ATTR,
+    TRIAL_VERSION_ATTR,
+    Settlement,
+    Version,
+    configuration_record,
+    fingerprint,
+    refusal,
+    settle,
+)
 from fm_optuna.study._processes import this_worker
 from fm_optuna.study._sampler import DistinctSampler
 from fm_optuna.study._shared_baselines import SharedBaselines
 from fm_optuna.study._spec import StudySpec, check_branches_fit
-from fm_optuna.study._storages import check_database, one_process_at_a_time
+from fm_optuna.study._storages import check_database, one_process_at_a_time, sqlite_file
+
+logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 FAIL_REASON = "fail_reason"
@@ -296,10 +314,13 @@ class Tuner:
         config: ForkMergeConfig | None = None,
         sampler: optuna.samplers.BaseSampler | None = None,
         pruner: BasePruner | None = None,
+        allow_config_change: bool = False,
     ) -> None:
         """``problem`` (checked here) replaces the spec's ``[problem]``; ``config`` is the base
         configuration each trial's suggestions override (default: the spec's); ``sampler`` and
-        ``pruner`` objects replace the spec's named ones."""
+        ``pruner`` objects replace the spec's named ones. A study recorded with a different
+        configuration is refused here (a ConfigError, nothing written to either store) unless
+        ``allow_config_change``, which continues it under a new configuration version."""
         self.spec = spec
         self.storage_url = storage or spec.study.storage
         self.n_trials = n_trials or spec.study.n_trials
@@ -313,16 +334,81 @@ class Tuner:
             check_problem(problem)
         self.problem = problem
         check_branches_fit(spec, self.problem)
+        self.record = configuration_record(spec, self.base_config, target=self.problem.target)
+        self.allow_config_change = allow_config_change
+        self.version: Version | None = None  # the configuration version this run's trials get
         # Both stores are checked before either is created: a mistake in one creates nothing.
         check_database(self.storage_url, parameter="storage", what="a reachable Optuna storage URL")
+        self.tracking: StudyObserver | None = None
+
+        def opened() -> RDBStorage:
+            return open_storage(
+                self.storage_url,
+                heartbeat_seconds=spec.study.heartbeat_seconds,
+                max_retry=spec.study.max_retry,
+                on_stale=self._on_stale(on_stale),
+            )
+
+        # A study can only exist in a store that does: one that does is read first, so a
+        # changed configuration is refused before the tracking store is opened (no experiment,
+        # no run). A new SQLite file is created only after both checks.
+        path = sqlite_file(self.storage_url)
+        storage = opened() if path is None or path.exists() else None
+        if storage is not None:
+            self._check_configuration(storage)
         self.tracking = tracking(self.problem) if tracking is not None else None
-        self.storage = open_storage(
-            self.storage_url,
-            heartbeat_seconds=spec.study.heartbeat_seconds,
-            max_retry=spec.study.max_retry,
-            on_stale=self._on_stale(on_stale),
-        )
+        self.storage = storage or opened()
         self.checkpoints = Path(spec.study.checkpoint_dir) / spec.study.name
+
+    def _settle(self, storage: optuna.storages.BaseStorage, study_id: int) -> Settlement:
+        settlement = settle(
+            storage.get_study_user_attrs(study_id),
+            self.record,
+            allow_change=self.allow_config_change,
+            n_trials=len(storage.get_all_trials(study_id, deepcopy=False)),
+        )
+        if settlement.refused:
+            # spec.path names a study file (the command line) or the call that built the spec.
+            override = (
+                "--allow-config-change"
+                if isinstance(self.spec.path, Path)
+                else "allow_config_change=True"
+            )
+            raise refusal(self.spec.path, self.spec.study.name, settlement, override=override)
+        return settlement
+
+    def _check_configuration(self, storage: optuna.storages.BaseStorage) -> None:
+        """Refuse an existing study recorded with a different configuration; write nothing."""
+        try:
+            study_id = storage.get_study_id_from_name(self.spec.study.name)
+        except KeyError:
+            return  # a new study: recorded when created
+        self._settle(storage, study_id)
+
+    def _record_configuration(self, study: optuna.Study) -> Version:
+        """Record this invocation's configuration on the study (a first or a new version) and
+        return the version its trials belong to."""
+        storage, study_id = study._storage, study._study_id
+        # Workers creating one SQLite study together: one records, the others then compare.
+        with one_process_at_a_time(self.storage_url):
+            settlement = self._settle(storage, study_id)
+            for key, value in settlement.write.items():
+                try:
+                    storage.set_study_user_attr(study_id, key, value)
+                except Exception:  # a server database: another worker inserted it first
+                    if storage.get_study_user_attrs(study_id).get(key) != value:
+                        raise
+        if settlement.write and settlement.changes:
+            logger.warning(
+                "study `%s` continues with configuration version %d (%s): its trials from now "
+                "on are tagged %s = %d",
+                study.study_name,
+                settlement.version.number,
+                ", ".join(settlement.changes),
+                TRIAL_VERSION_ATTR,
+                settlement.version.number,
+            )
+        return settlement.version
 
     def _on_stale(
         self, on_stale: Callable[[optuna.Study, FrozenTrial], None] | None
@@ -348,7 +434,7 @@ class Tuner:
             return optuna.samplers.RandomSampler(seed=seed)
 
         # Seeded per trial number and never repeating another trial: see fm_optuna.study._sampler.
-        return DistinctSampler(make, seed=s.seed, space=self.search_space())
+        return DistinctSampler(make, seed=self.spec.seed, space=self.search_space())
 
     def create_study(self) -> optuna.Study:
         sampler = self.sampler or self._named_sampler()
@@ -372,6 +458,7 @@ class Tuner:
                 f"{mask_password(self.storage_url)} that {study.direction.name.lower()}s (made "
                 "before the direction followed the metric?): choose a new study name."
             )
+        self.version = self._record_configuration(study)
         names = [target_metric_name(self.problem)]
         if study.metric_names != names:
             try:
@@ -435,6 +522,9 @@ class Tuner:
             resume = None  # a different configuration under the same number: start over
         trial.set_user_attr("resumed_from_round", 0 if resume is None else int(resume["round"]))
         trial.set_user_attr("worker", this_worker())
+        if self.version is not None:
+            trial.set_user_attr(TRIAL_VERSION_ATTR, self.version.number)
+            trial.set_user_attr(TRIAL_FINGERPRINT_ATTR, self.version.fingerprint)
         # Checkpoint first (a merge is never lost), then tracking, then the pruning decision.
         extra = list(self.tracking.observers(trial, config)) if self.tracking is not None else []
         if self.observers is not None:
@@ -565,7 +655,14 @@ class Tuner:
         from fm_optuna.experiments._run_methods import run_methods
 
         config = self.suggest(optuna.trial.FixedTrial(best.params))  # type: ignore[arg-type]
-        budget = {"steps": config.total_steps, "lr": config.lr, "seed": config.seed}
+        # Keyed by the study's configuration too: a change never reuses the old baselines.
+        version = self.version
+        budget = {
+            "steps": config.total_steps,
+            "lr": config.lr,
+            "seed": config.seed,
+            "config": version.fingerprint if version is not None else fingerprint(self.record),
+        }
 
         def train(method: str) -> dict[str, float]:
             result = run_methods(self.problem, config, (method,)).results[0]

@@ -23,6 +23,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from fm_optuna.core._events import Observer, RunStarted
+from fm_optuna.study._fingerprint import TRIAL_FINGERPRINT_ATTR, TRIAL_VERSION_ATTR
 from fm_optuna.tracking.observer import MlflowTracker, _now_ms, metric_key
 from fm_optuna.tracking.store import owner_tags
 from fm_optuna.tracking.uris import browse_command
@@ -112,6 +113,12 @@ class StudyTracking:
             "optuna.study": self.study_name,
             "optuna.trial": str(trial.number),
         }
+        # The configuration the trial trains with (see fm_optuna.study._fingerprint), so runs
+        # of a study continued after a change can be told apart in MLflow too.
+        attrs = trial.user_attrs
+        for attr in (TRIAL_VERSION_ATTR, TRIAL_FINGERPRINT_ATTR):
+            if attr in attrs:
+                tags[f"fm_optuna.{attr}"] = str(attrs[attr])
         tracker = MlflowTracker(
             self.store,
             tags=tags,
