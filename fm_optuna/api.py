@@ -23,7 +23,7 @@ from fm_optuna.errors import ConfigError, invalid
 from fm_optuna.experiments._run_methods import REFERENCES
 from fm_optuna.problem._checks import check_problem
 from fm_optuna.problem._tasks import Problem, for_plan
-from fm_optuna.search._search import MergeDecision, MergeStrategy
+from fm_optuna.search._base import MergeDecision, MergeStrategy
 from fm_optuna.search._search import search_merge as _search_merge
 from fm_optuna.search.strategies import make_strategy
 from fm_optuna.study._spec import (

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from fm_optuna.search._search import MergeDecision
+    from fm_optuna.search._base import MergeDecision
 
 
 @dataclass(frozen=True)

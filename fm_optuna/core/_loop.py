@@ -51,8 +51,8 @@ from fm_optuna.core._training import (
 )
 from fm_optuna.errors import NonFiniteTraining, invalid
 from fm_optuna.problem._tasks import Problem, describe_problem, for_plan
+from fm_optuna.search._base import MergeDecision, MergeStrategy
 from fm_optuna.search._merge_problem import MergeProblem, check_strategy_supported
-from fm_optuna.search._search import MergeDecision, MergeStrategy
 from fm_optuna.search.strategies import make_strategy
 
 logger = logging.getLogger(__name__)

@@ -10,32 +10,35 @@ from typing import TYPE_CHECKING
 from fm_optuna._lazy import lazy_face
 
 if TYPE_CHECKING:
-    from fm_optuna.search._merge_problem import MergeProblem, MergeProblemWriter
-    from fm_optuna.search._replay import load_merge_problems, replay
-    from fm_optuna.search._search import (
+    from fm_optuna.search._base import (
+        Candidates,
         MergeDecision,
         MergeStrategy,
         MergeTrial,
         SearchContext,
-        search_merge,
     )
+    from fm_optuna.search._merge_problem import MergeProblem, MergeProblemWriter
+    from fm_optuna.search._replay import load_merge_problems, replay
+    from fm_optuna.search._search import search_merge
     from fm_optuna.search.strategies import STRATEGIES, make_strategy
 
 _WHERE = {
-    "MergeDecision": "_search",
+    "MergeDecision": "_base",
     "MergeProblem": "_merge_problem",
     "MergeProblemWriter": "_merge_problem",
-    "MergeStrategy": "_search",
-    "MergeTrial": "_search",
+    "MergeStrategy": "_base",
+    "MergeTrial": "_base",
     "STRATEGIES": "strategies",
-    "SearchContext": "_search",
+    "SearchContext": "_base",
     "load_merge_problems": "_replay",
     "make_strategy": "strategies",
     "replay": "_replay",
     "search_merge": "_search",
+    "Candidates": "_base",
 }
 __all__ = [
     "STRATEGIES",
+    "Candidates",
     "MergeDecision",
     "MergeProblem",
     "MergeProblemWriter",

@@ -29,14 +29,9 @@ from fm_optuna.core._merging import BranchStack
 from fm_optuna.core._training import seeded_model, target_score
 from fm_optuna.errors import invalid
 from fm_optuna.problem._tasks import Problem, Split, has_capability
-from fm_optuna.search._search import (
-    EVALUATION_CHUNKS,
-    PRUNE_SIGMAS,
-    Candidates,
-    MergeDecision,
-    MergeStrategy,
-    search_merge,
-)
+from fm_optuna.search._base import Candidates, MergeDecision, MergeStrategy
+from fm_optuna.search._evaluation import EVALUATION_CHUNKS, PRUNE_SIGMAS
+from fm_optuna.search._search import search_merge
 
 FORMAT = 1
 KIND = "fm_optuna.merge_problem"

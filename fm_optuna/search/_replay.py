@@ -28,8 +28,9 @@ import numpy as np
 
 from fm_optuna.errors import invalid, one_of
 from fm_optuna.problem._tasks import Problem, has_capability
+from fm_optuna.search._base import MergeDecision
+from fm_optuna.search._evaluation import PRUNE_SIGMAS
 from fm_optuna.search._merge_problem import MergeProblem, load_data
-from fm_optuna.search._search import PRUNE_SIGMAS, MergeDecision
 from fm_optuna.search.strategies import STRATEGIES, make_strategy
 from fm_optuna.search.strategies.grid import simplex_lattice
 
@@ -291,7 +292,7 @@ class Variant:
 
     label: str
     strategy: str
-    evaluation: str = "full"  # see :data:`fm_optuna.search._search.EVALUATIONS`
+    evaluation: str = "full"  # see ``search._evaluation.EVALUATIONS``
     prune_sigmas: float = PRUNE_SIGMAS
 
 

@@ -36,7 +36,7 @@ from fm_optuna.core._events import EventStream, MergeCompleted, RunStarted
 from fm_optuna.core._loop import ForkMergeConfig
 from fm_optuna.errors import ConfigError
 from fm_optuna.experiments._run_methods import Comparison, run_methods
-from fm_optuna.search._search import MergeDecision
+from fm_optuna.search._base import MergeDecision
 from fm_optuna.tracking import MlflowTracker, TrackingStore, mask_uri, metric_key, open_store
 from fm_optuna.tracking.ui import free_port
 from tests.conftest import ToyProblem

@@ -13,9 +13,10 @@ import torch
 from fm_optuna.core._events import EventStream
 from fm_optuna.core._loop import ForkMergeConfig, run_forkmerge
 from fm_optuna.problem._tasks import Problem
+from fm_optuna.search._base import Candidates
 from fm_optuna.search._merge_problem import MergeProblemWriter
 from fm_optuna.search._replay import find_merge_problems, load_merge_problems, replay
-from fm_optuna.search._search import Candidates, search_merge
+from fm_optuna.search._search import search_merge
 from fm_optuna.search.strategies import make_strategy
 from tests.conftest import ToyProblem
 

@@ -15,15 +15,10 @@ from fm_optuna.core._events import EventStream
 from fm_optuna.core._loop import ForkMergeConfig, run_forkmerge
 from fm_optuna.errors import ConfigError
 from fm_optuna.problem._tasks import Problem
+from fm_optuna.search._base import Candidates, MergeDecision
+from fm_optuna.search._evaluation import CHUNK_EXAMPLES, CHUNK_SCORES, IncumbentPruner
 from fm_optuna.search._merge_problem import MergeProblem, MergeProblemWriter, load_data
-from fm_optuna.search._search import (
-    CHUNK_EXAMPLES,
-    CHUNK_SCORES,
-    Candidates,
-    IncumbentPruner,
-    MergeDecision,
-    search_merge,
-)
+from fm_optuna.search._search import search_merge
 from fm_optuna.search.strategies import make_strategy
 from tests.conftest import ToyProblem
 

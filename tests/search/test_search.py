@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fm_optuna.errors import ConfigError
-from fm_optuna.search._search import Candidates, MergeDecision, search_merge
+from fm_optuna.search._base import Candidates, MergeDecision
+from fm_optuna.search._search import search_merge
 from fm_optuna.search.strategies import STRATEGIES, make_strategy
 from fm_optuna.search.strategies.grid import simplex_lattice
 

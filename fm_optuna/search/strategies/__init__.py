@@ -11,7 +11,7 @@ import inspect
 from typing import Any
 
 from fm_optuna.errors import one_of
-from fm_optuna.search._search import MergeStrategy
+from fm_optuna.search._base import MergeStrategy
 from fm_optuna.search.strategies.binary import Binary
 from fm_optuna.search.strategies.cmaes import CmaEs
 from fm_optuna.search.strategies.gp import Gp

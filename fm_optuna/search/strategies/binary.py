@@ -17,7 +17,8 @@ import optuna
 from optuna.samplers import BaseSampler
 
 from fm_optuna.errors import invalid
-from fm_optuna.search._search import Design, DesignSampler, MergeStrategy, RawWeights, SearchContext
+from fm_optuna.search._base import Design, MergeStrategy, SearchContext
+from fm_optuna.search._simplex import DesignSampler, RawWeights
 
 
 def _split(budget: int, parts: int) -> list[int]:

@@ -14,7 +14,8 @@ import numpy as np
 import optuna
 from optuna.samplers import BaseSampler, GPSampler, RandomSampler
 
-from fm_optuna.search._search import MergeStrategy, SearchContext, StickBreaking
+from fm_optuna.search._base import MergeStrategy, SearchContext
+from fm_optuna.search._simplex import StickBreaking
 
 
 class Gp(MergeStrategy):

@@ -20,14 +20,8 @@ import optuna
 from optuna.samplers import BaseSampler
 
 from fm_optuna.errors import invalid
-from fm_optuna.search._search import (
-    Design,
-    DesignSampler,
-    LossGradient,
-    MergeStrategy,
-    RawWeights,
-    SearchContext,
-)
+from fm_optuna.search._base import Design, LossGradient, MergeStrategy, SearchContext
+from fm_optuna.search._simplex import DesignSampler, RawWeights
 
 # Softmax cannot reach an exact zero: a warm start's zeros start at this share of the uniform.
 FLOOR = 0.05

@@ -16,7 +16,8 @@ import numpy as np
 import optuna
 from optuna.samplers import BaseSampler
 
-from fm_optuna.search._search import Design, DesignSampler, MergeStrategy, RawWeights, SearchContext
+from fm_optuna.search._base import Design, MergeStrategy, SearchContext
+from fm_optuna.search._simplex import DesignSampler, RawWeights
 
 OFFICIAL_ALPHAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 

@@ -11,7 +11,7 @@ import optuna
 from optuna.samplers import BaseSampler, GridSampler
 
 from fm_optuna.errors import invalid
-from fm_optuna.search._search import MergeStrategy, SearchContext
+from fm_optuna.search._base import MergeStrategy, SearchContext
 
 
 @lru_cache(maxsize=32)

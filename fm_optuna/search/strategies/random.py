@@ -8,7 +8,8 @@ import numpy as np
 import optuna
 from optuna.samplers import BaseSampler, RandomSampler
 
-from fm_optuna.search._search import FlatDirichlet, MergeStrategy, SearchContext
+from fm_optuna.search._base import MergeStrategy, SearchContext
+from fm_optuna.search._simplex import FlatDirichlet
 
 
 class Random(MergeStrategy):

@@ -9,7 +9,8 @@ import numpy as np
 import optuna
 from optuna.samplers import BaseSampler, TPESampler
 
-from fm_optuna.search._search import MergeStrategy, SearchContext, StickBreaking
+from fm_optuna.search._base import MergeStrategy, SearchContext
+from fm_optuna.search._simplex import StickBreaking
 
 
 def good_group_size(n_finished: int) -> int:
