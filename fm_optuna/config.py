@@ -461,6 +461,13 @@ class ForkMergeConfig:
     grid_resolution: float = option(
         0.1, "lattice step of grid", section=S, kind="float", low=0, high=1, low_open=True
     )
+    warm_start: bool = option(
+        True,
+        "start each merge search from the previous merge's Λ (strategies that take a starting "
+        "point); off, every search starts afresh from the branches' own scores",
+        section=S,
+        kind="bool",
+    )
     full_evaluation: bool = option(
         False,
         "score every candidate on the whole validation set (by default grid, random and tpe "

@@ -77,10 +77,12 @@ def add_flags(
             else entry.option.help + (" (default: the study file's)")
         )
         if entry.option.kind == "bool":
+            # A default-on switch is turned off with --no-<flag>.
+            action = argparse.BooleanOptionalAction if entry.default else "store_true"
             target.add_argument(
                 entry.flag,
                 dest=entry.name,
-                action="store_true",
+                action=action,
                 default=None if from_spec else entry.default,
                 help=help_,
             )

@@ -342,7 +342,9 @@ class _ForkMergeLoop:
             round=round_index,
             step=step,
             seed=self.config.seed * 7919 + round_index,
-            warm_start=_restrict(self.progress.warm_start, healthy),
+            warm_start=(
+                _restrict(self.progress.warm_start, healthy) if self.config.warm_start else None
+            ),
             # A scratch model for the candidates; every branch is re-forked from θ* afterwards.
             model=self.runs[healthy[0]].model,
         )

@@ -175,3 +175,26 @@ def test_joint_plan_uses_the_pseudo_target_of_appendix_a4() -> None:
     result = run_forkmerge(problem, config(plan="joint", branches=3))
     assert result.branches[0].tasks == (JOINT_TARGET,)
     assert set(result.branches[-1].tasks) == {JOINT_TARGET, *problem.task_names}
+
+
+class _WarmStarts(Observer):
+    """Records the warm start each merge search was given (from the saved merge problem)."""
+
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+
+    def on_merge_completed(self, event: MergeCompleted) -> None:
+        assert event.merge_problem is not None
+        self.seen.append(event.merge_problem()["warm_start"])
+
+
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_warm_start_starts_each_search_from_the_previous_lambda_only_when_on(
+    warm_start: bool,
+) -> None:
+    config = ForkMergeConfig(dt=20, total_steps=60, merge_trials=6, warm_start=warm_start)
+    seen = _WarmStarts()
+    result = run_forkmerge(ToyProblem(), config, EventStream([seen]))
+    previous = [None, *(tuple(d.weights) for d in result.decisions[:-1])]
+    expected = previous if warm_start else [None] * len(previous)
+    assert [None if w is None else tuple(w) for w in seen.seen] == expected
