@@ -40,7 +40,7 @@ _WHERE = {
     "DEFAULT_TRACKING_URI": "uris",
     "mask_uri": "uris",
     "resolve_tracking_uri": "uris",
-    "StudyTracking": "study",
+    "StudyTracking": "study_run",
     "open_comparison": "wiring",
     "open_run_store": "wiring",
     "run_tracker": "wiring",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fm_optuna import ranking
 from fm_optuna.cli import main
+from fm_optuna.core import _ranking as ranking
 from fm_optuna.core._events import Observer, RunStarted
 from fm_optuna.core._loop import ForkMergeConfig
 from fm_optuna.core._ranking import Ranking

@@ -390,7 +390,8 @@ def test_unreachable_store_is_a_config_error(
 def test_cli_fails_in_one_line_before_any_training(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fm_optuna import cli, experiment
+    from fm_optuna import cli
+    from fm_optuna.experiments import _run_methods as experiment
 
     def no_training(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("training started although the store cannot be opened")
