@@ -258,7 +258,9 @@ def test_summary_attached_to_every_method_run(tracked: TrackedRun, tmp_path: Pat
             result = tracked.comparison.result(name)
             assert row["target_test"] == pytest.approx(result.target_test)
             assert row["tg"] == pytest.approx(result.tg)  # same TG as the CLI's table
-        assert run.data.metrics["final/tg"] == pytest.approx(tracked.comparison.result(method).tg)
+        assert run.data.metrics["transfer/tg"] == pytest.approx(
+            tracked.comparison.result(method).tg
+        )
     table = download(store, tracked.runs["stl"], "summary.md", tmp_path / "md").read_text()
     assert "| forkmerge |" in table and "TG vs STL" in table
 
