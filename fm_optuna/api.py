@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fm_optuna.config import ForkMergeConfig, RuntimeOptions, StudyOptions
-from fm_optuna.core._events import EventStream, Observer, RunFinished
+from fm_optuna.core._events import EventStream, Observer
 from fm_optuna.core._loop import ForkMergeResult, run_forkmerge
-from fm_optuna.core._training import target_score, use_threads
+from fm_optuna.core._training import use_threads
 from fm_optuna.errors import ConfigError, invalid
 from fm_optuna.experiments._run_methods import REFERENCES
 from fm_optuna.problem._checks import check_problem
@@ -89,7 +89,8 @@ def train_forkmerge(
 
     Returns:
         :class:`~fm_optuna.core.ForkMergeResult`: ``model`` (final), ``decisions`` (every
-        merge's Λ, score and inner trials), ``lambda_history``, ``steps``, ``branches``.
+        merge's Λ, score and inner trials), ``lambda_history``, ``steps``, ``branches``,
+        ``summary`` (the final model's validation and test metrics of every task).
 
     Raises:
         ConfigError: The problem breaks its contract, L does not fit its tasks, or the store
@@ -115,16 +116,9 @@ def train_forkmerge(
         store = open_run_store(uri, problem, experiment)
         events.observers.append(run_tracker(store, problem))
     try:
-        result = run_forkmerge(problem, config, events)
-        _, metrics = target_score(for_plan(problem, config.plan), result.model)
-        summary = {"target_val": metrics}
-        events.emit(RunFinished(run="forkmerge", summary=summary, seconds=result.seconds))
-    except Exception:
-        events.emit(RunFinished(run="forkmerge", summary={}, seconds=0.0, status="FAIL"))
-        raise
+        return run_forkmerge(problem, config, events)  # the run ends itself (FINISHED or FAILED)
     finally:
         events.close()
-    return result
 
 
 def compare_methods(

@@ -11,11 +11,20 @@ import abc
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from fm_optuna.core._events import EventStream, RunStarted, TrainingProgress
+from fm_optuna.core._ending import ends_if_raises, final_summary
+from fm_optuna.core._events import (
+    EventStream,
+    RunFinished,
+    RunStarted,
+    RunSummary,
+    TrainingProgress,
+)
 from fm_optuna.core._training import (
+    Optimization,
     UpdateRule,
     data_generator,
     make_optimization,
@@ -67,8 +76,9 @@ class Baseline(abc.ABC):
 @dataclass
 class BaselineResult:
     model: nn.Module
-    seconds: float
+    seconds: float  # the run's, final evaluation included
     final_step: int
+    summary: RunSummary  # what RunFinished carried: the final model on every task, val and test
     rule: UpdateRule | None = None  # the run's rule, with its final state (UW's log-variances)
     optimizer: torch.optim.Optimizer | None = None
 
@@ -87,9 +97,17 @@ def run_baseline(
     :class:`~fm_optuna.errors.NonFiniteTraining` naming the method, step and task. The target is
     validated every Δt steps, as ForkMerge's merges are, so ``final = "best"`` selects a
     checkpoint by the same rule for every method.
+
+    The run ends itself in ``events``, as a ForkMerge run does: ``RunFinished`` with the final
+    model's :class:`~fm_optuna.core.RunSummary`, or FAIL when training or the final evaluation
+    raises (the error is re-raised).
     """
     events = events or EventStream()
     started = time.perf_counter()
+
+    def elapsed() -> float:
+        return time.perf_counter() - started
+
     model = seeded_model(problem, config.seed)
     rule = baseline.rule_for(problem, config)
     optimization = make_optimization(model, config, rule_parameters(rule))
@@ -113,6 +131,27 @@ def run_baseline(
             TrainingProgress(run=baseline.name, branch=baseline.name, step=at, losses=losses)
         )
 
+    with ends_if_raises(events, baseline.name, elapsed):
+        best_step = _train(baseline, problem, config, model, rule, optimization, generator, report)
+        summary = final_summary(
+            problem, model, run=baseline.name, step=config.total_steps, elapsed=elapsed
+        )
+    events.emit(RunFinished(run=baseline.name, summary=summary))
+    return BaselineResult(model, summary.seconds, best_step, summary, rule, optimization.optimizer)
+
+
+def _train(
+    baseline: Baseline,
+    problem: Problem,
+    config: ForkMergeConfig,
+    model: nn.Module,
+    rule: UpdateRule,
+    optimization: Optimization,
+    generator: torch.Generator,
+    report: Callable[[int, dict[str, float]], None],
+) -> int:
+    """T steps in rounds of Δt; with ``final = "best"`` ``model`` is left at the round with the
+    best target validation score. Returns the final model's step."""
     best_state, best_score, best_step = None, -math.inf, config.total_steps
     step = 0
     while step < config.total_steps:
@@ -138,5 +177,4 @@ def run_baseline(
                 best_state, best_score, best_step = copy.deepcopy(model.state_dict()), score, step
     if best_state is not None:
         model.load_state_dict(best_state)
-    seconds = time.perf_counter() - started
-    return BaselineResult(model, seconds, best_step, rule, optimization.optimizer)
+    return best_step

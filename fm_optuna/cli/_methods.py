@@ -111,11 +111,11 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
 
     def done(target: str, seed: int, method: str, summary: Any) -> None:
         bar.update(1)
-        bar.set_postfix_str(f"{target} seed {seed}: {method} test {summary['target_test']:.2f}")
+        bar.set_postfix_str(f"{target} seed {seed}: {method} test {summary.target_test:.2f}")
         if lines is not None:
             print(
                 f"[compare-methods {bar.n}/{bar.total}] {target} seed {seed}: {method} val "
-                f"{summary['target_val']:.2f} test {summary['target_test']:.2f}",
+                f"{summary.target_val:.2f} test {summary.target_test:.2f}",
                 file=lines,
                 flush=True,
             )

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from fm_optuna.errors import one_of
+
 if TYPE_CHECKING:
     from fm_optuna.search._base import MergeDecision
 
@@ -98,15 +100,81 @@ class MergeCompleted(Event):
         return self.decision.score - self.best_branch_score
 
 
+#: How a run can end: ``COMPLETE``, ``PRUNED`` (an observer stopped it, e.g. the outer study's
+#: pruner, by raising :class:`RunPruned`) or ``FAIL`` (training or its evaluation raised).
+RUN_STATUSES = ("COMPLETE", "PRUNED", "FAIL")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """How one run (ForkMerge or a baseline) ended: the final model's metrics, time and status.
+
+    Built where the run is, never by its callers: the ForkMerge loop and the baseline runner
+    evaluate their final model on ``val`` and ``test`` for every task of the problem they trained
+    and emit :class:`RunFinished` with it. Every door therefore logs the same ``final/*`` keys
+    (see ``tracking/README.md``). A PRUNED or FAIL run has no metrics.
+    """
+
+    status: str = "COMPLETE"
+    seconds: float = 0.0  # the run's wall time: final evaluation and time before a resume included
+    target: str = ""
+    target_metric: str = ""  # the target's primary metric
+    val: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # task -> metric -> value
+    test: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    fail_reason: str | None = None  # ``"NonFiniteTraining: training loss became nan (...)"``
+
+    def __post_init__(self) -> None:
+        if self.status not in RUN_STATUSES:
+            raise one_of("status", self.status, RUN_STATUSES)
+
+    @property
+    def target_val(self) -> float | None:
+        """The target's primary metric on the validation split (``None`` unless COMPLETE)."""
+        return self.val.get(self.target, {}).get(self.target_metric)
+
+    @property
+    def target_test(self) -> float | None:
+        """The target's primary metric on the test split (``None`` unless COMPLETE)."""
+        return self.test.get(self.target, {}).get(self.target_metric)
+
+
+class RunPruned(Exception):
+    """Raised by an observer's hook to stop the run early: the run ends PRUNED, not FAIL.
+
+    The outer study's pruning reporter raises an exception that is both this and Optuna's
+    ``TrialPruned``, so the core needs no Optuna.
+    """
+
+
 @dataclass(frozen=True)
 class RunFinished(Event):
-    """A run ended; ``summary`` holds its final validation/test metrics per task."""
+    """A run ended; emitted once by the code that started it (see :class:`RunSummary`)."""
 
     hook: ClassVar[str] = "on_run_finished"
     run: str
-    summary: Mapping[str, Any]
-    seconds: float
-    status: str = "COMPLETE"  # COMPLETE, PRUNED (outer-study pruner) or FAIL
+    summary: RunSummary
+
+    @property
+    def status(self) -> str:
+        return self.summary.status
+
+    @property
+    def seconds(self) -> float:
+        return self.summary.seconds
+
+
+@dataclass(frozen=True)
+class TransferMeasured(Event):
+    """A finished run compared with single-task learning (``run_methods`` after each method):
+    TG of the target and of every task its model serves, Δm's terms and Δm (see
+    :mod:`fm_optuna.experiments._run_methods` for the definitions)."""
+
+    hook: ClassVar[str] = "on_transfer_measured"
+    run: str
+    tg: float | None  # the target's TG, in its metric's units, + is better
+    delta_m: float | None  # a fraction (× 100 for %)
+    tg_tasks: Mapping[str, float] = field(default_factory=dict)
+    relative: Mapping[str, float] = field(default_factory=dict)
 
 
 class Observer:
@@ -114,7 +182,8 @@ class Observer:
 
     Lifecycle for one run: ``on_run_started`` → (``on_training_progress``* →
     ``on_branch_diverged``* → ``on_branches_evaluated`` → ``on_merge_completed``)* →
-    ``on_run_finished``. Baseline runs emit no branch or merge events.
+    ``on_run_finished`` (→ ``on_transfer_measured`` when compared with STL). Baseline runs emit
+    no branch or merge events. A hook may raise :class:`RunPruned` to stop the run.
     """
 
     def on_run_started(self, event: RunStarted) -> None: ...
@@ -128,6 +197,8 @@ class Observer:
     def on_merge_completed(self, event: MergeCompleted) -> None: ...
 
     def on_run_finished(self, event: RunFinished) -> None: ...
+
+    def on_transfer_measured(self, event: TransferMeasured) -> None: ...
 
     def close(self) -> None:
         """Called once when the whole command ends (flush, print what was not logged, ...)."""

@@ -11,6 +11,10 @@ A round reads as its phases (:class:`_ForkMergeLoop`): train the branches, evalu
 A branch whose training loss becomes NaN/inf sits out that round's merge (its Λ is 0; the
 decision's ``fallback`` says why) and restarts from θ* with a fresh optimizer state; when every
 branch does, the run raises :class:`~fm_optuna.errors.NonFiniteTraining`.
+
+The run ends itself: its final model is evaluated on every task (``val`` and ``test``) and
+``RunFinished`` carries that :class:`~fm_optuna.core.RunSummary` (or FAIL / PRUNED when the
+run raised), so no caller builds a summary of its own.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ from torch import nn
 
 from fm_optuna.config import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS, ForkMergeConfig
 from fm_optuna.core._branches import Branch
+from fm_optuna.core._ending import ends_if_raises, final_summary
 from fm_optuna.core._events import (
     BranchDiverged,
     BranchesEvaluated,
     EventStream,
     MergeCompleted,
+    RunFinished,
     RunStarted,
+    RunSummary,
     TrainingProgress,
 )
 from fm_optuna.core._merging import BranchStack
@@ -94,7 +101,8 @@ class ForkMergeResult:
     steps: list[int]
     ranking: Ranking
     final_round: int
-    seconds: float  # the whole run's, including the time spent before a resume
+    seconds: float  # the whole run's: final evaluation and the time before a resume included
+    summary: RunSummary  # what RunFinished carried: the final model on every task, val and test
     timings: dict[str, float] = field(default_factory=dict)
     resumed_from_round: int = 0  # > 0: continued from the checkpoint of this merge round
     resumed_at_step: int = 0
@@ -306,6 +314,10 @@ class _ForkMergeLoop:
     @property
     def finished(self) -> bool:
         return self.progress.round >= self.config.rounds
+
+    def elapsed(self) -> float:
+        """Seconds of the whole run so far, earlier processes (before a resume) included."""
+        return self.progress.seconds_before + time.perf_counter() - self.started
 
     def announce(self) -> None:
         self.events.emit(
@@ -541,11 +553,15 @@ class _ForkMergeLoop:
         )
 
     def result(self) -> ForkMergeResult:
+        """The final model (the last merge, or the best with ``final="best"``) and its summary."""
         final = copy.deepcopy(self.runs[0].model)
         final_round = self.config.rounds
         if self.progress.best_state is not None:
             final.load_state_dict(self.progress.best_state)
             final_round = self.progress.best_round
+        summary = final_summary(
+            self.problem, final, run=self.name, step=self.progress.step, elapsed=self.elapsed
+        )
         return ForkMergeResult(
             final,
             [run.branch for run in self.runs],
@@ -553,7 +569,8 @@ class _ForkMergeLoop:
             self.progress.steps,
             self.ranking,
             final_round,
-            self.progress.seconds_before + time.perf_counter() - self.started,
+            summary.seconds,
+            summary,
             self.timings,
             resumed_from_round=self.resumed_from[0],
             resumed_at_step=self.resumed_from[1],
@@ -580,6 +597,11 @@ def run_forkmerge(
     ``resume_from`` is a snapshot taken at a merge (see :class:`~fm_optuna.core.MergeCompleted`);
     the run continues after that merge and, with the same seed, reproduces the Λ trajectory of
     an uninterrupted run; its result's ``seconds`` include the time spent before the resume.
+
+    The run ends itself in ``events``: ``RunFinished`` with the final model's
+    :class:`~fm_optuna.core.RunSummary` (``result.summary``), or FAIL (PRUNED for
+    :class:`~fm_optuna.core.RunPruned`) when training, an observer or the final evaluation
+    raises; the error is re-raised.
     """
     if ranking is not None and resume_from is not None:
         raise invalid("ranking", ranking.method, "absent when resuming (the checkpoint holds one)")
@@ -587,6 +609,9 @@ def run_forkmerge(
         for_plan(problem, config.plan), config, events or EventStream(), name, resume_from, ranking
     )
     loop.announce()
-    while not loop.finished:
-        loop.run_round()
-    return loop.result()
+    with ends_if_raises(loop.events, name, loop.elapsed):
+        while not loop.finished:
+            loop.run_round()
+        result = loop.result()
+    loop.events.emit(RunFinished(run=name, summary=result.summary))
+    return result

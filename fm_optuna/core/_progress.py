@@ -73,9 +73,9 @@ class ProgressLines(Observer):
         seconds = time.perf_counter() - self._started.pop(event.run, time.perf_counter())
         summary = event.summary
         scores = "".join(
-            f" {label} {summary[key]:.2f}"
-            for key, label in (("target_val", "val"), ("target_test", "test"))
-            if isinstance(summary.get(key), int | float)
+            f" {label} {value:.2f}"
+            for value, label in ((summary.target_val, "val"), (summary.target_test, "test"))
+            if value is not None
         )
         self._print(f"[{event.run}] {event.status.lower()}{scores} in {seconds:.1f} s")
 

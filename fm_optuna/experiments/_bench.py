@@ -83,6 +83,9 @@ class _Timed(Observer):
     def on_run_finished(self, event: Any) -> None:
         self._timed("on_run_finished", event)
 
+    def on_transfer_measured(self, event: Any) -> None:
+        self._timed("on_transfer_measured", event)
+
     def close(self) -> None:
         self._timed("close")
 
@@ -99,7 +102,7 @@ def tracked_forkmerge(
     """
     import tempfile
 
-    from fm_optuna.core._events import EventStream, RunFinished
+    from fm_optuna.core._events import EventStream
     from fm_optuna.tracking import MlflowTracker, open_store
 
     with tempfile.TemporaryDirectory(prefix="fm-optuna-bench-") as folder:
@@ -112,8 +115,7 @@ def tracked_forkmerge(
         events = EventStream([timed])
         started = time.perf_counter()
         try:
-            result = run_forkmerge(problem, config, events)
-            events.emit(RunFinished(run="forkmerge", summary={}, seconds=result.seconds))
+            run_forkmerge(problem, config, events)  # the run ends itself, as every door's does
         finally:
             events.close()
         return time.perf_counter() - started, opened, timed.seconds, tracker.error

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fm_optuna.config import ForkMergeConfig
-from fm_optuna.core._events import EventStream, Observer, RunFinished
+from fm_optuna.core._events import EventStream, Observer, RunFinished, RunSummary
 from fm_optuna.errors import invalid, one_of
 from fm_optuna.experiments._run_methods import (
     METHODS,
@@ -66,12 +66,13 @@ class MethodRun:
 
 
 class _Finished(Observer):
-    def __init__(self, callback: Callable[[str, int, str, Mapping[str, Any]], None]) -> None:
+    def __init__(self, callback: Callable[[str, int, str, RunSummary], None]) -> None:
         self.callback = callback
         self.target, self.seed = "", 0
 
     def on_run_finished(self, event: RunFinished) -> None:
-        self.callback(self.target, self.seed, event.run, event.summary)
+        if event.status == "COMPLETE":  # a failed run raises out of compare_methods instead
+            self.callback(self.target, self.seed, event.run, event.summary)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -230,7 +231,7 @@ def compare_methods(
     *,
     references: str = "tasks",
     observers: ObserverFactory | None = None,
-    on_method: Callable[[str, int, str, Mapping[str, Any]], None] | None = None,
+    on_method: Callable[[str, int, str, RunSummary], None] | None = None,
 ) -> MethodsComparison:
     """Run ``methods`` on every problem (one per target) for every seed.
 
@@ -241,7 +242,8 @@ def compare_methods(
         seeds: Seeds of model initialisation and data order.
         references: ``tasks`` (STL for every task: Δm over all tasks) or ``target``.
         observers: ``(target, seed) -> observers`` for each run, e.g. MLflow tracking.
-        on_method: Called with ``(target, seed, method, summary)`` after each method finishes.
+        on_method: Called with ``(target, seed, method, summary)`` after each method completes
+            (``summary``: its :class:`~fm_optuna.core.RunSummary`).
     """
     for method in methods:
         if method not in METHODS:

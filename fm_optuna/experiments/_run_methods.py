@@ -40,7 +40,7 @@ from torch import nn
 from fm_optuna.baselines import BASELINES, SingleTask, make_baseline, run_baseline
 from fm_optuna.config import ForkMergeConfig
 from fm_optuna.core._checkpoints import Checkpointer
-from fm_optuna.core._events import EventStream, RunFinished
+from fm_optuna.core._events import EventStream, TransferMeasured
 from fm_optuna.core._loop import ForkMergeResult, run_forkmerge
 from fm_optuna.errors import one_of
 from fm_optuna.problem._tasks import Problem, Split, TaskMetrics, describe_problem, for_plan
@@ -157,10 +157,6 @@ class Comparison:
         return out
 
 
-def evaluate_all(problem: Problem, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
-    return problem.evaluate(model, "val"), problem.evaluate(model, "test")
-
-
 class Retargeted(Problem):
     """The same problem (data, splits, model) with another task as the target.
 
@@ -200,8 +196,7 @@ class Retargeted(Problem):
 def stl_reference(problem: Problem, task: str, config: ForkMergeConfig) -> dict[str, float]:
     """Test metrics of ``task`` for STL trained with ``task`` as its target (same seed/budget)."""
     view = Retargeted(problem, task)
-    model = run_baseline(SingleTask(), view, config).model
-    return problem.evaluate(model, "test", [task])[task]
+    return dict(run_baseline(SingleTask(), view, config).summary.test[task])
 
 
 def relative_improvement(reference: float, value: float, *, higher_is_better: bool) -> float:
@@ -273,8 +268,9 @@ def run_methods(
 ) -> Comparison:
     """Train every method with the same seed and budget T; TG and Δm are measured against STL.
 
-    STL trains first when it is among ``methods``, so every later method's ``RunFinished``
-    summary already carries its TG and Δm. ``references="tasks"`` first trains STL for every other
+    Every method's run ends itself (``RunFinished`` with its summary); when a reference is known
+    (STL trains first when it is among ``methods``) ``TransferMeasured`` follows with its TG and
+    Δm. ``references="tasks"`` first trains STL for every other
     task (silently: no events) so that Δm covers every task; see the module docstring.
     ForkMerge writes ``checkpoint`` at every merge and continues the snapshot ``resume_from``
     (:func:`~fm_optuna.core.load_checkpoint`) when given.
@@ -297,39 +293,36 @@ def run_methods(
         comparison.reference_seconds = time.perf_counter() - started
     by_method: dict[str, MethodResult] = {}
     for method in sorted(methods, key=lambda m: m != "stl"):
-        started, earlier = time.perf_counter(), 0.0  # earlier: seconds before a resume
-        try:
-            if method == "forkmerge":
-                fm = _run_forkmerge(problem, config, events, checkpoint, resume_from)
-                comparison.forkmerge, model, earlier = fm, fm.model, fm.seconds_before_resume
-            else:
-                model = run_baseline(make_baseline(method), problem, config, events).model
-        except Exception as error:  # the method's tracked run ends FAILED, with the reason
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            seconds = time.perf_counter() - started
-            events.emit(
-                RunFinished(
-                    run=method, summary={"fail_reason": reason}, seconds=seconds, status="FAIL"
-                )
-            )
-            raise
-        val, test = evaluate_all(problem, model)
-        seconds = earlier + time.perf_counter() - started
+        # Each run ends itself (RunFinished, FAIL with the reason when it raises).
+        if method == "forkmerge":
+            fm = _run_forkmerge(problem, config, events, checkpoint, resume_from)
+            comparison.forkmerge, summary = fm, fm.summary
+        else:
+            summary = run_baseline(make_baseline(method), problem, config, events).summary
         if method == "stl":
-            reference_metrics[target.name] = test[target.name]
+            reference_metrics[target.name] = dict(summary.test[target.name])
         result = MethodResult(
             method=method,
-            val=val,
-            test=test,
+            val={task: dict(metrics) for task, metrics in summary.val.items()},
+            test={task: dict(metrics) for task, metrics in summary.test.items()},
             target_metric=target.metric,
-            target_val=val[target.name][target.metric],
-            target_test=test[target.name][target.metric],
-            seconds=seconds,
+            target_val=summary.val[target.name][target.metric],
+            target_test=summary.test[target.name][target.metric],
+            seconds=summary.seconds,
             kind=method_kind(method),
         )
         score_against_references(result, problem, reference_metrics)
         by_method[method] = result
-        events.emit(RunFinished(run=method, summary=result.to_dict(), seconds=seconds))
+        if reference_metrics:
+            events.emit(
+                TransferMeasured(
+                    run=method,
+                    tg=result.tg,
+                    delta_m=result.delta_m,
+                    tg_tasks=dict(result.tg_tasks),
+                    relative=dict(result.relative),
+                )
+            )
     comparison.results = [by_method[method] for method in dict.fromkeys(methods)]
     comparison.snt = strong_negative_transfer(problem, comparison.results)
     return comparison

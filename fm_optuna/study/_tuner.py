@@ -46,9 +46,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fm_optuna.config import ForkMergeConfig
 from fm_optuna.core._checkpoints import Checkpointer, load_checkpoint, save_checkpoint
-from fm_optuna.core._events import EventStream, MergeCompleted, Observer, RunFinished
+from fm_optuna.core._ending import fail_reason
+from fm_optuna.core._events import EventStream, MergeCompleted, Observer, RunPruned
 from fm_optuna.core._loop import ForkMergeResult, run_forkmerge
-from fm_optuna.core._training import target_score
 from fm_optuna.errors import ConfigError, NonFiniteTraining
 from fm_optuna.problem._checks import check_problem
 from fm_optuna.problem._tasks import Problem
@@ -162,6 +162,10 @@ def _values_at(study: optuna.Study, trial: FrozenTrial, step: int) -> Iterator[f
             yield other.intermediate_values[max(earlier)]
 
 
+class TrialPruned(optuna.TrialPruned, RunPruned):
+    """Optuna's signal to prune the trial, which also ends its ForkMerge run PRUNED."""
+
+
 class PruningReporter(Observer):
     """Reports each merge's target validation metric to the outer trial and prunes if told to.
 
@@ -176,7 +180,7 @@ class PruningReporter(Observer):
     def on_merge_completed(self, event: MergeCompleted) -> None:
         self.trial.report(self.sign * event.decision.score, step=event.step)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {event.step} (round {event.round})")
+            raise TrialPruned(f"pruned at step {event.step} (round {event.round})")
 
 
 @contextlib.contextmanager
@@ -250,14 +254,10 @@ def root_trial_number(trial: FrozenTrial | optuna.Trial) -> int:
     return history[0] if history else frozen.number
 
 
-def _failed(trial: optuna.Trial, events: EventStream, error: Exception) -> None:
-    """Keep why the trial failed (user attribute ``fail_reason``); its run ends FAILED."""
-    lines = str(error).strip().splitlines()
-    reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    trial.set_user_attr(FAIL_REASON, reason)
-    events.emit(
-        RunFinished(run="forkmerge", summary={FAIL_REASON: reason}, seconds=0, status="FAIL")
-    )
+def _failed(trial: optuna.Trial, error: Exception) -> None:
+    """Keep why the trial failed (user attribute ``fail_reason``, the reason its run, ended
+    FAILED by the loop, is tagged with)."""
+    trial.set_user_attr(FAIL_REASON, fail_reason(error))
 
 
 def lambda_table(result: ForkMergeResult) -> list[dict[str, float]]:
@@ -533,18 +533,12 @@ class Tuner:
             extra.append(self._merge_problem_writer(trial, extra))
         reporter = PruningReporter(trial, higher_is_better=self.higher_is_better)
         events = EventStream([Checkpointer(checkpoint_path), *extra, reporter])
+        # The run ends itself in `events`: FINISHED, FAILED (a non-finite loss or final target
+        # validation metric included) or KILLED when pruned.
         try:
             result = run_forkmerge(self.problem, config, events, resume_from=resume)
-            _, metrics = target_score(self.problem, result.model)
-            value = float(metrics[self.problem.task(self.problem.target).metric])
-            if not math.isfinite(value):
-                raise NonFiniteTraining(
-                    self.problem.target,
-                    config.total_steps,
-                    value,
-                    run="forkmerge",
-                    detail=f"the final model's target validation metric is {value}",
-                )
+            target = self.problem.task(self.problem.target)  # the study's, under the joint plan too
+            metrics = dict(result.summary.val[target.name])
             save_checkpoint(  # atomic: a saved final model is always a whole one
                 {"state_dict": result.model.state_dict(), "config": config.as_params()},
                 self.model_path(trial.number),
@@ -552,31 +546,14 @@ class Tuner:
             trial.set_user_attr("final_model", str(self.model_path(trial.number)))
             trial.set_user_attr("lambda_history", lambda_table(result))
             trial.set_user_attr("val_metrics", metrics)
-            target = self.problem.task(self.problem.target)
-            events.emit(
-                RunFinished(
-                    run="forkmerge",
-                    # The keys `run`, `compare` and `compare-methods` log too: final/target_val,
-                    # final/val/<target>/<metric>, final/seconds.
-                    summary={
-                        "method": "forkmerge",
-                        "target_metric": target.metric,
-                        "target_val": metrics[target.metric],
-                        "val": {target.name: metrics},
-                    },
-                    seconds=result.seconds,
-                    status="COMPLETE",
-                )
-            )
-            return value
+            return float(metrics[target.metric])
         except NonFiniteTraining as error:
-            _failed(trial, events, error)
+            _failed(trial, error)
             return math.nan  # FAIL, logged by Optuna as one line rather than a traceback
         except optuna.TrialPruned:
-            events.emit(RunFinished(run="forkmerge", summary={}, seconds=0.0, status="PRUNED"))
             raise
         except Exception as error:
-            _failed(trial, events, error)
+            _failed(trial, error)
             raise
         finally:
             events.close()

@@ -7,6 +7,10 @@ Run layout in the experiment of one invocation:
 - under the ForkMerge run, one child run per branch (tag ``mlflow.parentRunId``), so MLflow's
   compare view puts the branches side by side.
 
+A run's ``final/*`` metrics come from the typed summary its ``RunFinished`` carries
+(:func:`final_metrics`), so every door logs the same keys for the same kind of run; the table
+of keys is in ``tracking/README.md``.
+
 Metrics are buffered and written with one ``log_batch`` per run at each merge (baselines: every
 ``flush_every`` progress reports) and at the end, never one call per step. A store failure in
 the middle of a run never stops training: it is reported once, logging stops, and :meth:`close`
@@ -47,7 +51,9 @@ from fm_optuna.core._events import (
     Observer,
     RunFinished,
     RunStarted,
+    RunSummary,
     TrainingProgress,
+    TransferMeasured,
 )
 from fm_optuna.tracking.notes import MergeRow, lambda_note
 from fm_optuna.tracking.plots import (
@@ -117,12 +123,33 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def _numeric_leaves(value: Any, prefix: str) -> Iterator[tuple[str, float]]:
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from _numeric_leaves(item, f"{prefix}/{metric_key(str(key))}")
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        yield prefix, float(value)
+def final_metrics(summary: RunSummary) -> dict[str, float]:
+    """The ``final/*`` metrics of a finished run: ``final/seconds`` always; when it completed,
+    ``final/target_val``, ``final/target_test`` and ``final/{val,test}/<task>/<metric>``."""
+    metrics = {"final/seconds": float(summary.seconds)}
+    if summary.target_val is not None:
+        metrics["final/target_val"] = float(summary.target_val)
+    if summary.target_test is not None:
+        metrics["final/target_test"] = float(summary.target_test)
+    for split, values in (("val", summary.val), ("test", summary.test)):
+        for task, task_metrics in values.items():
+            for name, value in task_metrics.items():
+                metrics[f"final/{split}/{metric_key(task)}/{metric_key(name)}"] = float(value)
+    return metrics
+
+
+def transfer_metrics(event: TransferMeasured) -> dict[str, float]:
+    """The ``transfer/*`` metrics of a run compared with STL: ``transfer/tg``,
+    ``transfer/delta_m``, ``transfer/tg/<task>``, ``transfer/relative/<task>``."""
+    metrics = {
+        key: float(value)
+        for key, value in (("transfer/tg", event.tg), ("transfer/delta_m", event.delta_m))
+        if value is not None
+    }
+    for name, values in (("tg", event.tg_tasks), ("relative", event.relative)):
+        for task, value in values.items():
+            metrics[f"transfer/{name}/{metric_key(task)}"] = float(value)
+    return metrics
 
 
 def _never_raises(hook: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
@@ -170,7 +197,8 @@ class _Run:
     tasks: tuple[str, ...] = ()  # per branch, its tasks as text
     rounds: int | None = None
     figures_drawn: int = 0  # merges the logged figures show
-    summary: Mapping[str, Any] | None = None
+    summary: RunSummary | None = None
+    transfer: TransferMeasured | None = None
     status: str | None = None  # None while running
 
     @property
@@ -463,22 +491,33 @@ class MlflowTracker(Observer):
         run = self._runs.pop(event.run, None)
         if run is None:
             return
-        run.summary = dict(event.summary)
+        summary = run.summary = event.summary
         batch = self._batch(run.run_id)
         stamp = _now_ms()
         step = int(run.params.get("total_steps", 0) or 0)
-        for key, value in _numeric_leaves(event.summary, "final"):
+        for key, value in final_metrics(summary).items():
             batch.metrics.append(Metric(key, value, stamp, step))
-        if "seconds" not in event.summary:
-            batch.metrics.append(Metric("final/seconds", float(event.seconds), stamp, step))
-        if isinstance(event.summary.get("target_metric"), str):
-            batch.tags.append(RunTag("target_metric", event.summary["target_metric"]))
-        if isinstance(event.summary.get("fail_reason"), str):
-            reason = event.summary["fail_reason"][:_PARAM_LIMIT]
+        if summary.target_metric:
+            batch.tags.append(RunTag("target_metric", summary.target_metric))
+        if summary.fail_reason is not None:
+            reason = summary.fail_reason[:_PARAM_LIMIT]
             batch.tags.append(RunTag("fm_optuna.fail_reason", reason))
-        status = getattr(event, "status", "COMPLETE")
-        batch.tags.append(RunTag("fm_optuna.status", str(status)))
-        self._finish(run, _STATUS.get(str(status), "FINISHED"))
+        batch.tags.append(RunTag("fm_optuna.status", summary.status))
+        self._finish(run, _STATUS[summary.status])
+
+    @_never_raises
+    def on_transfer_measured(self, event: TransferMeasured) -> None:
+        """TG and Δm of a run that just finished (logged on it: ``transfer/*``)."""
+        run = next((r for r in reversed(self._done) if r.event_name == event.run), None)
+        if run is None:
+            return
+        run.transfer = event
+        batch = self._batch(run.run_id)
+        stamp = _now_ms()
+        step = int(run.params.get("total_steps", 0) or 0)
+        for key, value in transfer_metrics(event).items():
+            batch.metrics.append(Metric(key, value, stamp, step))
+        self.flush()
 
     def close(self) -> None:
         """Finish what is still open, write the summary, and say what could not be logged."""
@@ -638,29 +677,32 @@ class MlflowTracker(Observer):
 
     def _write_summary(self) -> None:
         """The comparison table of this invocation, attached to every method's run."""
-        rows = [r for r in self._done if r.summary and "target_test" in r.summary]
+        rows = [r for r in self._done if r.summary and r.summary.target_test is not None]
         if not rows:
             return
         higher = self._direction(rows)
         stl = next((r for r in rows if r.event_name == "stl"), None)
         table = []
         for run in rows:
-            summary = run.summary or {}
-            tg = summary.get("tg")
-            if tg is None and stl is not None and higher is not None:
-                sign = 1.0 if higher else -1.0
-                tg = sign * (float(summary["target_test"]) - float(stl.summary["target_test"]))  # type: ignore[index]
+            summary = run.summary
+            assert summary is not None and summary.target_test is not None
+            tg = None if run.transfer is None else run.transfer.tg
+            if run.transfer is None and stl is not None and higher is not None:
+                # Runs not compared by run_methods: TG against this invocation's STL run.
+                reference = stl.summary.target_test if stl.summary else None
+                if reference is not None:
+                    tg = (1.0 if higher else -1.0) * (summary.target_test - reference)
             table.append(
                 {
                     "method": run.event_name,
                     "run_name": run.name,
                     "run_id": run.run_id,
                     "status": run.status,
-                    "target_metric": summary.get("target_metric"),
-                    "target_val": summary.get("target_val"),
-                    "target_test": summary.get("target_test"),
+                    "target_metric": summary.target_metric,
+                    "target_val": summary.target_val,
+                    "target_test": summary.target_test,
                     "tg": tg,
-                    "seconds": summary.get("seconds"),
+                    "seconds": summary.seconds,
                 }
             )
         first = rows[0].params
@@ -680,17 +722,17 @@ class MlflowTracker(Observer):
         for run, row in zip(rows, table, strict=True):
             self._log_text(run.run_id, text_json, "summary.json")
             self._log_text(run.run_id, text_md, "summary.md")
-            if row["tg"] is not None:
+            if row["tg"] is not None and run.transfer is None:
                 step = int(run.params.get("total_steps", 0) or 0)
                 self._batch(run.run_id).metrics.append(
-                    Metric("final/tg", float(row["tg"]), stamp, step)
+                    Metric("transfer/tg", float(row["tg"]), stamp, step)
                 )
 
     def _direction(self, rows: Sequence[_Run]) -> bool | None:
         if self._higher_is_better is not None:
             return self._higher_is_better
-        metric = (rows[0].summary or {}).get("target_metric")
-        if self._direction_hint is None or not isinstance(metric, str):
+        metric = rows[0].summary.target_metric if rows[0].summary else ""
+        if self._direction_hint is None or not metric:
             return None
         score, metrics = self._direction_hint
         value = metrics.get(metric)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from fm_optuna import cli
-from fm_optuna.core._events import Observer, RunFinished, RunStarted
+from fm_optuna.core._events import Observer, RunFinished, RunStarted, TransferMeasured
 from fm_optuna.core._loop import ForkMergeConfig
 from fm_optuna.experiments._compare_methods import compare_methods, parse_methods
 from fm_optuna.experiments._run_methods import (
@@ -31,12 +31,16 @@ class Recorder(Observer):
     def __init__(self) -> None:
         self.started: list[str] = []
         self.finished: list[RunFinished] = []
+        self.measured: list[TransferMeasured] = []
 
     def on_run_started(self, event: RunStarted) -> None:
         self.started.append(event.run)
 
     def on_run_finished(self, event: RunFinished) -> None:
         self.finished.append(event)
+
+    def on_transfer_measured(self, event: TransferMeasured) -> None:
+        self.measured.append(event)
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +72,11 @@ def test_every_method_runs_for_every_target_and_seed(report: Any) -> None:
         # STL first: its model is the target's reference; the reference runs emit nothing.
         assert recorder.started == ["stl", "ew", "uw", "pcgrad", "ptft", "forkmerge"]
         assert [e.run for e in recorder.finished] == recorder.started
-        for event in recorder.finished:  # TG and Δm are in the summary the tracker logs
-            assert isinstance(event.summary["tg"], float)
-            assert isinstance(event.summary["delta_m"], float)
+        assert {e.status for e in recorder.finished} == {"COMPLETE"}
+        # TG and Δm follow each run's end, for the tracker to log.
+        assert [e.run for e in recorder.measured] == recorder.started
+        for event in recorder.measured:
+            assert isinstance(event.tg, float) and isinstance(event.delta_m, float)
     assert len(finished) == 4 * len(METHODS)
     assert [row["method"] for row in result.rows()] == [*METHODS, *METHODS]
 

@@ -258,7 +258,9 @@ def test_summary_attached_to_every_method_run(tracked: TrackedRun, tmp_path: Pat
             result = tracked.comparison.result(name)
             assert row["target_test"] == pytest.approx(result.target_test)
             assert row["tg"] == pytest.approx(result.tg)  # same TG as the CLI's table
-        assert run.data.metrics["final/tg"] == pytest.approx(tracked.comparison.result(method).tg)
+        assert run.data.metrics["transfer/tg"] == pytest.approx(
+            tracked.comparison.result(method).tg
+        )
     table = download(store, tracked.runs["stl"], "summary.md", tmp_path / "md").read_text()
     assert "| forkmerge |" in table and "TG vs STL" in table
 
@@ -390,7 +392,8 @@ def test_unreachable_store_is_a_config_error(
 def test_cli_fails_in_one_line_before_any_training(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fm_optuna import cli, experiment
+    from fm_optuna import cli
+    from fm_optuna.experiments import _run_methods as experiment
 
     def no_training(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("training started although the store cannot be opened")
