@@ -26,7 +26,7 @@ from fm_optuna.cli._common import (
     spec_config,
     torch_setup,
 )
-from fm_optuna.cli._study import comparison_tracking, tracked_comparison
+from fm_optuna.cli._compare import comparison_tracking, tracked_comparison
 from fm_optuna.core._progress import progress_stream
 
 
@@ -346,7 +346,7 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
     add_spec_overrides(parser, ("total_steps", "dt"))
 
 
-def add_commands(sub: Any) -> None:
+def add_command(sub: Any) -> None:
     """Register ``compare-methods`` and ``task-affinity`` on the main parser's subcommands."""
     from fm_optuna.core._affinity import LOOKAHEADS
     from fm_optuna.experiments._run_methods import METHODS, REFERENCES

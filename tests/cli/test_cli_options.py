@@ -6,6 +6,7 @@ import pytest
 
 from fm_optuna import cli
 from fm_optuna.benchmarks import options
+from fm_optuna.cli import _run
 from fm_optuna.config import ForkMergeConfig
 from fm_optuna.errors import ConfigError
 
@@ -18,8 +19,8 @@ def test_the_cli_keeps_the_benchmarks_own_batch_size_unless_told(
         "fm_optuna.benchmarks.build_problem", lambda benchmark, **kwargs: built.append(kwargs)
     )
     parser = cli.build_parser()
-    cli._problem(parser.parse_args(["run", "--benchmark", "qm9"]))
-    cli._problem(parser.parse_args(["run", "--benchmark", "qm9", "--batch-size", "16"]))
+    _run.run_problem(parser.parse_args(["run", "--benchmark", "qm9"]))
+    _run.run_problem(parser.parse_args(["run", "--benchmark", "qm9", "--batch-size", "16"]))
     assert "batch_size" not in built[0]  # qm9's build() then uses its own 64
     assert built[1]["batch_size"] == 16
 
@@ -35,7 +36,7 @@ def test_catch_all_keywords_are_not_benchmark_options() -> None:
 )
 def test_how_candidates_are_evaluated_is_one_choice(flags: list[str], evaluation: str) -> None:
     args = cli.build_parser().parse_args(["run", *flags])
-    assert cli._config(args).evaluation == evaluation
+    assert _run.run_config(args).evaluation == evaluation
 
 
 def test_full_and_pruned_evaluation_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fm_optuna.cli import _run
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--dt", "20", "--steps", "40", "--merge-trials", "4", "--no-tracking"]
 
@@ -179,7 +181,7 @@ def test_run_resume_continues_forkmerge_after_its_last_merge(tmp_path: Path) -> 
     # The same ForkMerge the command builds, interrupted after round 2 with its checkpoint.
     args = cli.build_parser().parse_args(common)
     torch.set_num_threads(1)
-    problem, config = cli._problem(args), cli._config(args)
+    problem, config = _run.run_problem(args), _run.run_config(args)
     partial = tmp_path / "partial.ckpt"
     with pytest.raises(Killed):
         run_forkmerge(problem, config, EventStream([Checkpointer(partial), KillAfterSecondMerge()]))
@@ -232,16 +234,17 @@ def test_resume_from_a_bad_checkpoint_is_one_line_and_creates_no_store(
 
 
 def test_training_hook_flags_reach_the_configuration() -> None:
-    from fm_optuna.cli import _config, build_parser
+    from fm_optuna.cli import build_parser
+    from fm_optuna.cli._run import run_config
 
     flags = "--optimizer sgd --momentum 0.9 --weight-decay 1e-4 --scheduler step "
     flags += "--lr-step-size 50 --lr-gamma 0.5 --clip-grad-norm 1.5 --amp"
     args = build_parser().parse_args(["run", *flags.split()])
-    config = _config(args)
+    config = run_config(args)
     assert (config.optimizer, config.momentum, config.weight_decay) == ("sgd", 0.9, 1e-4)
     assert (config.scheduler, config.lr_step_size, config.lr_gamma) == ("step", 50, 0.5)
     assert config.clip_grad_norm == 1.5 and config.amp is True
-    default = _config(build_parser().parse_args(["run"]))
+    default = run_config(build_parser().parse_args(["run"]))
     assert (default.optimizer, default.scheduler, default.clip_grad_norm, default.amp) == (
         "adam",
         "none",

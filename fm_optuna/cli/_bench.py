@@ -1,0 +1,68 @@
+"""``fm-optuna bench``: what forking, merging and search cost, and the threads policy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from fm_optuna.cli._run import add_training_options, check_plan, run_config, run_problem
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fm_optuna.experiments._bench import run_bench
+
+    config = run_config(args)
+    problem = run_problem(args)
+    check_plan(problem, config)
+    if args.measure_threads:
+        from fm_optuna.experiments._bench_threads import measure_threads, threads_text
+
+        threads = measure_threads(problem, config)
+        print(json.dumps(threads, indent=2) if args.json else threads_text(threads))
+        return 0
+    report = run_bench(problem, config, repeats=args.repeats)
+    print(json.dumps(report, indent=2) if args.json else report_text(report))
+    return 0
+
+
+def report_text(report: dict[str, Any]) -> str:
+    lines = [f"fm-optuna bench: {report['setup']}"]
+    for key, item in report["ratios"].items():
+        goal = (
+            f"  (goal ≤ {item['goal']:.2f}: "
+            f"{'met' if item['value'] <= item['goal'] else 'NOT met'})"
+            if item.get("goal")
+            else ""
+        )
+        lines.append(f"  {key:<34} {item['value']:.3f}{goal}   {item['what']}")
+    lines.append("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
+    return "\n".join(lines)
+
+
+def add_command(sub: Any) -> None:
+    """Register ``bench``."""
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure what ForkMerge's forking, merging and search cost",
+        description="Measure, in one process: ForkMerge wall time over training its L branches "
+        "alone (goal ≤ 1.10), the share spent in merge search (goal ≤ 5%), ForkMerge "
+        "over EW, and the ranking pre-pass cost.",
+    )
+    add_training_options(bench)
+    bench.set_defaults(dt=200, total_steps=1500, branches=3)
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="repeat each measurement and keep the fastest (default: 1)",
+    )
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.add_argument(
+        "--measure-threads",
+        action="store_true",
+        help="instead, measure the threads policy: the branches trained with 1 intra-op thread "
+        "and with every core, on an idle machine and with one core kept busy",
+    )
+    bench.set_defaults(handler=cmd_bench)
