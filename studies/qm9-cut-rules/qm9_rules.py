@@ -212,7 +212,7 @@ def print_costs() -> None:
 
     Wall times: they depend on how loaded the machine was when each group of runs ran.
     """
-    print("\nseconds: ranking / whole ForkMerge run, per seed (wall time, see studies/RESULTS.md for load)")
+    print("\nseconds: ranking / whole ForkMerge run, per seed (wall time, see RESULTS.md for load)")
     for rule in (*RULES, "merge"):
         for target in TARGETS:
             found = runs(rule, target)

@@ -1,8 +1,8 @@
 """The QM9 replay tables of studies/RESULTS.md, from the replays saved in this folder.
 
-Each folder holds the ``replay.json`` of one ``fm-optuna compare --replay`` invocation (commands in
-studies/RESULTS.md, section "The same comparison on QM9"). Replays of different merges pool exactly: each
-merge's best known Λ is its own. Regret is in % of the best known validation MAE.
+Each folder holds the ``replay.json`` of one ``fm-optuna compare --replay`` invocation
+(commands in studies/RESULTS.md, section "The same comparison on QM9"). Replays of different
+merges pool exactly: each merge's best known Λ is its own. Regret is in % of the best known validation MAE.
 
     python studies/replay-qm9/tables.py
 """
