@@ -2,7 +2,8 @@
 
 Each folder holds the ``replay.json`` of one ``fm-optuna compare --replay`` invocation
 (commands in studies/RESULTS.md, section "The same comparison on QM9"). Replays of different
-merges pool exactly: each merge's best known Λ is its own. Regret is in % of the best known validation MAE.
+merges pool exactly: each merge's best known Λ is its own. Regret is in % of the best known
+validation MAE.
 
     python studies/replay-qm9/tables.py
 """
