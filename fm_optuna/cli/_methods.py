@@ -201,9 +201,8 @@ def _print_methods(
 
 
 def cmd_task_affinity(args: argparse.Namespace) -> int:
-    from fm_optuna.core._affinity import plot_affinity, task_affinity
-    from fm_optuna.core._ranking import prepass_ranking, rank_by_affinity, ranking_agreement
-    from fm_optuna.core._training import seeded_model
+    """Rank the auxiliaries by the lookahead affinity and by the pre-pass, for each seed:
+    measure, summarise, save (and log), print."""
     from fm_optuna.errors import invalid
     from fm_optuna.experiments._compare_methods import finite
 
@@ -214,112 +213,160 @@ def cmd_task_affinity(args: argparse.Namespace) -> int:
     steps = args.affinity_steps or config.ranking_steps or config.dt
     seeds = [spec.seed + i for i in range(args.seeds)]
     out = Path(args.out or Path("tracking") / "task-affinity" / spec.study.name)
-    store = None
-    if not args.no_tracking:  # opened before any training: a bad store costs nothing
-        from fm_optuna.tracking import open_store
+    store = _affinity_store(args, spec)  # before any training: a bad store costs nothing
+    records = [
+        _affinity_of_seed(problem, config, seed, steps, args, out)
+        for seed in tqdm(seeds, desc="task-affinity", unit="seed", disable=None, file=sys.stderr)
+    ]
+    summary = _affinity_summary(spec, problem, records, steps, args.lookahead, out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "affinity.json").write_text(json.dumps(finite(summary), indent=2))
+    if store is not None:
+        _log_affinity(store, spec, problem, summary, steps, seeds, args.lookahead, out)
+    if args.json:
+        print(json.dumps(finite(summary), indent=2))
+    else:
+        _print_affinity(spec, problem, config, summary, steps, args.lookahead, out)
+    return 0
 
-        store = open_store(
-            args.tracking_uri or spec.study.tracking_uri,
-            experiment=f"fm-optuna/task-affinity/{spec.study.name}",
-        )
-    records = []
-    for seed in tqdm(seeds, desc="task-affinity", unit="seed", disable=None, file=sys.stderr):
-        seeded = dataclasses.replace(config, seed=seed)
-        initial = copy.deepcopy(seeded_model(problem, seed).state_dict())
-        prepass = prepass_ranking(problem, seeded, initial)
-        affinity = rank_by_affinity(
-            problem, dataclasses.replace(seeded, ranking_steps=steps), initial
-        )
-        matrix = task_affinity(
-            problem, seeded, initial, steps=steps, every=args.every, lookahead=args.lookahead
-        )
-        plot_affinity(matrix.matrix, matrix.tasks, out / f"affinity_seed{seed}.png")
-        agreement = ranking_agreement(prepass.order, affinity.order)
-        records.append(
-            {
-                "seed": seed,
-                "prepass": {
-                    "order": list(prepass.order),
-                    "relevance": list(prepass.relevance or ()),
-                    "seconds": prepass.seconds,
-                    "steps": config.ranking_steps or config.dt,
-                },
-                "affinity": {
-                    "order": list(affinity.order),
-                    "relevance": list(affinity.relevance or ()),
-                    "seconds": affinity.seconds,
-                    "steps": steps,
-                },
-                "agreement": agreement.__dict__,
-                "matrix": matrix.to_dict(),
-            }
-        )
+
+def _affinity_store(args: argparse.Namespace, spec: Any) -> Any:
+    if args.no_tracking:
+        return None
+    from fm_optuna.tracking import open_store
+
+    return open_store(
+        args.tracking_uri or spec.study.tracking_uri,
+        experiment=f"fm-optuna/task-affinity/{spec.study.name}",
+    )
+
+
+def _affinity_of_seed(
+    problem: Any, config: Any, seed: int, steps: int, args: argparse.Namespace, out: Path
+) -> dict[str, Any]:
+    """One seed: the pre-pass and affinity rankings, their agreement, the heat map."""
+    from fm_optuna.core._affinity import plot_affinity, task_affinity
+    from fm_optuna.core._ranking import prepass_ranking, rank_by_affinity, ranking_agreement
+    from fm_optuna.core._training import seeded_model
+
+    seeded = dataclasses.replace(config, seed=seed)
+    initial = copy.deepcopy(seeded_model(problem, seed).state_dict())
+    prepass = prepass_ranking(problem, seeded, initial)
+    affinity = rank_by_affinity(problem, dataclasses.replace(seeded, ranking_steps=steps), initial)
+    matrix = task_affinity(
+        problem, seeded, initial, steps=steps, every=args.every, lookahead=args.lookahead
+    )
+    plot_affinity(matrix.matrix, matrix.tasks, out / f"affinity_seed{seed}.png")
+
+    def ranking(result: Any, ranking_steps: int) -> dict[str, Any]:
+        return {
+            "order": list(result.order),
+            "relevance": list(result.relevance or ()),
+            "seconds": result.seconds,
+            "steps": ranking_steps,
+        }
+
+    return {
+        "seed": seed,
+        "prepass": ranking(prepass, config.ranking_steps or config.dt),
+        "affinity": ranking(affinity, steps),
+        "agreement": ranking_agreement(prepass.order, affinity.order).__dict__,
+        "matrix": matrix.to_dict(),
+    }
+
+
+_AFFINITY_METRICS = (
+    "prepass_seconds_mean",
+    "affinity_seconds_mean",
+    "kendall_tau_mean",
+    "same_first_rate",
+    "identical_rate",
+)
+
+
+def _affinity_summary(
+    spec: Any, problem: Any, records: list[dict[str, Any]], steps: int, lookahead: str, out: Path
+) -> dict[str, Any]:
+    """The seeds' mean heat map (plotted) and the rankings' costs and agreement."""
     import numpy as np
+
+    from fm_optuna.core._affinity import plot_affinity
 
     mean = np.mean([np.array(r["matrix"]["matrix"], dtype=float) for r in records], axis=0)
     plot_affinity(
         mean,
         problem.task_names,
         out / "affinity.png",
-        title=f"Z(i → j), mean over {len(seeds)} seed(s), {steps} steps",
+        title=f"Z(i → j), mean over {len(records)} seed(s), {steps} steps",
     )
-    summary = {
+
+    def average(value: Any) -> float:
+        return statistics.mean(float(value(r)) for r in records)
+
+    return {
         "benchmark": spec.problem.benchmark,
         "target": problem.target,
         "tasks": list(problem.task_names),
-        "lookahead": args.lookahead,
+        "lookahead": lookahead,
         "mean_matrix": mean.tolist(),
-        "prepass_seconds_mean": statistics.mean(r["prepass"]["seconds"] for r in records),
-        "affinity_seconds_mean": statistics.mean(r["affinity"]["seconds"] for r in records),
-        "kendall_tau_mean": statistics.mean(r["agreement"]["kendall_tau"] for r in records),
-        "same_first_rate": statistics.mean(float(r["agreement"]["same_first"]) for r in records),
-        "identical_rate": statistics.mean(
-            float(r["prepass"]["order"] == r["affinity"]["order"]) for r in records
-        ),
+        "prepass_seconds_mean": average(lambda r: r["prepass"]["seconds"]),
+        "affinity_seconds_mean": average(lambda r: r["affinity"]["seconds"]),
+        "kendall_tau_mean": average(lambda r: r["agreement"]["kendall_tau"]),
+        "same_first_rate": average(lambda r: r["agreement"]["same_first"]),
+        "identical_rate": average(lambda r: r["prepass"]["order"] == r["affinity"]["order"]),
         "seeds": records,
         "files": {"heatmap": str(out / "affinity.png"), "json": str(out / "affinity.json")},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "affinity.json").write_text(json.dumps(finite(summary), indent=2))
-    if store is not None:  # the heat map as an MLflow artifact (the paper's Fig. 8/14)
-        from fm_optuna.tracking.files import log_result_run
 
-        log_result_run(
-            store,
-            f"task-affinity-{problem.target}",
-            params={
-                "benchmark": spec.problem.benchmark,
-                "target": problem.target,
-                "steps": steps,
-                "seeds": len(seeds),
-                "lookahead": args.lookahead,
-            },
-            metrics={
-                key: summary[key]
-                for key in (
-                    "prepass_seconds_mean",
-                    "affinity_seconds_mean",
-                    "kendall_tau_mean",
-                    "same_first_rate",
-                    "identical_rate",
-                )
-            },
-            files=[
-                out / "affinity.png",
-                out / "affinity.json",
-                *(out / f"affinity_seed{seed}.png" for seed in seeds),
-            ],
-        )
-    if args.json:
-        print(json.dumps(finite(summary), indent=2))
-        return 0
+
+def _log_affinity(
+    store: Any,
+    spec: Any,
+    problem: Any,
+    summary: dict[str, Any],
+    steps: int,
+    seeds: list[int],
+    lookahead: str,
+    out: Path,
+) -> None:
+    """The heat maps and the summary as one MLflow run (the paper's Fig. 8/14)."""
+    from fm_optuna.tracking.files import log_result_run
+
+    log_result_run(
+        store,
+        f"task-affinity-{problem.target}",
+        params={
+            "benchmark": spec.problem.benchmark,
+            "target": problem.target,
+            "steps": steps,
+            "seeds": len(seeds),
+            "lookahead": lookahead,
+        },
+        metrics={key: summary[key] for key in _AFFINITY_METRICS},
+        files=[
+            out / "affinity.png",
+            out / "affinity.json",
+            *(out / f"affinity_seed{seed}.png" for seed in seeds),
+        ],
+    )
+
+
+def _print_affinity(
+    spec: Any,
+    problem: Any,
+    config: Any,
+    summary: dict[str, Any],
+    steps: int,
+    lookahead: str,
+    out: Path,
+) -> None:
     print(
         f"{spec.problem.benchmark} target {problem.target}: rankings of "
         f"{', '.join(problem.auxiliaries)}"
         f" (pre-pass: {config.ranking_steps or config.dt} steps per auxiliary; affinity: one joint"
-        f" run of {steps} steps, {args.lookahead} lookahead)"
+        f" run of {steps} steps, {lookahead} lookahead)"
     )
-    for r in records:
+    for r in summary["seeds"]:
         print(
             f"  seed {r['seed']}: prepass {','.join(r['prepass']['order'])} "
             f"({r['prepass']['seconds']:.1f}s)  affinity {','.join(r['affinity']['order'])} "
@@ -331,13 +378,12 @@ def cmd_task_affinity(args: argparse.Namespace) -> int:
         f"{summary['identical_rate']:.0%} of seeds, same first in {summary['same_first_rate']:.0%},"
         f" mean Kendall τ {summary['kendall_tau_mean']:.2f}"
     )
-    names = problem.task_names
+    names, mean = problem.task_names, summary["mean_matrix"]
     print("mean Z(i → j) × 100 (rows: source i, columns: affected j)")
     print(" " * 12 + "".join(f"{n:>12}" for n in names))
     for i, name in enumerate(names):
         print(f"{name:>12}" + "".join(f"{100 * v:>12.2f}" for v in mean[i]))
     print(f"saved {out / 'affinity.json'}, {out / 'affinity.png'}")
-    return 0
 
 
 def _add_budget(parser: argparse.ArgumentParser) -> None:
