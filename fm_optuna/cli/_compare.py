@@ -8,7 +8,7 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise invalid("seeds", args.seeds, "a positive integer")
     device = torch_setup(args, spec)
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    from fm_optuna.search.strategies import STRATEGIES
-
-    for strategy in strategies or [""]:  # before anything is built or opened
-        if strategy not in STRATEGIES:
-            raise invalid(
-                "strategies", strategy, "a comma-separated list of " + ", ".join(STRATEGIES)
-            )
+    strategies = _strategies(args.strategies)  # before anything is built or opened
     config = spec_config(spec, args)
     problem = spec.build_problem(device=device)
     check_branches_fit(spec, problem, config.keep)
@@ -59,14 +52,41 @@ def cmd_compare(args: argparse.Namespace) -> int:
     observers = tracking.observers if tracking else None
     if spec.search.save_merge_problems:
         observers = _saving_merge_problems(observers, spec, problem, out / "merge_problems")
-    bar = tqdm(
-        total=len(strategies) * len(seeds),
-        desc="compare",
-        unit="run",
-        disable=None,
-        file=sys.stderr,
-    )
-    lines = progress_stream(json_output=args.json)
+    bar, done = _strategy_progress(len(strategies) * len(seeds), json_output=args.json)
+    with tracked_comparison(tracking) as files:
+        try:
+            comparison = compare_strategies(
+                problem, config, strategies, seeds, observers=observers, on_run=done
+            )
+        finally:
+            bar.close()
+        paths = comparison.save(out)
+        files += paths.values()
+    if args.json:
+        files = {k: str(v) for k, v in paths.items()}
+        print(json.dumps({"table": comparison.rows(), "files": files}, indent=2))
+    else:
+        _print_strategies(spec, problem, config, len(seeds), comparison, paths)
+    return 0
+
+
+def _strategies(text: str) -> list[str]:
+    from fm_optuna.errors import invalid
+    from fm_optuna.search.strategies import STRATEGIES
+
+    strategies = [s.strip() for s in text.split(",") if s.strip()]
+    for strategy in strategies or [""]:
+        if strategy not in STRATEGIES:
+            raise invalid(
+                "strategies", strategy, "a comma-separated list of " + ", ".join(STRATEGIES)
+            )
+    return strategies
+
+
+def _strategy_progress(total: int, *, json_output: bool) -> tuple[tqdm, Callable[[Any], None]]:
+    """A bar on a terminal, and one line per finished run in a log file or pipe."""
+    bar = tqdm(total=total, desc="compare", unit="run", disable=None, file=sys.stderr)
+    lines = progress_stream(json_output=json_output)
 
     def done(run: Any) -> None:
         bar.update(1)
@@ -79,23 +99,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    with tracked_comparison(tracking) as files:
-        try:
-            comparison = compare_strategies(
-                problem, config, strategies, seeds, observers=observers, on_run=done
-            )
-        finally:
-            bar.close()
-        paths = comparison.save(out)
-        files += paths.values()
-    rows = comparison.rows()
-    if args.json:
-        print(json.dumps({"table": rows, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
-        return 0
+    return bar, done
+
+
+def _print_strategies(
+    spec: Any, problem: Any, config: Any, seeds: int, comparison: Any, paths: dict[str, Path]
+) -> None:
     metric = comparison.config["target_metric"]
     print(
         f"{spec.problem.benchmark} target {problem.target}: T={config.total_steps} Δt={config.dt} "
-        f"L={config.branches or 'default'} seeds={len(seeds)}  (target {metric}, mean ± std)"
+        f"L={config.branches or 'default'} seeds={seeds}  (target {metric}, mean ± std)"
     )
     header = (
         f"{'strategy':<8} {'val':>14} {'test':>14} {'evals/merge':>12} {'merge s/round':>14} "
@@ -103,7 +116,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     print(header)
     print("-" * len(header))
-    for row in rows:
+    for row in comparison.rows():
         distance = "-" if row["l1_from_grid"] is None else f"{row['l1_from_grid']:.3f}"
         print(
             f"{row['strategy']:<8} {row['val_mean']:>7.2f} ± {row['val_std']:<4.2f} "
@@ -112,7 +125,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"{row['merge_seconds_per_round']:>14.3f} {row['total_seconds']:>9.1f} {distance:>13}"
         )
     print(f"saved {paths['csv']}, {paths['json']}, {paths['plot']}")
-    return 0
 
 
 def _saving_merge_problems(observers: Any, spec: Any, problem: Any, folder: Path) -> Any:
@@ -197,17 +209,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         )
 
     merges = load_merge_problems(paths, build)
-    bar = tqdm(desc="replay", unit="search", disable=None, file=sys.stderr)
-
-    def done(run: Any) -> None:
-        bar.update(1)
-        line = f"L={run.n_branches} {run.strategy}@{run.budget}: val {run.val:.4f}"
-        bar.set_postfix_str(line)
-        if bar.disable:  # a log file rather than a terminal: one line per search
-            print(
-                f"replay {run.problem} {line}, {run.passes:.1f} passes", file=sys.stderr, flush=True
-            )
-
+    bar, done = _replay_progress()
     try:
         comparison = replay(
             merges,
@@ -231,9 +233,36 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.json:
         files = {k: str(v) for k, v in paths_out.items()}
         print(json.dumps({"table": rows, "files": files}, indent=2, default=str))
-        return 0
+    else:
+        _print_replay(args, len(merges), tolerance, rows, paths_out)
+    return 0
+
+
+def _replay_progress() -> tuple[tqdm, Callable[[Any], None]]:
+    """A bar on a terminal; one line per search when the output is a log file."""
+    bar = tqdm(desc="replay", unit="search", disable=None, file=sys.stderr)
+
+    def done(run: Any) -> None:
+        bar.update(1)
+        line = f"L={run.n_branches} {run.strategy}@{run.budget}: val {run.val:.4f}"
+        bar.set_postfix_str(line)
+        if bar.disable:
+            print(
+                f"replay {run.problem} {line}, {run.passes:.1f} passes", file=sys.stderr, flush=True
+            )
+
+    return bar, done
+
+
+def _print_replay(
+    args: argparse.Namespace,
+    n_merges: int,
+    tolerance: Any,
+    rows: list[dict[str, Any]],
+    paths_out: dict[str, Path],
+) -> None:
     print(
-        f"replayed {len(merges)} merge problems from {args.replay}; regret in target validation "
+        f"replayed {n_merges} merge problems from {args.replay}; regret in target validation "
         f"score vs the best known Λ (tolerance {tolerance}"
         + (" of the best known score)" if tolerance.relative else ")")
     )
@@ -259,7 +288,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("=full: share of the +exact (default) searches that proposed every candidate and")
         print("chose the merge that full evaluation did")
     print(f"saved {paths_out['csv']}, {paths_out['json']}, {paths_out['plot']}")
-    return 0
 
 
 def _log_replay(store: Any, comparison: Any, rows: list[Any], files: list[Path]) -> None:
