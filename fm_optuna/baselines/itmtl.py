@@ -3,9 +3,10 @@
 Each step, from the per-task gradients g_k of the step's losses on the shared parameters θ_s:
 
 1. every *candidate* gradient g_φ is built from rules that already exist here: ``ew`` (Σ_k g_k,
-   EW's), ``pcgrad`` (torchjd's PCGrad of the g_k; likewise ``gradvac``, ``mgda``, ``imtl``,
-   ``cagrad`` with their baselines' default options), a task's name (g_task alone, its STL
-   gradient) or ``tasks`` (every task alone);
+   EW's), ``mean`` (Σ_k g_k / K: EW at weights 1/K, the paper's 0.5/0.5 on MultiMNIST),
+   ``pcgrad`` (torchjd's PCGrad of the g_k; likewise ``gradvac``, ``mgda``, ``imtl``, ``cagrad``
+   with their baselines' default options), a task's name (g_task alone, its STL gradient) or
+   ``tasks`` (every task alone);
 2. the task-specific parameters (heads) take their usual update, Σ_k of their gradients;
 3. each candidate is scored by Eq. 2, the total transference of its lookahead step on the *same*
    batches: Z_φ = Σ_j (1 − L_j(X_j, θ_s − Δ_φ, θ_j^{t+1}) / L_j(X_j, θ_s, θ_j^t)), with Δ_φ the
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torchjd.aggregation import Sum
+from torchjd.aggregation import Mean, Sum
 from torchjd.scalarization import UW
 
 from fm_optuna.baselines._jacobian import GradientBaseline
@@ -77,6 +78,7 @@ AGGREGATED: dict[str, type[GradientBaseline]] = {
     "imtl": ImtlG,
     "cagrad": CaGrad,
 }
+PLAIN = {"ew": Sum, "mean": Mean}  # torchjd's sum and mean of the (weighted) task gradients
 EACH_TASK = "tasks"
 LOOKAHEADS = ("optimizer", "sgd")
 WEIGHTINGS = ("equal", "uw")
@@ -89,7 +91,7 @@ def candidate_names(requested: Sequence[str], tasks: Sequence[str]) -> tuple[str
         >>> candidate_names(["ew", "tasks"], ["left", "right"])
         ('ew', 'left', 'right')
     """
-    mechanisms = {"ew", *AGGREGATED}
+    mechanisms = {*PLAIN, *AGGREGATED}
     for task in tasks:
         if task in mechanisms or task == EACH_TASK:
             raise invalid("task", task, "a name other than a candidate mechanism's")
@@ -146,7 +148,7 @@ class TransferenceRule:
         self.first_order, self.lookahead, self.lr = first_order, lookahead, lr
         n = len(self.tasks)
         self.aggregators: dict[str, Aggregator] = {
-            name: Sum() if name == "ew" else AGGREGATED[name]().aggregator(n)
+            name: PLAIN[name]() if name in PLAIN else AGGREGATED[name]().aggregator(n)
             for name in self.candidates
             if name not in self.tasks
         }

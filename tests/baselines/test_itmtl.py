@@ -179,6 +179,7 @@ def test_the_presets_and_the_uw_weighted_variant() -> None:
 
 def test_candidates_are_checked_with_one_line_errors() -> None:
     assert candidate_names(["tasks", "ew", "t1"], ["t0", "t1"]) == ("t0", "t1", "ew")
+    assert candidate_names(["mean", "pcgrad"], ["t0", "t1"]) == ("mean", "pcgrad")
     with pytest.raises(ConfigError, match="Parameter `candidates` should be one of"):
         IncreasedTransfer(candidates=("ew", "nope")).rule(ToyProblem())
     with pytest.raises(ConfigError, match="Parameter `lookahead`"):
