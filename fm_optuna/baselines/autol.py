@@ -101,6 +101,7 @@ class AutoLambda(Baseline):
     """Options: ``init`` (λ₀ of every task), ``meta_lr`` (Adam learning rate of λ)."""
 
     name: ClassVar[str] = "autol"
+    reference: ClassVar[str] = "Liu et al., 2022"
     kind: ClassVar[str] = "target-specific"
     init: float = 0.1
     meta_lr: float = 1e-4

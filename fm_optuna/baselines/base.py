@@ -3,6 +3,15 @@
 A baseline is a small (usually frozen-dataclass) object whose fields are its options. Its
 :meth:`Baseline.rule_for` builds a *fresh* update rule for one run, so stateful rules (UW's
 log-variances, DWA's loss history, GradVac's EMA) never leak between runs.
+
+Besides the training loop's capabilities (:mod:`fm_optuna.core._training`), :func:`run_baseline`
+knows two optional ones of a rule:
+
+- ``bind_optimizer(optimizer) -> None``: told the run's optimizer once it exists (IT-MTL
+  simulates the optimizer's step for its lookaheads);
+- ``window_metrics() -> dict[str, float]``: read at every report point, what the rule saw since
+  the last one (IT-MTL's share of steps each candidate won), sent with the window's losses in
+  :class:`~fm_optuna.core._events.TrainingProgress` and logged as ``train/<key>``.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ class Baseline(abc.ABC):
 
     name: ClassVar[str]
     kind: ClassVar[str] = "multi-task"
+    reference: ClassVar[str] = ""  # where the method comes from ("Kendall et al., 2018")
 
     @abc.abstractmethod
     def rule(self, problem: Problem) -> UpdateRule: ...
@@ -111,6 +121,10 @@ def run_baseline(
     model = seeded_model(problem, config.seed)
     rule = baseline.rule_for(problem, config)
     optimization = make_optimization(model, config, rule_parameters(rule))
+    bind_optimizer = getattr(rule, "bind_optimizer", None)
+    if bind_optimizer is not None:
+        bind_optimizer(optimization.optimizer)
+    window_metrics = getattr(rule, "window_metrics", None)
     generator = data_generator(problem, config.seed, 0)  # the same stream as ForkMerge's branch 0
     events.emit(
         RunStarted(
@@ -127,8 +141,11 @@ def run_baseline(
     )
 
     def report(at: int, losses: dict[str, float]) -> None:
+        metrics = {} if window_metrics is None else window_metrics()
         events.emit(
-            TrainingProgress(run=baseline.name, branch=baseline.name, step=at, losses=losses)
+            TrainingProgress(
+                run=baseline.name, branch=baseline.name, step=at, losses=losses, metrics=metrics
+            )
         )
 
     with ends_if_raises(events, baseline.name, elapsed):

@@ -19,6 +19,7 @@ class CaGrad(GradientBaseline):
     """Options: ``c``, the radius of the ball in units of the mean gradient's norm (paper: 0.4)."""
 
     name: ClassVar[str] = "cagrad"
+    reference: ClassVar[str] = "Liu et al., 2021"
     c: float = 0.4
 
     def __post_init__(self) -> None:

@@ -46,6 +46,7 @@ class DynamicWeightAverage(Baseline):
     """Options: ``temperature`` (paper: 2), ``window`` steps per round (default: Δt)."""
 
     name: ClassVar[str] = "dwa"
+    reference: ClassVar[str] = "Liu et al., 2019"
     temperature: float = 2.0
     window: int | None = None
 

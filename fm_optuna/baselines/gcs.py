@@ -45,6 +45,7 @@ class GradientCosineSimilarity(Baseline):
     """Options: ``weighted`` (scale by max(0, cos) instead of a 0/1 gate)."""
 
     name: ClassVar[str] = "gcs"
+    reference: ClassVar[str] = "Du et al., 2018"
     kind: ClassVar[str] = "target-specific"
     weighted: bool = False
 

@@ -19,6 +19,7 @@ class GradVaccine(GradientBaseline):
     """Options: ``beta``, the EMA rate of the target similarities (torchjd's and LibMTL's 0.5)."""
 
     name: ClassVar[str] = "gradvac"
+    reference: ClassVar[str] = "Wang et al., 2021"
     beta: float = 0.5
 
     def __post_init__(self) -> None:

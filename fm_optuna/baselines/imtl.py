@@ -18,6 +18,7 @@ from fm_optuna.baselines._jacobian import GradientBaseline
 @dataclass(frozen=True)
 class ImtlG(GradientBaseline):
     name: ClassVar[str] = "imtl"
+    reference: ClassVar[str] = "Liu et al., 2021 (IMTL-G)"
 
     def aggregator(self, n_tasks: int) -> Aggregator:
         return IMTLG()

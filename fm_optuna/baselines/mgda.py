@@ -19,6 +19,7 @@ class Mgda(GradientBaseline):
     """Options: ``epsilon`` (Frank-Wolfe stopping tolerance), ``max_iters``."""
 
     name: ClassVar[str] = "mgda"
+    reference: ClassVar[str] = "Sener & Koltun, 2018"
     epsilon: float = 0.001
     max_iters: int = 100
 

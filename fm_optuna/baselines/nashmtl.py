@@ -20,6 +20,7 @@ class NashMtl(GradientBaseline):
     """Options: ``max_norm`` (0 disables clipping), ``update_weights_every``, ``optim_niter``."""
 
     name: ClassVar[str] = "nashmtl"
+    reference: ClassVar[str] = "Navon et al., 2022"
     max_norm: float = 1.0
     update_weights_every: int = 1
     optim_niter: int = 20

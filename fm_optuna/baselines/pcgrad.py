@@ -18,6 +18,7 @@ from fm_optuna.baselines._jacobian import GradientBaseline
 @dataclass(frozen=True)
 class PcGrad(GradientBaseline):
     name: ClassVar[str] = "pcgrad"
+    reference: ClassVar[str] = "Yu et al., 2020"
 
     def aggregator(self, n_tasks: int) -> Aggregator:
         return PCGrad()

@@ -54,6 +54,7 @@ class PretrainFinetune(Baseline):
     """Options: ``fraction`` of T spent pre-training (default half), or ``pretrain_steps``."""
 
     name: ClassVar[str] = "ptft"
+    reference: ClassVar[str] = "Liu et al., 2019"
     kind: ClassVar[str] = "target-specific"
     fraction: float = 0.5
     pretrain_steps: int | None = None  # overrides ``fraction`` when given

@@ -45,6 +45,7 @@ class RandomWeightRule:
 @dataclass(frozen=True)
 class RandomLossWeighting(Baseline):
     name: ClassVar[str] = "rlw"
+    reference: ClassVar[str] = "Lin et al., 2022"
 
     def rule(self, problem: Problem) -> UpdateRule:
         return RandomWeightRule(problem, seed=0)

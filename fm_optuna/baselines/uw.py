@@ -43,6 +43,7 @@ class UncertaintyRule:
 @dataclass(frozen=True)
 class UncertaintyWeighting(Baseline):
     name: ClassVar[str] = "uw"
+    reference: ClassVar[str] = "Kendall et al., 2018"
 
     def rule(self, problem: Problem) -> UpdateRule:
         return UncertaintyRule(problem)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -392,6 +393,16 @@ def _add_budget(parser: argparse.ArgumentParser) -> None:
     add_spec_overrides(parser, ("total_steps", "dt"))
 
 
+def _methods_table() -> str:
+    """Every method ``--methods`` accepts, with its kind and where it comes from."""
+    from fm_optuna.baselines import BASELINES
+
+    rows = [("forkmerge", "target-specific", "Jiang et al., 2023 (ForkMerge, Alg. 1-4)")]
+    rows += [(name, cls.kind, cls.reference or "-") for name, cls in BASELINES.items()]
+    lines = [f"  {name:<13} {kind:<16} {reference}" for name, kind, reference in rows]
+    return "methods:\n" + "\n".join(lines)
+
+
 def add_command(sub: Any) -> None:
     """Register ``compare-methods`` and ``task-affinity`` on the main parser's subcommands."""
     from fm_optuna.core._affinity import LOOKAHEADS
@@ -400,9 +411,13 @@ def add_command(sub: Any) -> None:
     compare = sub.add_parser(
         "compare-methods",
         help="compare ForkMerge with the multi-task baselines: TG, Δm, negative transfer",
-        description="Train every method with the spec's budget and seeds; print per-task test "
-        "metrics, the target's TG against STL, Δm (Appendix C.1) and weak/strong negative "
-        "transfer per task; save CSV and JSON.",
+        description=textwrap.fill(
+            "Train every method with the spec's budget and seeds; print per-task test "
+            "metrics, the target's TG against STL, Δm (Appendix C.1) and weak/strong negative "
+            "transfer per task; save CSV and JSON."
+        ),
+        epilog=_methods_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_budget(compare)
     add_spec_overrides(compare, ("branches", "cut", "keep"))

@@ -39,13 +39,16 @@ class RunStarted(Event):
 
 @dataclass(frozen=True)
 class TrainingProgress(Event):
-    """Mean per-task training losses of one branch over the last few steps."""
+    """Mean per-task training losses of one branch over the last few steps, and what the update
+    rule reports about the same window (``metrics``: flat, slash-namespaced keys, e.g. IT-MTL's
+    ``candidate/pcgrad/chosen``, the share of the window's steps that applied that candidate)."""
 
     hook: ClassVar[str] = "on_training_progress"
     run: str
     branch: str
     step: int  # global training step reached by this branch
     losses: Mapping[str, float]
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

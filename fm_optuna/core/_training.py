@@ -10,6 +10,11 @@ Two optional capabilities let a rule carry state without a second loop:
   pre-train → fine-tune switch, DWA's rounds). ``rule.tasks`` is read again at every step.
 - ``learnable_parameters() -> list[Tensor]`` (:class:`LearnableRule`): tensors the rule itself
   learns (UW's log-variances); pass them to :func:`make_optimizer` with the model's.
+- ``replay_batches(replay: BatchReplay) -> None`` (:class:`ReplayingRule`): called before each
+  ``backward`` with a function that computes the step's losses again, on the very batches the
+  step drew, for the model as it is then (IT-MTL scores lookahead steps by Eq. 2 on the same
+  batch). The replay redraws from the data generator's state before the step, so it is exact
+  for problems whose batches depend only on that generator, as the Problem contract asks.
 
 A rule whose gradients are linear in its losses (a weighted sum) says so with
 ``linear_in_losses = True``: under mixed precision on CUDA it then gets losses multiplied by a
@@ -43,6 +48,8 @@ if TYPE_CHECKING:
     from fm_optuna.problem._tasks import Problem, Split
 
 LossCallback = Callable[[int, dict[str, float]], None]
+#: ``model -> {task: loss}`` on this step's batches (see :class:`ReplayingRule`).
+BatchReplay = Callable[["nn.Module"], dict[str, torch.Tensor]]
 logger = logging.getLogger(__name__)
 
 
@@ -67,6 +74,12 @@ class LearnableRule(UpdateRule, Protocol):
     """A rule with learnable tensors of its own, optimised together with the model."""
 
     def learnable_parameters(self) -> list[torch.Tensor]: ...
+
+
+class ReplayingRule(UpdateRule, Protocol):
+    """A rule that evaluates the losses again on this step's batches (e.g. after a lookahead)."""
+
+    def replay_batches(self, replay: BatchReplay) -> None: ...
 
 
 def rule_parameters(rule: UpdateRule) -> list[torch.Tensor]:
@@ -150,6 +163,9 @@ class Optimization:
         """One optimizer step on this step's losses; returns them (unscaled)."""
         self.optimizer.zero_grad(set_to_none=True)
         scaled = self.scaler is not None and getattr(rule, "linear_in_losses", False)
+        replaying = getattr(rule, "replay_batches", None)
+        if replaying is not None:
+            replaying(self._replay(problem, tasks, generator, scaled))
         with self._autocast(scaled):
             losses = problem.task_losses(model, tasks, generator)
         if scaled:
@@ -170,6 +186,20 @@ class Optimization:
         if self.scheduler is not None:
             self.scheduler.step()
         return losses
+
+    def _replay(
+        self, problem: Problem, tasks: tuple[str, ...], generator: torch.Generator, scaled: bool
+    ) -> BatchReplay:
+        """The losses of ``tasks`` on the batches ``generator`` is about to draw, for any model."""
+        state = generator.get_state()
+
+        def replay(model: nn.Module) -> dict[str, torch.Tensor]:
+            again = torch.Generator(device=generator.device)
+            again.set_state(state)
+            with self._autocast(scaled):
+                return problem.task_losses(model, tasks, again)
+
+        return replay
 
     def _autocast(self, scaled: bool) -> contextlib.AbstractContextManager[Any]:
         if self.scaler is None:

@@ -403,6 +403,9 @@ class MlflowTracker(Observer):
             batch.metrics.append(
                 Metric(f"train/loss/{metric_key(task)}", float(loss), stamp, event.step)
             )
+        for key, value in event.metrics.items():
+            name = "/".join(metric_key(part) for part in key.split("/"))
+            batch.metrics.append(Metric(f"train/{name}", float(value), stamp, event.step))
         self._progress_since_flush += 1
         if self._progress_since_flush >= self._flush_every:
             self.flush()

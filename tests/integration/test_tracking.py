@@ -619,3 +619,21 @@ def test_workers_opening_one_postgresql_experiment_together_all_open_it(tmp_path
     ]
     errors = [w.communicate(timeout=120)[1] for w in workers]
     assert [w.returncode for w in workers] == [0, 0, 0, 0], "\n".join(errors)[-3000:]
+
+
+def test_a_baselines_window_metrics_are_logged_beside_its_losses(
+    empty_store: Path, tmp_path: Path
+) -> None:
+    store = open_store(copy_store(empty_store, tmp_path), experiment=EXPERIMENT)
+    events = EventStream([MlflowTracker(store, higher_is_better=False)])
+    try:
+        run_methods(ToyProblem(n_tasks=2), tiny_config(total_steps=20), ("itmtl",), events)
+    finally:
+        events.close()
+    top, _ = read_back(store)
+    run = top["itmtl"]
+    chosen = {c: history(store, run, f"train/candidate/{c}/chosen") for c in ("ew", "t0", "t1")}
+    assert all([s for s, _ in series] == [5, 10, 15, 20] for series in chosen.values())
+    for window in zip(*chosen.values(), strict=True):
+        assert sum(value for _, value in window) == pytest.approx(1.0)
+    assert len(history(store, run, "train/candidate/ew/transference")) == 4
