@@ -15,6 +15,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = run_config(args)
     problem = run_problem(args)
     check_plan(problem, config)
+    if args.methods:
+        from fm_optuna.experiments._bench_methods import measure_methods, methods_text
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        _check_methods(methods)
+        costs = measure_methods(problem, config, methods, repeats=max(args.repeats, 1))
+        print(json.dumps(costs, indent=2) if args.json else methods_text(costs))
+        return 0
     if args.measure_threads:
         from fm_optuna.experiments._bench_threads import measure_threads, threads_text
 
@@ -24,6 +32,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_bench(problem, config, repeats=args.repeats)
     print(json.dumps(report, indent=2) if args.json else report_text(report))
     return 0
+
+
+def _check_methods(methods: list[str]) -> None:
+    from fm_optuna.baselines import BASELINES
+    from fm_optuna.errors import invalid
+
+    for name in methods or [""]:
+        if name not in BASELINES:
+            raise invalid(
+                "methods", name, "comma-separated baselines among " + ", ".join(BASELINES)
+            )
 
 
 def report_text(report: dict[str, Any]) -> str:
@@ -59,6 +78,12 @@ def add_command(sub: Any) -> None:
         help="repeat each measurement and keep the fastest (default: 1)",
     )
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.add_argument(
+        "--methods",
+        default=None,
+        help="instead, measure each baseline's seconds per step relative to EW (30 steps, "
+        "--repeats interleaved repetitions, the fastest kept), e.g. itmtl,itmtl-fo,pcgrad",
+    )
     bench.add_argument(
         "--measure-threads",
         action="store_true",

@@ -40,3 +40,16 @@ def test_every_timing_is_a_positive_number(report: dict[str, object]) -> None:
     assert isinstance(seconds, dict)
     for key in ("forkmerge", "search", "search_full", "search_pruned", "branches_alone"):
         assert seconds[key] > 0, key
+
+
+def test_the_methods_bench_reports_each_method_against_ew() -> None:
+    from fm_optuna.config import ForkMergeConfig
+    from fm_optuna.experiments._bench_methods import measure_methods
+    from tests.conftest import ToyProblem
+
+    report = measure_methods(
+        ToyProblem(), ForkMergeConfig(dt=5, total_steps=10), ["itmtl", "ew"], steps=5, repeats=1
+    )
+    assert list(report["over_ew"]) == ["ew", "itmtl"] and report["over_ew"]["ew"] == 1.0
+    assert report["over_ew"]["itmtl"] > 1.0  # candidates' lookaheads cost more than one backward
+    assert all(s > 0 for s in report["seconds_per_step"].values())
