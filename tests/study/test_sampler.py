@@ -229,6 +229,26 @@ class TestDistinct:
         retry = trial(TrialState.WAITING, {"x": "a"})
         assert propose(sampler, [dead, retry])["x"] in {"b", "c"}
 
+    def test_a_trial_from_an_earlier_space_blocks_nothing_it_does_not_cover(self) -> None:
+        older = trial(TrialState.COMPLETE, {"x": "a"})  # before `n` was searched
+        sampler, _ = scripted({"x": "a", "n": 0}, space=GRID)
+        assert propose(sampler, [older]) == {"x": "a", "n": 0}
+
+    @pytest.mark.xfail(
+        strict=True,
+        raises=ValueError,
+        reason=(
+            "A study continued with --allow-config-change after a choice was removed from the "
+            "space: DistinctSampler._key calls the new CategoricalDistribution.to_internal_repr "
+            "on an older trial's value, which raises ValueError for every new proposal."
+        ),
+    )
+    def test_a_choice_removed_from_the_space_does_not_break_proposals(self) -> None:
+        wider = {"x": CategoricalDistribution(["a", "b", "c", "d"])}
+        older = trial(TrialState.COMPLETE, {"x": "d"}, wider)
+        sampler, _ = scripted({"x": "a"})
+        assert propose(sampler, [older]) == {"x": "a"}
+
     def test_a_redraw_that_is_untaken_is_taken_before_a_random_point(self) -> None:
         sampler, log = scripted({"x": "a"}, {"x": "a"}, {"x": "c"})
         assert propose(sampler, [trial(TrialState.COMPLETE, {"x": "a"})]) == {"x": "c"}
