@@ -146,7 +146,10 @@ class DistinctSampler(BaseSampler):
             params = dict(other.params)
             params.update(other.system_attrs.get("fixed_params", {}))  # waiting retries
             if other.number != trial.number and set(self._space) <= set(params):
-                taken.add(self._key(params))
+                try:
+                    taken.add(self._key(params))
+                except ValueError:  # a choice the space no longer has: it blocks nothing now
+                    continue
         return taken
 
     def _untried(self, taken: set[Key]) -> dict[str, Any] | None:
