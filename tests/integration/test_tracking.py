@@ -393,12 +393,13 @@ def test_cli_fails_in_one_line_before_any_training(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from fm_optuna import cli
+    from fm_optuna.cli import _run
     from fm_optuna.experiments import _run_methods as experiment
 
     def no_training(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("training started although the store cannot be opened")
 
-    monkeypatch.setattr(cli, "_problem", lambda args: ToyProblem())
+    monkeypatch.setattr(_run, "run_problem", lambda args: ToyProblem())
     monkeypatch.setattr(experiment, "run_methods", no_training)
     code = cli.main(["run", "--tracking-uri", PG_URI, "--steps", "4", "--dt", "2"])
     err = capsys.readouterr().err
