@@ -143,3 +143,23 @@ def test_search_merge_on_any_evaluate() -> None:
     assert sum(decision.weights) == pytest.approx(1.0) and decision.score > -0.1
     with pytest.raises(fm_optuna.ConfigError, match="branch_scores"):
         fm_optuna.search_merge(lambda lam: 0.0, 2, branch_scores=[1.0])
+
+
+def test_tune_checks_every_option_against_the_problem_before_the_study_opens(
+    tmp_path: Path,
+) -> None:
+    storage = tmp_path / "optuna.db"
+    config = fm_optuna.ForkMergeConfig(dt=10, total_steps=20, keep=(0, 1, 7))
+    with pytest.raises(fm_optuna.ConfigError, match="keep"):
+        fm_optuna.tune(
+            ToyProblem(),
+            {"dt": {"low": 5, "high": 10}},
+            study_name="keep",
+            storage=f"sqlite:///{storage}",
+            config=config,
+            checkpoint_dir=str(tmp_path / "ck"),
+        )
+    assert not storage.exists() and not (tmp_path / "ck").exists()
+    with pytest.raises(fm_optuna.ConfigError, match="n_trials"):
+        fm_optuna.tune(ToyProblem(), {}, study_name="n", storage=f"sqlite:///{storage}", n_trials=0)
+    assert not storage.exists()
