@@ -48,9 +48,9 @@ def lambda_note(
     images: Sequence[tuple[str, str]] = (),
     limit: int = 8000,
 ) -> str:
-    """Markdown: a headline, the Λ table (one row per merge) and what the figures show.
+    """Markdown: a headline, the Λ figure, the Λ table (one row per merge), what it means.
 
-    ``images`` are (caption, URL) pairs shown under the table (the UI serves a run's artifacts
+    ``images`` are (caption, URL) pairs shown above the table (the UI serves a run's artifacts
     at a relative ``get-artifact`` URL). Longer than ``limit`` characters (MLflow's tag limit),
     the table keeps its latest rows and says how many earlier ones ``lambda_trajectory.csv``
     holds.
@@ -65,9 +65,12 @@ def lambda_note(
         ...
     """
     done = f"{len(rows)} of {rounds}" if rounds else str(len(rows))
+    # The figure first: MLflow shows the top of a long description until "Show more".
+    pictures = [line for caption, url in images for line in (f"![{caption}]({url})", "")]
     lines = [
         f"### Λ per merge · {title}",
         "",
+        *pictures,
         "| round | step | " + " | ".join(f"Λ `{b}`" for b in branches)
         + " | merged val | best branch alone | gain |",
         "|---:|---:|" + "---:|" * len(branches) + "---:|---|---:|",
@@ -87,8 +90,6 @@ def lambda_note(
         ]
     else:
         tail += [f"No merge yet (0 of {rounds or '?'} merges)."]
-    for caption, url in images:
-        tail += ["", f"![{caption}]({url})"]
     tail += ["", "Branches (tasks trained together):", ""]
     tail += [f"- `{name}`: {task_list}" for name, task_list in zip(branches, tasks, strict=True)]
     if figures:
