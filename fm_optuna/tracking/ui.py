@@ -3,9 +3,9 @@
 The server is MLflow's own (``python -m mlflow server --app-name fm-optuna``: MLflow's app plus
 the start page of :mod:`fm_optuna.tracking.ui_app`) in a child process of its own session, so
 stopping it reaches every worker it spawned. Every link it prints goes through the start page,
-so a fresh browser stays in the model-training view whatever it clicks next. Its output is passed through with passwords
-masked, and the database URI travels in the environment rather than on the command line, where
-any user of the machine could read it with ``ps``.
+so a fresh browser stays in the model-training view whatever it clicks next. Its output is
+passed through with passwords masked, and the database URI travels in the environment rather
+than on the command line, where any user of the machine could read it with ``ps``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import webbrowser
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 from fm_optuna.errors import ConfigError, invalid
 from fm_optuna.tracking.ui_app import APP_NAME, START_PATH
@@ -91,9 +91,7 @@ def app_registered() -> bool:
     return any(e.name == APP_NAME for e in importlib.metadata.entry_points(group="mlflow.app"))
 
 
-def server_command(
-    uri: str, port: int, *, app: bool = True
-) -> tuple[list[str], dict[str, str]]:
+def server_command(uri: str, port: int, *, app: bool = True) -> tuple[list[str], dict[str, str]]:
     """The ``mlflow server`` command line and the environment entries it needs (with the
     start-page app unless ``app`` is false)."""
     env = {
@@ -235,6 +233,50 @@ def _post(url: str, path: str, body: dict[str, object]) -> dict[str, object]:
         return dict(json.load(response))
 
 
+def _search(url: str, experiment_id: str, where: str) -> list[dict[str, Any]]:
+    body = {
+        "experiment_ids": [experiment_id],
+        "filter": where,
+        "order_by": ["attributes.start_time DESC"],
+        "max_results": 1,
+    }
+    return list(_post(url, "runs/search", body).get("runs", []))  # type: ignore[call-overload]
+
+
+def _run_lines(url: str, experiment_id: str, start: bool) -> list[str]:
+    """A study's run and its best COMPLETE trial's run, else the latest finished ForkMerge run
+    (the latest one when none has finished)."""
+    lines = []
+    studies = _search(url, experiment_id, "tags.`fm_optuna.role` = 'study'")
+    if studies:
+        info, tags = studies[0]["info"], _tags(studies[0])
+        lines.append(
+            f"    study run {info['run_name']} (trial table): "
+            f"{run_link(url, experiment_id, info['run_id'], start=start)}"
+        )
+        best = tags.get("fm_optuna.best_run_id")
+        if best:
+            lines.append(
+                f"    best trial {tags.get('best_trial', '?')} ForkMerge run: "
+                f"{run_link(url, experiment_id, best, start=start)}"
+            )
+        return lines
+    forkmerge = "tags.`fm_optuna.role` = 'forkmerge'"
+    runs = _search(url, experiment_id, f"{forkmerge} and attributes.status = 'FINISHED'")
+    runs = runs or _search(url, experiment_id, forkmerge)
+    if runs:
+        info = runs[0]["info"]
+        lines.append(
+            f"    latest ForkMerge run {info['run_name']}: "
+            f"{run_link(url, experiment_id, info['run_id'], start=start)}"
+        )
+    return lines
+
+
+def _tags(run: dict[str, Any]) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run.get("data", {}).get("tags", [])}
+
+
 def browse_links(
     url: str, *, experiment: str | None = None, limit: int = 5, start: bool = True
 ) -> list[str]:
@@ -257,22 +299,7 @@ def browse_links(
     for item in experiments[:limit]:
         experiment_id = str(item["experiment_id"])
         lines.append(f"  {item['name']}: {runs_table_link(url, experiment_id, start=start)}")
-        runs = _post(
-            url,
-            "runs/search",
-            {
-                "experiment_ids": [experiment_id],
-                "filter": "tags.`fm_optuna.role` = 'forkmerge'",
-                "order_by": ["attributes.start_time DESC"],
-                "max_results": 1,
-            },
-        ).get("runs", [])
-        if runs:
-            info = runs[0]["info"]  # type: ignore[index]
-            lines.append(
-                f"    latest ForkMerge run {info['run_name']}: "
-                f"{run_link(url, experiment_id, info['run_id'], start=start)}"
-            )
+        lines += _run_lines(url, experiment_id, start)
     if len(experiments) > limit:
         older = len(experiments) - limit
         lines.append(f"  ... and {older} older experiments ({url}/#/experiments)")
