@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import sys
@@ -87,13 +88,16 @@ def _strategy_progress(total: int, *, json_output: bool) -> tuple[tqdm, Callable
     """A bar on a terminal, and one line per finished run in a log file or pipe."""
     bar = tqdm(total=total, desc="compare", unit="run", disable=None, file=sys.stderr)
     lines = progress_stream(json_output=json_output)
+    # Counted here: a disabled bar (no terminal) never advances its own count.
+    finished = itertools.count(1)
 
     def done(run: Any) -> None:
+        n = next(finished)
         bar.update(1)
         bar.set_postfix_str(f"{run.strategy} seed {run.seed}: test {run.test:.2f}")
         if lines is not None:
             print(
-                f"[compare {bar.n}/{bar.total}] {run.strategy} seed {run.seed}: val {run.val:.2f} "
+                f"[compare {n}/{total}] {run.strategy} seed {run.seed}: val {run.val:.2f} "
                 f"test {run.test:.2f} ({run.seconds:.1f} s)",
                 file=lines,
                 flush=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import statistics
 import sys
@@ -109,13 +110,16 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     lines = progress_stream(json_output=args.json)
+    # Counted here: a disabled bar (no terminal) never advances its own count.
+    finished, bar_total = itertools.count(1), bar.total
 
     def done(target: str, seed: int, method: str, summary: Any) -> None:
+        n = next(finished)
         bar.update(1)
         bar.set_postfix_str(f"{target} seed {seed}: {method} test {summary.target_test:.2f}")
         if lines is not None:
             print(
-                f"[compare-methods {bar.n}/{bar.total}] {target} seed {seed}: {method} val "
+                f"[compare-methods {n}/{bar_total}] {target} seed {seed}: {method} val "
                 f"{summary.target_val:.2f} test {summary.target_test:.2f}",
                 file=lines,
                 flush=True,

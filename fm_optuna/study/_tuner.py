@@ -103,6 +103,8 @@ class StudyObserver(Protocol):
 
     def finish(self, study: optuna.Study, *, status: str = "FINISHED") -> None: ...
 
+    def log_baselines(self, study: optuna.Study) -> None: ...
+
     def browse(self) -> list[str]: ...
 
 
@@ -586,6 +588,8 @@ class Tuner:
         report = self.report(study)
         if report.best_trial is not None and self.spec.study.baselines:
             report.baselines = self.baseline_scores(study, study.best_trial)
+            if self.tracking is not None:
+                self.tracking.log_baselines(study)
         if self.tracking is not None:
             report.tracking["browse"] = self.tracking.browse()
         return report

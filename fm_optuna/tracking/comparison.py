@@ -18,7 +18,7 @@ from mlflow.entities import Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from fm_optuna.tracking.observer import MlflowTracker, param_key
-from fm_optuna.tracking.uris import mask_uri
+from fm_optuna.tracking.uris import browse_command, mask_uri
 
 if TYPE_CHECKING:
     from fm_optuna.core._events import Observer
@@ -113,6 +113,8 @@ class ComparisonTracking:
         self.finish("FINISHED", files)
 
     def browse(self) -> list[str]:
+        command = browse_command(self.store.uri, self.store.experiment_name)
         return [
-            f"MLflow experiment {self.store.experiment_name!r}, parent run {self.run_id}",
+            f"MLflow experiment {self.store.experiment_name!r}, parent run {self.run_id}: "
+            f"{command}",
         ]

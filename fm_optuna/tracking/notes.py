@@ -48,9 +48,9 @@ def lambda_note(
     images: Sequence[tuple[str, str]] = (),
     limit: int = 8000,
 ) -> str:
-    """Markdown: a headline, the Λ table (one row per merge) and what the figures show.
+    """Markdown: a headline, the Λ figure, the Λ table (one row per merge), what it means.
 
-    ``images`` are (caption, URL) pairs shown under the table (the UI serves a run's artifacts
+    ``images`` are (caption, URL) pairs shown above the table (the UI serves a run's artifacts
     at a relative ``get-artifact`` URL). Longer than ``limit`` characters (MLflow's tag limit),
     the table keeps its latest rows and says how many earlier ones ``lambda_trajectory.csv``
     holds.
@@ -65,9 +65,12 @@ def lambda_note(
         ...
     """
     done = f"{len(rows)} of {rounds}" if rounds else str(len(rows))
+    # The figure first: MLflow shows the top of a long description until "Show more".
+    pictures = [line for caption, url in images for line in (f"![{caption}]({url})", "")]
     lines = [
         f"### Λ per merge · {title}",
         "",
+        *pictures,
         "| round | step | " + " | ".join(f"Λ `{b}`" for b in branches)
         + " | merged val | best branch alone | gain |",
         "|---:|---:|" + "---:|" * len(branches) + "---:|---|---:|",
@@ -87,8 +90,6 @@ def lambda_note(
         ]
     else:
         tail += [f"No merge yet (0 of {rounds or '?'} merges)."]
-    for caption, url in images:
-        tail += ["", f"![{caption}]({url})"]
     tail += ["", "Branches (tasks trained together):", ""]
     tail += [f"- `{name}`: {task_list}" for name, task_list in zip(branches, tasks, strict=True)]
     if figures:
@@ -115,3 +116,107 @@ def _table_row(row: MergeRow) -> str:
         f"| {row.round} | {row.step} | {' | '.join(cells)} | {_number(row.score)} | "
         f"{row.best_branch} {_number(row.best_branch_score)} | {_signed(row.gain)} |"
     )
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One outer-study trial as the study run's description shows it."""
+
+    number: int
+    state: str
+    params: dict[str, object]
+    value: float | None
+    reason: str | None  # why it failed or was pruned
+    run_id: str | None  # its ForkMerge run in MLflow
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return _number(value, 4) if abs(value) < 1e4 else f"{value:.4g}"
+    return "–" if value is None else str(value).replace("|", "/")
+
+
+def study_note(
+    study: str,
+    experiment_id: str,
+    trials: Sequence[TrialRow],
+    best: TrialRow | None,
+    lambdas: dict[str, float],
+    baselines: Sequence[tuple[str, dict[str, object], str | None]],
+    *,
+    images: Sequence[tuple[str, str]] = (),
+    limit: int = 8000,
+) -> str:
+    """Markdown for the study's run: the best trial and its Λ, every trial, the baselines.
+
+    Links are the UI's own routes (``#/experiments/<id>/runs/<run>``), so a click on one stays
+    in the page's view.
+
+    Example:
+        >>> rows = [TrialRow(0, "COMPLETE", {"dt": 10}, 0.5, None, "abc")]
+        >>> print(study_note("s", "1", rows, rows[0], {"target": 1.0}, []))  # doctest: +ELLIPSIS
+        ### Study `s` · best trial 0: value **0.5000** (dt=10)
+        ...
+        | [0](#/experiments/1/runs/abc) | COMPLETE | 10 | 0.5000 | – |
+        ...
+    """
+
+    def link(number: object, run_id: str | None) -> str:
+        return f"[{number}](#/experiments/{experiment_id}/runs/{run_id})" if run_id else str(number)
+
+    names = sorted({name for trial in trials for name in trial.params})
+    counts = {s: sum(t.state == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    lines = []
+    if best is not None:
+        lines += [
+            f"### Study `{study}` · best trial {best.number}: value **{_cell(best.value)}** "
+            f"({', '.join(f'{k}={v}' for k, v in best.params.items())})",
+            "",
+        ]
+        lines += [line for caption, url in images for line in (f"![{caption}]({url})", "")]
+        if lambdas:
+            lines += [
+                "| best trial | " + " | ".join(f"Λ `{b}`" for b in lambdas) + " |",
+                "|---|" + "---:|" * len(lambdas),
+                f"| {link(f'trial {best.number} (its Λ per merge)', best.run_id)} | "
+                + " | ".join(f"{w:.2f}" for w in lambdas.values())
+                + " |",
+                "",
+                "Λ of the last merge; the trial's own page holds the Λ table of every merge.",
+                "",
+            ]
+    else:
+        lines += [f"### Study `{study}` · no complete trial yet", ""]
+    lines += [
+        f"**{len(trials)} trials**: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
+        f"{counts['FAIL']} failed.",
+        "",
+        "| trial | state | " + " | ".join(f"`{n}`" for n in names) + " | value | reason |",
+        "|---:|---|" + "---:|" * len(names) + "---:|---|",
+    ]
+    rows = [
+        f"| {link(t.number, t.run_id)} | {t.state} | "
+        + " | ".join(_cell(t.params.get(n)) for n in names)
+        + f" | {_cell(t.value)} | {_cell((t.reason or '')[:80]) if t.reason else '–'} |"
+        for t in trials
+    ]
+    tail = [""]
+    if baselines:
+        tail += [
+            "Baselines (trained once with the best trial's budget):",
+            "",
+            "| baseline | target val | target test | seconds |",
+            "|---|---:|---:|---:|",
+        ]
+        tail += [
+            f"| {link(method, run_id)} | {_cell(r.get('val'))} | {_cell(r.get('test'))} | "
+            f"{_cell(r.get('seconds'))} |"
+            for method, r, run_id in baselines
+        ]
+    budget = limit - sum(len(line) + 1 for line in [*lines, *tail]) - 100
+    kept = len(rows)
+    while kept > 0 and sum(len(line) + 1 for line in rows[:kept]) > budget:
+        kept -= 1
+    if kept < len(rows):
+        rows = [*rows[:kept], f"| … | {len(rows) - kept} more trials in optuna-dashboard |"]
+    return "\n".join([*lines, *rows, *tail]) + "\n"

@@ -55,8 +55,9 @@ def plot_lambda_trajectory(
     branches: Sequence[str], merges: Sequence[MergeRecord], path: Path, *, title: str = ""
 ) -> None:
     """Stacked areas of Λ over training steps: the share each branch gets at every merge."""
-    figure = _figure(7.6, 3.6)
-    figure.subplots_adjust(left=0.09, right=0.76, bottom=0.14, top=0.9)
+    # Compact (about 790 × 290 px): it heads the run's description, above the Λ table.
+    figure = _figure(7.2, 2.6)
+    figure.subplots_adjust(left=0.08, right=0.74, bottom=0.19, top=0.87)
     ax = figure.add_subplot()
     steps = [m.step for m in merges]
     weights = np.array([m.weights for m in merges], dtype=float).T  # branch × merge
@@ -73,7 +74,7 @@ def plot_lambda_trajectory(
     ax.set_xlabel("training step (merge)")
     # Upright: a rotated "Λ" reads as "<".
     ax.set_ylabel("Λ", rotation=0, labelpad=10, va="center", fontsize=13)
-    ax.set_title(f"Merge weights Λ · {title}" if title else "Merge weights Λ")
+    ax.set_title(f"Merge weights Λ · {title}" if title else "Merge weights Λ", fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", title="branch")
     figure.savefig(path)
 

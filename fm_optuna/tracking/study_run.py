@@ -14,17 +14,20 @@ marked FAILED by the worker that notices the death.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, RunTag
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from fm_optuna.core._events import Observer, RunStarted
 from fm_optuna.study._fingerprint import TRIAL_FINGERPRINT_ATTR, TRIAL_VERSION_ATTR
-from fm_optuna.tracking.observer import MlflowTracker, _now_ms, metric_key
+from fm_optuna.study._shared_baselines import RESULT as BASELINE_RESULT
+from fm_optuna.tracking.notes import TrialRow, study_note
+from fm_optuna.tracking.observer import MlflowTracker, _now_ms, artifact_url, metric_key
 from fm_optuna.tracking.store import owner_tags
 from fm_optuna.tracking.uris import browse_command
 
@@ -37,6 +40,36 @@ if TYPE_CHECKING:
 STUDY_RUN_ATTR = "mlflow_study_run_id"
 _STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
 TRIAL_RUN_ATTR = "mlflow_run_id"
+#: The study run's tag naming the best complete trial's MLflow run (what `fm-optuna ui` links).
+BEST_RUN_TAG = "fm_optuna.best_run_id"
+BASELINE_TAG = "fm_optuna.baseline_key"
+
+
+def _best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best COMPLETE trial (Optuna's ``best_trial`` never is a pruned or failed one)."""
+    try:
+        return study.best_trial
+    except ValueError:  # no complete trial yet
+        return None
+
+
+def _best_run_id(study: optuna.Study) -> str | None:
+    best = _best_trial(study)
+    return None if best is None else best.user_attrs.get(TRIAL_RUN_ATTR)
+
+
+def _row(trial: FrozenTrial) -> TrialRow:
+    reason = trial.user_attrs.get("fail_reason")
+    if reason is None and trial.state.name == "PRUNED" and trial.intermediate_values:
+        reason = f"pruned after step {max(trial.intermediate_values)}"
+    return TrialRow(
+        trial.number,
+        trial.state.name,
+        dict(trial.params),
+        trial.value,
+        None if reason is None else str(reason),
+        trial.user_attrs.get(TRIAL_RUN_ATTR),
+    )
 
 
 class _RecordRunId(Observer):
@@ -59,6 +92,8 @@ class StudyTracking:
         self.study_name = study_name
         self.higher_is_better = higher_is_better
         self.study_run_id: str | None = None
+        self.best_run_id: str | None = None  # the best COMPLETE trial's run, once finished
+        self._baseline_runs: dict[str, str] = {}  # study user attribute → its MLflow run
 
     def start(self, study: optuna.Study) -> None:
         """Find (or create) the study's run and mark it RUNNING for this invocation."""
@@ -172,8 +207,101 @@ class StudyTracking:
                     metrics.append(Metric(key, float(value), stamp, finished))
                 else:
                     tags.append(RunTag(key, str(value)))
+        best_run = self.best_run_id = _best_run_id(study)
+        if best_run is not None:
+            tags.append(RunTag(BEST_RUN_TAG, best_run))
+        tags.append(RunTag(MLFLOW_RUN_NOTE, self.describe(study)))
         self.store.client.log_batch(self.study_run_id, metrics=metrics, tags=tags)
         self.store.client.set_terminated(self.study_run_id, status=status)
+
+    def describe(self, study: optuna.Study) -> str:
+        """The study run's description (markdown): the best trial with its Λ, every trial with
+        a link to its run, and the baselines."""
+        trials = study.get_trials(deepcopy=False)
+        best = _best_trial(study)
+        best_run = None if best is None else best.user_attrs.get(TRIAL_RUN_ATTR)
+        lambdas: dict[str, float] = {}
+        if best_run is not None:
+            try:
+                metrics = self.store.client.get_run(best_run).data.metrics
+                lambdas = {
+                    k[len("lambda/") :]: v for k, v in metrics.items() if k.startswith("lambda/")
+                }
+            except Exception:  # the description is best effort: the study goes on
+                lambdas = {}
+        rows = [_row(t) for t in trials]
+        images = []
+        if best_run is not None:
+            images = [("Λ of the best trial", artifact_url(best_run, "lambda_trajectory.png"))]
+        return study_note(
+            self.study_name,
+            self.store.experiment_id,
+            rows,
+            None if best is None else _row(best),
+            lambdas,
+            self._baseline_rows(study),
+            images=images,
+        )
+
+    def _baseline_rows(self, study: optuna.Study) -> list[tuple[str, dict[str, Any], str | None]]:
+        found = []
+        for key, value in sorted(study.user_attrs.items()):
+            if key.startswith(BASELINE_RESULT) and isinstance(value, dict):
+                method = key[len(BASELINE_RESULT) :].split(" ", 1)[0]
+                found.append((method, value, self._baseline_runs.get(key)))
+        return found
+
+    def log_baselines(self, study: optuna.Study) -> None:
+        """Each baseline result of the study (STL, EW, … at the best trial's budget) as an MLflow
+        run under the study's run (once per result), and the description rewritten with them."""
+        if self.study_run_id is None:
+            return
+        client = self.store.client
+        existing = {
+            run.data.tags.get(BASELINE_TAG): run.info.run_id
+            for run in client.search_runs(
+                [self.store.experiment_id],
+                f"tags.`mlflow.parentRunId` = '{self.study_run_id}' and "
+                "tags.`fm_optuna.role` = 'baseline'",
+            )
+        }
+        for key, value in sorted(study.user_attrs.items()):
+            if not key.startswith(BASELINE_RESULT) or not isinstance(value, dict):
+                continue
+            method = key[len(BASELINE_RESULT) :].split(" ", 1)[0]
+            fingerprint = hashlib.sha1(key.encode()).hexdigest()[:12]
+            if fingerprint in existing:
+                self._baseline_runs[key] = existing[fingerprint]
+                continue
+            run_id = client.create_run(
+                self.store.experiment_id,
+                run_name=f"{method}-best-budget",
+                tags={
+                    MLFLOW_PARENT_RUN_ID: self.study_run_id,
+                    "fm_optuna.role": "baseline",
+                    "method": method,
+                    "optuna.study": self.study_name,
+                    BASELINE_TAG: fingerprint,
+                    "fm_optuna.budget": key[len(BASELINE_RESULT) + len(method) + 1 :][:5000],
+                    MLFLOW_RUN_NOTE: f"Baseline `{method}` of study `{self.study_name}`, trained "
+                    "once with the best trial's budget (steps, learning rate, seed).",
+                    **owner_tags(),
+                },
+            ).info.run_id
+            stamp = _now_ms()
+            metrics = [
+                Metric(name, float(value[field]), stamp, 0)
+                for name, field in (
+                    ("final/target_val", "val"),
+                    ("final/target_test", "test"),
+                    ("final/seconds", "seconds"),
+                )
+                if isinstance(value.get(field), int | float) and math.isfinite(value[field])
+            ]
+            client.log_batch(run_id, metrics=metrics)
+            client.set_terminated(run_id, status="FINISHED")
+            self._baseline_runs[key] = run_id
+        client.set_tag(self.study_run_id, MLFLOW_RUN_NOTE, self.describe(study))
 
     def browse(self) -> list[str]:
         command = browse_command(self.store.uri, self.store.experiment_name)
@@ -183,7 +311,9 @@ class StudyTracking:
         ]
         if self.study_run_id is not None:
             lines.append(
-                f"MLflow study run study-{self.study_name} ({self.study_run_id}): every trial's "
-                "ForkMerge run below it, its overview showing the Λ table"
+                f"MLflow study run study-{self.study_name} ({self.study_run_id}): its overview "
+                "holds the trial table with a link to every trial's ForkMerge run"
             )
+        if self.best_run_id is not None:
+            lines.append(f"MLflow run of the best complete trial: {self.best_run_id}")
         return lines

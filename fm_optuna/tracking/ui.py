@@ -1,14 +1,17 @@
 """``fm-optuna ui``: the MLflow UI for a tracking store, on 127.0.0.1 only.
 
-The server is MLflow's own (``python -m mlflow server``) in a child process of its own session,
-so stopping it reaches every worker it spawned. Its output is passed through with passwords
-masked, and the database URI travels in the environment rather than on the command line, where
-any user of the machine could read it with ``ps``.
+The server is MLflow's own (``python -m mlflow server --app-name fm-optuna``: MLflow's app plus
+the start page of :mod:`fm_optuna.tracking.ui_app`) in a child process of its own session, so
+stopping it reaches every worker it spawned. Every link it prints goes through the start page,
+so a fresh browser stays in the model-training view whatever it clicks next. Its output is
+passed through with passwords masked, and the database URI travels in the environment rather
+than on the command line, where any user of the machine could read it with ``ps``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -18,14 +21,16 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import webbrowser
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 from fm_optuna.errors import ConfigError, invalid
+from fm_optuna.tracking.ui_app import APP_NAME, START_PATH
 from fm_optuna.tracking.uris import (
     absolute_uri,
     artifact_root,
@@ -46,7 +51,9 @@ STOP_GRACE = 10.0
 
 #: The MLflow UI's classic view. MLflow 3.17 keeps the GenAI / model-training switch in the
 #: browser's local storage (default GenAI, whatever the experiment's ``mlflow.experimentKind``:
-#: mlflow/mlflow#24498); a ``workflowType`` query parameter on the page's route overrides it.
+#: mlflow/mlflow#24498); a ``workflowType`` query parameter on the page's route overrides it
+#: for that page only. The start page stores it; links keep the parameter as well, so a server
+#: started without the app (an install that predates its entry point) still opens them right.
 CLASSIC_VIEW = "workflowType=machine_learning"
 
 
@@ -78,8 +85,15 @@ def _check_port(port: int) -> int:
     return port
 
 
-def server_command(uri: str, port: int) -> tuple[list[str], dict[str, str]]:
-    """The ``mlflow server`` command line and the environment entries it needs."""
+def app_registered() -> bool:
+    """Whether MLflow can find the start-page app (its entry point is in the package metadata,
+    written by ``pip install``)."""
+    return any(e.name == APP_NAME for e in importlib.metadata.entry_points(group="mlflow.app"))
+
+
+def server_command(uri: str, port: int, *, app: bool = True) -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow server`` command line and the environment entries it needs (with the
+    start-page app unless ``app`` is false)."""
     env = {
         "MLFLOW_BACKEND_STORE_URI": uri,
         # Nothing but loopback: no usage telemetry, no background job runner.
@@ -103,6 +117,8 @@ def server_command(uri: str, port: int) -> tuple[list[str], dict[str, str]]:
         "--workers",
         "1",
     ]
+    if app:
+        command += ["--app-name", APP_NAME]
     return command, env
 
 
@@ -154,10 +170,12 @@ def _sigterm_as_stop() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _links(url: str, experiment: str | None, announce: Callable[[str], None]) -> list[str]:
+def _links(
+    url: str, experiment: str | None, announce: Callable[[str], None], *, start: bool
+) -> list[str]:
     """Announce the runs tables and runs to open; return the runs-table URLs."""
     try:
-        lines = browse_links(url, experiment=experiment)
+        lines = browse_links(url, experiment=experiment, start=start)
     except (OSError, ValueError, KeyError) as error:  # the UI still works without the links
         announce(f"fm-optuna ui: could not list the experiments ({type(error).__name__})")
         return []
@@ -167,7 +185,7 @@ def _links(url: str, experiment: str | None, announce: Callable[[str], None]) ->
     announce("fm-optuna ui: open in a browser (runs tables, in the model-training view):")
     for line in lines:
         announce(line)
-    return [line.rsplit(" ", 1)[1] for line in lines if "/runs?" in line]
+    return [line.rsplit(" ", 1)[1] for line in lines if "/runs?" in line or "%2Fruns?" in line]
 
 
 def _stop(child: subprocess.Popen[str]) -> None:
@@ -184,14 +202,25 @@ def _stop(child: subprocess.Popen[str]) -> None:
             child.wait(timeout=STOP_GRACE)
 
 
-def runs_table_link(url: str, experiment_id: str) -> str:
-    """The experiment's runs table in the model-training view, even in a fresh browser."""
-    return f"{url}/#/experiments/{experiment_id}/runs?{CLASSIC_VIEW}"
+def start_link(url: str, route: str = "/experiments") -> str:
+    """The start page opening the UI's ``route`` (after ``#``) in the model-training view,
+    which the browser keeps for every page it opens next."""
+    return f"{url}{START_PATH}?to={urllib.parse.quote(route, safe='/?=&')}"
 
 
-def run_link(url: str, experiment_id: str, run_id: str) -> str:
+def _ui_link(url: str, route: str, start: bool) -> str:
+    return start_link(url, route) if start else f"{url}/#{route}"
+
+
+def runs_table_link(url: str, experiment_id: str, *, start: bool = True) -> str:
+    """The experiment's runs table in the model-training view, even in a fresh browser
+    (through the start page unless ``start`` is false)."""
+    return _ui_link(url, f"/experiments/{experiment_id}/runs?{CLASSIC_VIEW}", start)
+
+
+def run_link(url: str, experiment_id: str, run_id: str, *, start: bool = True) -> str:
     """A run's overview (its description, parameters, metrics) in the model-training view."""
-    return f"{url}/#/experiments/{experiment_id}/runs/{run_id}?{CLASSIC_VIEW}"
+    return _ui_link(url, f"/experiments/{experiment_id}/runs/{run_id}?{CLASSIC_VIEW}", start)
 
 
 def _post(url: str, path: str, body: dict[str, object]) -> dict[str, object]:
@@ -204,8 +233,55 @@ def _post(url: str, path: str, body: dict[str, object]) -> dict[str, object]:
         return dict(json.load(response))
 
 
-def browse_links(url: str, *, experiment: str | None = None, limit: int = 5) -> list[str]:
-    """Lines naming the newest experiments' runs tables and each one's latest ForkMerge run.
+def _search(url: str, experiment_id: str, where: str) -> list[dict[str, Any]]:
+    body = {
+        "experiment_ids": [experiment_id],
+        "filter": where,
+        "order_by": ["attributes.start_time DESC"],
+        "max_results": 1,
+    }
+    return list(_post(url, "runs/search", body).get("runs", []))  # type: ignore[call-overload]
+
+
+def _run_lines(url: str, experiment_id: str, start: bool) -> list[str]:
+    """A study's run and its best COMPLETE trial's run, else the latest finished ForkMerge run
+    (the latest one when none has finished)."""
+    lines = []
+    studies = _search(url, experiment_id, "tags.`fm_optuna.role` = 'study'")
+    if studies:
+        info, tags = studies[0]["info"], _tags(studies[0])
+        lines.append(
+            f"    study run {info['run_name']} (trial table): "
+            f"{run_link(url, experiment_id, info['run_id'], start=start)}"
+        )
+        best = tags.get("fm_optuna.best_run_id")
+        if best:
+            lines.append(
+                f"    best trial {tags.get('best_trial', '?')} ForkMerge run: "
+                f"{run_link(url, experiment_id, best, start=start)}"
+            )
+        return lines
+    forkmerge = "tags.`fm_optuna.role` = 'forkmerge'"
+    runs = _search(url, experiment_id, f"{forkmerge} and attributes.status = 'FINISHED'")
+    runs = runs or _search(url, experiment_id, forkmerge)
+    if runs:
+        info = runs[0]["info"]
+        lines.append(
+            f"    latest ForkMerge run {info['run_name']}: "
+            f"{run_link(url, experiment_id, info['run_id'], start=start)}"
+        )
+    return lines
+
+
+def _tags(run: dict[str, Any]) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run.get("data", {}).get("tags", [])}
+
+
+def browse_links(
+    url: str, *, experiment: str | None = None, limit: int = 5, start: bool = True
+) -> list[str]:
+    """Lines naming the newest experiments' runs tables and each one's latest ForkMerge run
+    (in a study, its best complete trial's), through the start page unless ``start`` is false.
 
     Asked of the running server's REST API, so this process never imports MLflow.
     """
@@ -222,23 +298,8 @@ def browse_links(url: str, *, experiment: str | None = None, limit: int = 5) -> 
     lines = []
     for item in experiments[:limit]:
         experiment_id = str(item["experiment_id"])
-        lines.append(f"  {item['name']}: {runs_table_link(url, experiment_id)}")
-        runs = _post(
-            url,
-            "runs/search",
-            {
-                "experiment_ids": [experiment_id],
-                "filter": "tags.`fm_optuna.role` = 'forkmerge'",
-                "order_by": ["attributes.start_time DESC"],
-                "max_results": 1,
-            },
-        ).get("runs", [])
-        if runs:
-            info = runs[0]["info"]  # type: ignore[index]
-            lines.append(
-                f"    latest ForkMerge run {info['run_name']}: "
-                f"{run_link(url, experiment_id, info['run_id'])}"
-            )
+        lines.append(f"  {item['name']}: {runs_table_link(url, experiment_id, start=start)}")
+        lines += _run_lines(url, experiment_id, start)
     if len(experiments) > limit:
         older = len(experiments) - limit
         lines.append(f"  ... and {older} older experiments ({url}/#/experiments)")
@@ -269,7 +330,8 @@ def run_ui(
     """
     uri = _resolve(uri)
     port = _check_port(port)
-    command, extra_env = server_command(uri, port)
+    app = app_registered()
+    command, extra_env = server_command(uri, port, app=app)
     url = f"http://{HOST}:{port}"
     root = artifact_root(uri)
     if root is not None and root.startswith("file://"):
@@ -301,9 +363,18 @@ def run_ui(
                     raise ConfigError(f"The MLflow server did not answer on {url} in time.")
                 time.sleep(0.25)
             announce(f"fm-optuna ui: MLflow UI at {url}  (Ctrl-C stops it)")
-            links = _links(url, experiment, announce)
+            home = _ui_link(url, f"/experiments?{CLASSIC_VIEW}", app)
+            if app:
+                announce(f"fm-optuna ui: start page (model-training view for every page): {home}")
+            else:
+                announce(
+                    "fm-optuna ui: the start page is not installed (`pip install -e .` registers "
+                    "its MLflow app); a page opened by a click may show MLflow's GenAI view: "
+                    "its 'Model training' switch brings the runs back"
+                )
+            links = _links(url, experiment, announce, start=app)
             if open_browser:
-                target = links[0] if links else f"{url}/#/experiments?{CLASSIC_VIEW}"
+                target = links[0] if links else home
                 announce(f"fm-optuna ui: opening {target}")
                 webbrowser.open(target)
             code = child.wait()

@@ -541,11 +541,16 @@ def test_ui_serves_the_store_on_loopback_and_stops_on_ctrl_c(tracked: TrackedRun
 
         eid, fm = tracked.store.experiment_id, tracked.runs["forkmerge"]
         lines = browse_links(server.url, experiment=EXPERIMENT)
+        start = f"{server.url}/fm-optuna/start?to="  # stores the model-training view
         assert lines == [
-            f"  {EXPERIMENT}: {server.url}/#/experiments/{eid}/runs?workflowType=machine_learning",
-            f"    latest ForkMerge run forkmerge-seed0: {server.url}/#/experiments/{eid}/runs/"
+            f"  {EXPERIMENT}: {start}/experiments/{eid}/runs?workflowType=machine_learning",
+            f"    latest ForkMerge run forkmerge-seed0: {start}/experiments/{eid}/runs/"
             f"{fm.info.run_id}?workflowType=machine_learning",
         ]
+        with urllib.request.urlopen(lines[1].split()[-1], timeout=30) as response:
+            page = response.read().decode()
+        assert '"mlflow.workflowType_v1"' in page
+        assert f"../#/experiments/{eid}/runs/{fm.info.run_id}" in page
         with pytest.raises(ConfigError, match="experiment"):
             browse_links(server.url, experiment="no-such-experiment")
     port = int(server.url.rsplit(":", 1)[1])

@@ -35,7 +35,9 @@ def test_note_is_the_lambda_table_with_the_gain_and_the_figure() -> None:
     )
     lines = note.splitlines()
     assert lines[0] == "### Λ per merge · trial3-forkmerge-seed0"
-    assert lines[2] == (
+    # The compact figure first, then the table: both above MLflow's "Show more" fold.
+    assert lines[2] == "![Λ](get-artifact?path=lambda_trajectory.png&run_uuid=abc)"
+    assert lines[4] == (
         "| round | step | Λ `target` | Λ `target+top2` | Λ `all` | merged val | "
         "best branch alone | gain |"
     )
