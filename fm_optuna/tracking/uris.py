@@ -87,11 +87,23 @@ def artifact_root(uri: str) -> str | None:
     return root.resolve().as_uri()
 
 
-def _password(uri: str) -> str | None:
+def _secrets(uri: str) -> set[str]:
+    """The secrets of ``uri`` in every form a driver may quote them: the user info's password
+    (decoded or not, and each part between raw '@', as a parser splitting at the first one
+    sees them) and the values of credential-carrying query parameters."""
+    found: set[str] = set()
     try:
-        return urlsplit(uri).password
+        password = urlsplit(uri).password
     except ValueError:
-        return None
+        password = None
+    for value in [password, *(m["value"] for m in _QUERY_SECRET.finditer(uri))]:
+        if not value:
+            continue
+        value = value.strip("'\"")
+        for form in (value, unquote(value)):
+            found.add(form)
+            found.update(form.split("@"))
+    return {form for form in found if len(form) >= 3}
 
 
 def mask_uri(text: str) -> str:
@@ -131,11 +143,9 @@ def redact(text: str, *uris: str) -> str:
     """
     text = mask_uri(text)
     for uri in uris:
-        password = _password(uri)
-        if password:
-            for form in {password, unquote(password)}:
-                if len(form) >= 3:  # masking a 1-2 character password would shred the text
-                    text = text.replace(form, "***")
+        # Longest first; masking a 1-2 character part would shred the text.
+        for form in sorted(_secrets(uri), key=len, reverse=True):
+            text = text.replace(form, "***")
     return text
 
 

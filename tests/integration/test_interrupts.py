@@ -172,9 +172,7 @@ def test_ctrl_c_on_run_is_one_line_exit_130_and_resume_continues(tmp_path: Path)
     # The lock of the interrupted run is released: the resume is allowed.
     before = checkpoint.stat().st_mtime
     process = start(*args, "--resume", "--json", cwd=tmp_path)
-    code, _, err = signal_once_written(
-        process, tmp_path, "fm.ckpt", signal.SIGTERM, after=before
-    )
+    code, _, err = signal_once_written(process, tmp_path, "fm.ckpt", signal.SIGTERM, after=before)
     assert code == 143 and "Traceback" not in err
     assert "interrupted by SIGTERM" in last_line(err)
 
