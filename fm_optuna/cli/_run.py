@@ -223,7 +223,7 @@ def _print_table(comparisons: list[Any], *, higher_is_better: bool = True) -> No
 def cmd_run(args: argparse.Namespace) -> int:
     import contextlib
 
-    from fm_optuna.core._checkpoints import checkpoint_lock, probe_writable
+    from fm_optuna.core._checkpoints import check_unlocked, checkpoint_lock, probe_writable
 
     config = run_config(args)
     methods = tuple(m.strip() for m in args.methods.split(","))
@@ -253,12 +253,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             probe_writable(path.parent, parameter="checkpoint")
     if args.save_merge_problems:
         probe_writable(Path(args.save_merge_problems), parameter="save_merge_problems")
+    # Two runs never write one checkpoint file unknowingly: checked now, held once the store
+    # (the last check) is open.
+    forkmerge = checkpoints.values() if "forkmerge" in methods else ()
+    for path in forkmerge:
+        check_unlocked(path, parameter="checkpoint")
+    # tracking (issue #3): after every check (no store for a mistyped command), before any
+    # training (a store that cannot be opened is one line, not a lost run).
+    store = _open_tracking(args, problem)
     with contextlib.ExitStack() as locks:
-        if "forkmerge" in methods:  # two runs never write one checkpoint file unknowingly
-            for path in checkpoints.values():
-                locks.enter_context(checkpoint_lock(path, parameter="checkpoint"))
+        for path in forkmerge:
+            locks.enter_context(checkpoint_lock(path, parameter="checkpoint"))
         try:
-            return _run_seeds(args, problem, config, methods, seeds, checkpoints, snapshots)
+            return _run_seeds(args, problem, config, methods, seeds, checkpoints, snapshots, store)
         except Interrupted as error:
             error.next_step = _after_interrupt(checkpoints, methods)
             raise
@@ -291,14 +298,12 @@ def _run_seeds(
     seeds: list[int],
     checkpoints: dict[int, Path],
     snapshots: dict[int, Any],
+    store: Any,
 ) -> int:
     from fm_optuna.core._events import EventStream
     from fm_optuna.core._progress import ProgressBars, ProgressLines, progress_stream
     from fm_optuna.experiments._run_methods import run_methods
 
-    # tracking (issue #3): after every check (no store for a mistyped command), before any
-    # training (a store that cannot be opened is one line, not a lost run).
-    store = _open_tracking(args, problem)
     comparisons = []
     for seed in seeds:
         events = EventStream([ProgressBars(disable=True if args.json else None)])

@@ -108,6 +108,34 @@ def _unreadable(path: Path, error: BaseException) -> ConfigError:
     return invalid("checkpoint", path, f"a whole fm-optuna checkpoint (it cannot be read: {why})")
 
 
+def _held(handle: Any, path: Path, parameter: str) -> ConfigError:
+    handle.seek(0)
+    owner = handle.read().strip() or "another process"
+    return invalid(
+        parameter,
+        path,
+        f"a checkpoint no other run is writing (process {owner} is using it: give this "
+        "run its own --checkpoint, or wait for that one)",
+    )
+
+
+def check_unlocked(path: Path | str, *, parameter: str) -> None:
+    """Raise the one line of :func:`checkpoint_lock` if another process holds ``path``'s lock
+    now; create nothing (a command checks this before it opens any store)."""
+    import fcntl
+
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    if not lock.is_file():
+        return  # no lock file: nobody holds it
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _held(handle, path, parameter) from None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def checkpoint_lock(path: Path | str, *, parameter: str) -> Iterator[None]:
     """Hold ``<path>.lock`` while this process writes the checkpoint ``path``: a second run
@@ -121,14 +149,7 @@ def checkpoint_lock(path: Path | str, *, parameter: str) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            raise invalid(
-                parameter,
-                path,
-                f"a checkpoint no other run is writing (process {owner} is using it: give this "
-                "run its own --checkpoint, or wait for that one)",
-            ) from None
+            raise _held(handle, path, parameter) from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
