@@ -114,8 +114,32 @@ class Option:
             return value
         checked = _CHECKS[self.kind](self, value)
         if checked is _INVALID:
+            if _wrong_type(self.kind, value):
+                # A type mistake names the study-file address and the type that came instead.
+                dotted = name if "." in name else f"{self.section}.{name}"
+                raise ConfigError(
+                    f"Parameter `{dotted}` should be {self.allowed()}. Found `{dotted} = "
+                    f"{value!r}` (a {type(value).__name__})."
+                )
             raise invalid(name, _shown(value), self.allowed())
         return checked
+
+
+_KIND_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "ints": (list, tuple),
+    "strs": (list, tuple),
+}
+
+
+def _wrong_type(kind: str, value: Any) -> bool:
+    """Whether ``value`` is of a type option ``kind`` never takes (not a bad value of its type)."""
+    if isinstance(value, bool):
+        return kind != "bool"
+    return not isinstance(value, _KIND_TYPES[kind])
 
 
 _INVALID = object()
@@ -641,6 +665,15 @@ class StudyOptions:
         "where trials checkpoint every merge and save their final model",
         section="study",
         kind="str",
+        flag="",
+        fingerprint=False,
+    )
+    keep_checkpoints: bool = option(
+        False,
+        "keep a finished trial's merge checkpoint (trial_<n>.ckpt); by default it is removed "
+        "once the trial will not be retried (its final model is always kept)",
+        section="study",
+        kind="bool",
         flag="",
         fingerprint=False,
     )

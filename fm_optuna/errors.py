@@ -88,3 +88,70 @@ def check_finite(parameter: str, value: object, allowed: str = "a finite number"
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise invalid(parameter, value, allowed)
     return float(value)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (systemd, docker, Slurm, ``timeout``) asked the command to stop.
+
+    A :class:`KeyboardInterrupt`, so everything that cleans up after Ctrl-C cleans up after a
+    SIGTERM too; the command prints one line (:meth:`line`) and exits with ``128 + signal``.
+
+    Attributes:
+        signum: The signal's number.
+        next_step: What the next invocation does (``"trial 7 will be retried from merge 3"``).
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        self.next_step = ""
+        super().__init__(f"interrupted by {self.name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def line(self) -> str:
+        return f"interrupted by {self.name}" + (f"; {self.next_step}" if self.next_step else "")
+
+
+class WriteFailed(FmOptunaError):
+    """A file could not be written (a full disk, a read-only or forbidden place).
+
+    Attributes:
+        path: The file (or folder) being written.
+        reason: The system's words, e.g. ``No space left on device``.
+    """
+
+    def __init__(self, path: object, reason: str, *, note: str = "") -> None:
+        self.path, self.reason, self.note = path, reason, note
+        super().__init__(f"cannot write {path}: {reason}" + (f"; {note}" if note else ""))
+
+
+def write_failure(error: BaseException) -> str | None:
+    """One line for a write refused by the system (``ENOSPC``, ``EROFS``, ``EACCES``,
+    ``EDQUOT``, SQLite's "disk is full" / "readonly database") anywhere in ``error``'s chain,
+    else ``None``."""
+    import errno
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, WriteFailed):
+            return str(current)
+        codes = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+        if isinstance(current, OSError) and current.errno in codes:
+            where = current.filename or "a file"
+            return f"cannot write {where}: {current.strerror}"
+        text = str(current).lower()
+        for sign, why in (
+            ("database or disk is full", "No space left on device (SQLite: disk is full)"),
+            ("readonly database", "read-only (SQLite: attempt to write a readonly database)"),
+        ):
+            if sign in text:
+                return f"cannot write a database: {why}"
+        current = current.__cause__ or current.__context__
+    return None

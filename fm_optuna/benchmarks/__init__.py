@@ -110,10 +110,23 @@ def _import(path: str, name: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
+        missing = getattr(error, "name", None)
+        if missing and not _is_part_of(missing, module_name):
+            # The user's module was found; what it imports is not installed.
+            raise ConfigError(
+                f"Parameter `benchmark` should name a module whose imports work. Found "
+                f"`benchmark = {name}`: {module_name} imports `{missing}`, which is not "
+                f"installed ({type(error).__name__}: {error})."
+            ) from None
         raise ConfigError(
             f"Parameter `benchmark` should name an importable module. Found `benchmark = "
             f"{name}` ({type(error).__name__}: {error}; run from the folder that holds it or "
             "install its package)."
+        ) from None
+    except Exception as error:  # the module's own code failed (a SyntaxError, a bug)
+        raise ConfigError(
+            f"Parameter `benchmark` should name a module that imports. Found `benchmark = "
+            f"{name}`: importing {module_name} raised {_one_line(error)}."
         ) from None
     if not hasattr(module, attribute):
         raise ConfigError(
@@ -121,6 +134,16 @@ def _import(path: str, name: str) -> Any:
             f"`benchmark = {name}` ({module_name} has no attribute `{attribute}`)."
         )
     return module, getattr(module, attribute)
+
+
+def _is_part_of(missing: str, module_name: str) -> bool:
+    """Whether the module Python could not find is ``module_name`` or a package above it."""
+    return module_name == missing or module_name.startswith(missing + ".")
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _source(name: str, module: Any, factory: Any, *, shipped: bool = False) -> ProblemSource:
@@ -195,6 +218,45 @@ def _requires(factory: Callable[..., Any], name: str) -> bool:
     return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _expected_type(factory: Callable[..., Any], name: str) -> type | None:
+    """The plain type (int, float, bool, str) a factory's option takes: its annotation, else
+    its default's type; ``None`` when neither says."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # annotations naming what cannot be imported here
+        hints = {}
+    hint = hints.get(name)
+    if hint in _TYPE_NAMES:
+        return hint
+    parameter = inspect.signature(factory).parameters.get(name)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    kind = type(parameter.default)
+    return kind if kind in _TYPE_NAMES else None
+
+
+def _check_option_types(source: ProblemSource, options: dict[str, Any]) -> None:
+    """A problem option of the wrong type (``batch_size = "32"``) is one line naming
+    ``problem.<key>`` and the value's type, before the factory sees it."""
+    for key, value in options.items():
+        expected = _expected_type(source.factory, key)
+        if expected is None:
+            continue
+        ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(
+                f"Parameter `problem.{key}` should be {_TYPE_NAMES[expected]}. Found "
+                f"`problem.{key} = {value!r}` (a {type(value).__name__})."
+            )
+
+
 def build_problem(
     benchmark: str | ProblemSource,
     *,
@@ -236,7 +298,16 @@ def build_problem(
             f"Problem factory {source.name} should accept keyword arguments "
             f"{', '.join(kwargs)} ({error})."
         ) from None
-    problem = source.factory(**kwargs)
+    _check_option_types(source, extra)
+    try:
+        problem = source.factory(**kwargs)
+    except ConfigError:
+        raise  # the factory's own one-line message about its options
+    except Exception as error:  # the factory's own failure: one line naming it
+        raise ConfigError(
+            f"Problem factory {source.name} raised {_one_line(error)} (a factory reports a "
+            "bad option by raising fm_optuna.ConfigError)."
+        ) from None
     if not isinstance(problem, Problem):
         raise ConfigError(
             f"Problem factory {source.name} should return a fm_optuna.Problem. Found "

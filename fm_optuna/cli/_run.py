@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fm_optuna.errors import ConfigError
+from fm_optuna.errors import ConfigError, Interrupted
 
 
 def _add_problem_options(parser: argparse.ArgumentParser) -> None:
@@ -221,9 +221,9 @@ def _print_table(comparisons: list[Any], *, higher_is_better: bool = True) -> No
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fm_optuna.core._events import EventStream
-    from fm_optuna.core._progress import ProgressBars, ProgressLines, progress_stream
-    from fm_optuna.experiments._run_methods import run_methods
+    import contextlib
+
+    from fm_optuna.core._checkpoints import check_unlocked, checkpoint_lock, probe_writable
 
     config = run_config(args)
     methods = tuple(m.strip() for m in args.methods.split(","))
@@ -247,9 +247,63 @@ def cmd_run(args: argparse.Namespace) -> int:
         else None
         for seed in seeds
     }
+    # Every place the command writes is probed before anything trains.
+    if "forkmerge" in methods:
+        for path in checkpoints.values():
+            probe_writable(path.parent, parameter="checkpoint")
+    if args.save_merge_problems:
+        probe_writable(Path(args.save_merge_problems), parameter="save_merge_problems")
+    # Two runs never write one checkpoint file unknowingly: checked now, held once the store
+    # (the last check) is open.
+    forkmerge = checkpoints.values() if "forkmerge" in methods else ()
+    for path in forkmerge:
+        check_unlocked(path, parameter="checkpoint")
     # tracking (issue #3): after every check (no store for a mistyped command), before any
     # training (a store that cannot be opened is one line, not a lost run).
     store = _open_tracking(args, problem)
+    with contextlib.ExitStack() as locks:
+        for path in forkmerge:
+            locks.enter_context(checkpoint_lock(path, parameter="checkpoint"))
+        try:
+            return _run_seeds(args, problem, config, methods, seeds, checkpoints, snapshots, store)
+        except Interrupted as error:
+            error.next_step = _after_interrupt(checkpoints, methods)
+            raise
+
+
+def _after_interrupt(checkpoints: dict[int, Path], methods: Sequence[str]) -> str:
+    """What the next invocation does after a Ctrl-C or SIGTERM of this one."""
+    from fm_optuna.core._checkpoints import load_checkpoint
+
+    if "forkmerge" not in methods:
+        return "nothing to resume (rerun the command)"
+    saved = []
+    for seed, path in checkpoints.items():
+        try:
+            snapshot = load_checkpoint(path)
+        except ConfigError:
+            snapshot = None
+        if snapshot is not None:
+            saved.append(f"seed {seed} after merge {snapshot['round']} ({path})")
+    if not saved:
+        return "no merge was checkpointed yet: rerun the command"
+    return "rerun with --resume to continue ForkMerge: " + ", ".join(saved)
+
+
+def _run_seeds(
+    args: argparse.Namespace,
+    problem: Any,
+    config: Any,
+    methods: tuple[str, ...],
+    seeds: list[int],
+    checkpoints: dict[int, Path],
+    snapshots: dict[int, Any],
+    store: Any,
+) -> int:
+    from fm_optuna.core._events import EventStream
+    from fm_optuna.core._progress import ProgressBars, ProgressLines, progress_stream
+    from fm_optuna.experiments._run_methods import run_methods
+
     comparisons = []
     for seed in seeds:
         events = EventStream([ProgressBars(disable=True if args.json else None)])

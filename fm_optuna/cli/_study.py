@@ -106,9 +106,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
         bar.close()
     if args.json:
         print(json.dumps(report.__dict__, default=lambda o: o.__dict__, indent=2))
+    else:
+        print_tune_report(report, tuner)
+    return _all_failed(tuner.ran)
+
+
+def _all_failed(ran: list[optuna.trial.FrozenTrial]) -> int:
+    """Exit 1, with one line saying why, when every trial this invocation ran failed."""
+    from fm_optuna.cli import EXIT_FAILED
+
+    if not ran or any(t.state != optuna.trial.TrialState.FAIL for t in ran):
         return 0
-    print_tune_report(report, tuner)
-    return 0
+    last = ran[-1]
+    reason = last.user_attrs.get("fail_reason") or "no reason recorded (see the log above)"
+    print(
+        f"fm-optuna tune: error: every trial of this invocation failed ({len(ran)} of "
+        f"{len(ran)}; the last, trial {last.number}: {reason})",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 def trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:

@@ -41,7 +41,8 @@ def check_problem(problem: Problem) -> None:
       tasks) and ``device`` are set;
     - ``task_losses`` returns, for every requested task, a finite scalar tensor that depends on
       the model's parameters;
-    - ``evaluate(model, "val")`` returns every task's primary metric;
+    - ``evaluate(model, "val")`` returns every task's primary metric, every metric a plain
+      number (a tensor would break logging and the study mid-run);
     - ``shared_parameters`` is a non-empty subset of the trainable parameters; when it is all of
       them a :class:`ProblemWarning` says that gradient baselines and the lookahead affinity will
       treat the task heads as trunk;
@@ -56,15 +57,28 @@ def check_problem(problem: Problem) -> None:
     """
     _check_attributes(problem)
     devices = [problem.device] if problem.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        model = problem.make_model()
-        if not isinstance(model, nn.Module):
-            raise _fail(problem, f"make_model() should return a torch nn.Module. Found {model!r}.")
-        model = model.to(problem.device)
-        _check_shared_parameters(problem, model)
-        _check_losses(problem, model, problem.task_names)
-        _check_metrics(problem, model)
-    _check_describe(problem)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model = problem.make_model()
+            if not isinstance(model, nn.Module):
+                raise _fail(
+                    problem, f"make_model() should return a torch nn.Module. Found {model!r}."
+                )
+            model = model.to(problem.device)
+            _check_shared_parameters(problem, model)
+            _check_losses(problem, model, problem.task_names)
+            _check_metrics(problem, model)
+        _check_describe(problem)
+    except ConfigError:
+        raise
+    except Exception as error:  # the problem's own code failed on its first draw
+        lines = str(error).strip().splitlines()
+        what = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        raise _fail(
+            problem,
+            f"its methods should run on one draw (make_model, task_losses, evaluate, "
+            f"describe); one raised {what}.",
+        ) from None
 
 
 def _check_attributes(problem: Problem) -> None:
@@ -158,6 +172,14 @@ def _check_metrics(problem: Problem, model: nn.Module) -> None:
                 f"task `{task.name}`: {call} should return its primary metric `{task.metric}` "
                 f"(Task.metric). Found {shown}.",
             )
+        for metric, value in found.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                hint = " (use .item())" if isinstance(value, torch.Tensor) else ""
+                raise _fail(
+                    problem,
+                    f"task `{task.name}`: {call} should return plain numbers (float) as metrics. "
+                    f"Found `{metric}` of type {type(value).__name__}{hint}.",
+                )
 
 
 def _check_describe(problem: Problem) -> None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from fm_optuna.config import ForkMergeConfig, StudyOptions, schema
 from fm_optuna.errors import ConfigError
+from fm_optuna.tracking.uris import mask_uri
 
 if TYPE_CHECKING:
     from fm_optuna.study._spec import StudySpec
@@ -61,7 +62,9 @@ def configuration_record(
         "problem.benchmark": spec.problem.benchmark,
         "problem.target": target or spec.problem.target,
     }
-    record.update(_flat("problem", dict(spec.problem.options)))
+    # Stored in the study's user attributes: a credential in an option is kept masked.
+    options = {k: mask_uri(v) if isinstance(v, str) else v for k, v in spec.problem.options.items()}
+    record.update(_flat("problem", options))
     searched = {f.name for f in fields(spec.space) if getattr(spec.space, f.name) is not None}
     params = config.as_params()
     for entry in schema(ForkMergeConfig):  # its study-file key, and whether it changes a trial

@@ -9,9 +9,10 @@ whoever runs it), so
 - a study run by one worker from scratch with a seed proposes the same trials every time (the
   trial numbers, and so the seeds, are 0, 1, 2, ...; TPE sees the same history);
 - workers started together, or invocations after a crash, draw from different streams;
-- a proposal equal to the parameters of another trial of the study (finished, running or
-  waiting) is drawn again, and once the sampler keeps repeating itself an untried point of the
-  space is taken at random; a configuration repeats only when the space is exhausted.
+- a proposal equal to the parameters of another trial of the study (complete, pruned, running
+  or waiting; not a FAIL one, whose configuration is retried rather than blocked) is drawn
+  again, and once the sampler keeps repeating itself an untried point of the space is taken at
+  random; a configuration repeats only when the space is exhausted.
 
 What is *not* reproducible: with several workers, which worker gets which trial number (and so
 which trials see which history) depends on timing. TPE runs with ``constant_liar`` so a
@@ -46,6 +47,8 @@ ATTEMPTS = 20
 ENUMERABLE = 100_000
 
 Key = tuple[tuple[str, float], ...]
+#: The trials whose configuration is taken.
+_BLOCKING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -142,7 +145,8 @@ class DistinctSampler(BaseSampler):
 
     def _taken(self, study: optuna.Study, trial: FrozenTrial) -> set[Key]:
         taken = set()
-        for other in study.get_trials(deepcopy=False):
+        # A FAIL trial blocks nothing: an interrupted or faulted configuration is tried again.
+        for other in study.get_trials(deepcopy=False, states=_BLOCKING):
             params = dict(other.params)
             params.update(other.system_attrs.get("fixed_params", {}))  # waiting retries
             if other.number != trial.number and set(self._space) <= set(params):

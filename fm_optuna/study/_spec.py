@@ -163,7 +163,7 @@ class _Reader:
     def error(self, key: str, value: Any, allowed: str) -> ConfigError:
         return ConfigError(
             f"{self.path}: Parameter `{self.prefix}{key}` should be {allowed}. "
-            f"Found `{self.prefix}{key} = {value!r}`."
+            f"Found `{self.prefix}{key} = {value!r}` (a {type(value).__name__})."
         )
 
     def check_keys(self, allowed: Any) -> None:

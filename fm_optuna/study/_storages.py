@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from fm_optuna.errors import ConfigError
+from fm_optuna.tracking.uris import mask_uri, redact
 
 #: Seconds to wait for a database server.
 CONNECT_TIMEOUT = 5
+#: The first bytes of every SQLite database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def _masked(url: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    return mask_uri(url)
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -73,12 +75,27 @@ def check_database(url: str, *, parameter: str, what: str) -> None:
     if path is not None:
         if path.exists() and (path.is_dir() or not os.access(path, os.R_OK | os.W_OK)):
             raise _fail(url, parameter, what, f"the file {path} is not writable")
+        if path.is_file() and not _is_sqlite(path):
+            raise _fail(url, parameter, what, f"the file {path} is not an SQLite database")
         if not _writable_folder(path.parent):
             raise _fail(url, parameter, what, f"cannot write in the folder {path.parent}")
         return
     if url.startswith("sqlite"):
+        if url.split("?", 1)[0] not in ("sqlite://", "sqlite:///:memory:"):
+            raise _fail(
+                url,
+                parameter,
+                what,
+                "a SQLite URL has three slashes before a relative path, sqlite:///tracking/x.db, "
+                "and four before an absolute one",
+            )
         return
     import sqlalchemy
+
+    try:
+        sqlalchemy.engine.make_url(url)
+    except Exception as error:  # not a URL at all: no driver to ask
+        raise _fail(url, parameter, what, redact(str(error).splitlines()[0], url)) from None
 
     try:
         engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT})
@@ -89,7 +106,18 @@ def check_database(url: str, *, parameter: str, what: str) -> None:
             engine.dispose()
     except Exception as error:  # driver missing, refused, bad password, ...
         lines = str(error).strip().splitlines()
-        raise _fail(url, parameter, what, lines[0] if lines else type(error).__name__) from None
+        why = redact(lines[0], url) if lines else type(error).__name__
+        raise _fail(url, parameter, what, why) from None
+
+
+def _is_sqlite(path: Path) -> bool:
+    """An empty file (SQLite makes one a database) or one with SQLite's header."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(SQLITE_HEADER))
+    except OSError:
+        return True  # unreadable: the writability check words it
+    return not head or head == SQLITE_HEADER
 
 
 def _fail(url: str, parameter: str, what: str, why: str) -> ConfigError:

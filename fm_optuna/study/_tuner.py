@@ -21,10 +21,10 @@ version (user attribute ``config_version``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
-import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,11 +45,16 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from fm_optuna.config import ForkMergeConfig
-from fm_optuna.core._checkpoints import Checkpointer, load_checkpoint, save_checkpoint
+from fm_optuna.core._checkpoints import (
+    Checkpointer,
+    load_checkpoint,
+    probe_writable,
+    save_checkpoint,
+)
 from fm_optuna.core._ending import fail_reason
 from fm_optuna.core._events import EventStream, MergeCompleted, Observer, RunPruned
 from fm_optuna.core._loop import ForkMergeResult, run_forkmerge
-from fm_optuna.errors import ConfigError, NonFiniteTraining
+from fm_optuna.errors import ConfigError, FmOptunaError, Interrupted, NonFiniteTraining, WriteFailed
 from fm_optuna.problem._checks import check_problem
 from fm_optuna.problem._tasks import Problem
 from fm_optuna.search._merge_problem import MergeProblemWriter, artifact_logger
@@ -69,21 +74,30 @@ from fm_optuna.study._sampler import DistinctSampler
 from fm_optuna.study._shared_baselines import SharedBaselines
 from fm_optuna.study._spec import StudySpec, check_branches_fit
 from fm_optuna.study._storages import check_database, one_process_at_a_time, sqlite_file
+from fm_optuna.tracking.uris import mask_uri, redact
 
 logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 FAIL_REASON = "fail_reason"
+#: User attribute of a FAIL trial that is retried (with its parameters, from its checkpoint) by
+#: the next invocation: interrupted by a signal, or stopped by a write the system refused.
+RETRYABLE = "retryable"
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Trials that count towards the study's total: COMPLETE, PRUNED, and FAIL with a reason
-    (training went non-finite, an error) — not a dead worker's FAIL, which is retried."""
+    (training went non-finite, an error) — not a dead worker's FAIL nor an interrupted one,
+    which are retried."""
     return [
         trial
         for trial in study.get_trials(deepcopy=False)
         if trial.state in FINISHED
-        or (trial.state == TrialState.FAIL and FAIL_REASON in trial.user_attrs)
+        or (
+            trial.state == TrialState.FAIL
+            and FAIL_REASON in trial.user_attrs
+            and not trial.user_attrs.get(RETRYABLE)
+        )
     ]
 
 
@@ -109,8 +123,9 @@ class StudyObserver(Protocol):
 
 
 def mask_password(url: str) -> str:
-    """``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db``."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db`` (and every
+    other form of secret :func:`~fm_optuna.tracking.uris.mask_uri` knows)."""
+    return mask_uri(url)
 
 
 class MedianPruner(BasePruner):
@@ -175,12 +190,22 @@ class PruningReporter(Observer):
     study's direction (``higher_is_better=False``: the score's negation).
     """
 
-    def __init__(self, trial: optuna.Trial, *, higher_is_better: bool = True) -> None:
+    def __init__(
+        self,
+        trial: optuna.Trial,
+        *,
+        higher_is_better: bool = True,
+        total_steps: int | None = None,
+    ) -> None:
         self.trial = trial
         self.sign = 1.0 if higher_is_better else -1.0
+        self.total_steps = total_steps
 
     def on_merge_completed(self, event: MergeCompleted) -> None:
         self.trial.report(self.sign * event.decision.score, step=event.step)
+        # A trial that trained all T steps is COMPLETE: pruning it now saves nothing.
+        if self.total_steps is not None and event.step >= self.total_steps:
+            return
         if self.trial.should_prune():
             raise TrialPruned(f"pruned at step {event.step} (round {event.round})")
 
@@ -234,7 +259,7 @@ def _open_storage(
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(
             f"Parameter `storage` should be a reachable Optuna storage URL. "
-            f"Found `storage = {mask_password(url)}` ({mask_password(first)})."
+            f"Found `storage = {mask_uri(url)}` ({redact(first, url)})."
         ) from None
 
 
@@ -256,10 +281,33 @@ def root_trial_number(trial: FrozenTrial | optuna.Trial) -> int:
     return history[0] if history else frozen.number
 
 
-def _failed(trial: optuna.Trial, error: Exception) -> None:
+def _failed(trial: optuna.Trial, error: BaseException, *, retryable: bool = False) -> None:
     """Keep why the trial failed (user attribute ``fail_reason``, the reason its run, ended
-    FAILED by the loop, is tagged with)."""
-    trial.set_user_attr(FAIL_REASON, fail_reason(error))
+    FAILED by the loop, is tagged with); a ``retryable`` one is retried by the next invocation."""
+    reason = error.line() if isinstance(error, Interrupted) else fail_reason(error)
+    trial.set_user_attr(FAIL_REASON, mask_uri(reason))
+    if retryable:
+        trial.set_user_attr(RETRYABLE, True)
+
+
+class _OwnFailuresQuiet(logging.Filter):
+    """Drops Optuna's "Trial 3 failed ... because of the following error" (a 30-line traceback)
+    for failures fm-optuna reports itself in one line: an interrupt, a refused write, ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, KeyboardInterrupt | FmOptunaError)
+
+
+@contextlib.contextmanager
+def _quiet_own_failures() -> Iterator[None]:
+    optimize_logger = logging.getLogger("optuna.study._optimize")
+    quiet = _OwnFailuresQuiet()
+    optimize_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        optimize_logger.removeFilter(quiet)
 
 
 def lambda_table(result: ForkMergeResult) -> list[dict[str, float]]:
@@ -339,6 +387,9 @@ class Tuner:
         self.record = configuration_record(spec, self.base_config, target=self.problem.target)
         self.allow_config_change = allow_config_change
         self.version: Version | None = None  # the configuration version this run's trials get
+        self.checkpoints = Path(spec.study.checkpoint_dir) / spec.study.name
+        # Every place this study writes is checked before anything is written in any of them.
+        probe_writable(self.checkpoints, parameter="study.checkpoint_dir")
         # Both stores are checked before either is created: a mistake in one creates nothing.
         check_database(self.storage_url, parameter="storage", what="a reachable Optuna storage URL")
         self.tracking: StudyObserver | None = None
@@ -360,7 +411,10 @@ class Tuner:
             self._check_configuration(storage)
         self.tracking = tracking(self.problem) if tracking is not None else None
         self.storage = storage or opened()
-        self.checkpoints = Path(spec.study.checkpoint_dir) / spec.study.name
+        #: The trials this invocation ran, as they ended (see :meth:`run`).
+        self.ran: list[FrozenTrial] = []
+        #: The trial an interrupt stopped and the merge its retry resumes after.
+        self.interrupted: tuple[int, int] | None = None
 
     def _settle(self, storage: optuna.storages.BaseStorage, study_id: int) -> Settlement:
         settlement = settle(
@@ -457,7 +511,7 @@ class Tuner:
             raise ConfigError(
                 f"Parameter `study.name` should name a study that {direction}s "
                 f"{target_metric_name(self.problem)}. Found `study.name = {s.name}`, a study in "
-                f"{mask_password(self.storage_url)} that {study.direction.name.lower()}s (made "
+                f"{mask_uri(self.storage_url)} that {study.direction.name.lower()}s (made "
                 "before the direction followed the metric?): choose a new study name."
             )
         self.version = self._record_configuration(study)
@@ -533,8 +587,12 @@ class Tuner:
             extra += self.observers(trial, config)
         if self.spec.search.save_merge_problems:
             extra.append(self._merge_problem_writer(trial, extra))
-        reporter = PruningReporter(trial, higher_is_better=self.higher_is_better)
-        events = EventStream([Checkpointer(checkpoint_path), *extra, reporter])
+        reporter = PruningReporter(
+            trial, higher_is_better=self.higher_is_better, total_steps=config.total_steps
+        )
+        checkpointer = Checkpointer(checkpoint_path)
+        events = EventStream([checkpointer, *extra, reporter])
+        resumed_round = 0 if resume is None else int(resume["round"])
         # The run ends itself in `events`: FINISHED, FAILED (a non-finite loss or final target
         # validation metric included) or KILLED when pruned.
         try:
@@ -548,11 +606,22 @@ class Tuner:
             trial.set_user_attr("final_model", str(self.model_path(trial.number)))
             trial.set_user_attr("lambda_history", lambda_table(result))
             trial.set_user_attr("val_metrics", metrics)
+            self._finished_with(checkpoint_path)
             return float(metrics[target.metric])
         except NonFiniteTraining as error:
             _failed(trial, error)
+            self._finished_with(checkpoint_path)
             return math.nan  # FAIL, logged by Optuna as one line rather than a traceback
         except optuna.TrialPruned:
+            self._finished_with(checkpoint_path)
+            raise
+        except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM: retried from its checkpoint
+            last = checkpointer.saved_rounds[-1] if checkpointer.saved_rounds else resumed_round
+            self.interrupted = (trial.number, last)
+            _failed(trial, error, retryable=True)
+            raise
+        except WriteFailed as error:  # a full disk: the checkpoint is intact, the trial retried
+            _failed(trial, error, retryable=True)
             raise
         except Exception as error:
             _failed(trial, error)
@@ -560,12 +629,19 @@ class Tuner:
         finally:
             events.close()
 
+    def _finished_with(self, checkpoint: Path) -> None:
+        """A trial that will not be retried needs its merge checkpoint no more (its final model
+        is kept): removed unless ``study.keep_checkpoints``."""
+        if not self.spec.study.keep_checkpoints:
+            checkpoint.unlink(missing_ok=True)
+
     def run(
         self, callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()
     ) -> TuneReport:
         # The progress bar says what Optuna's per-trial INFO lines would, without the flood.
-        with quiet_optuna(optuna.logging.WARNING):
+        with quiet_optuna(optuna.logging.WARNING), _quiet_own_failures():
             study = self.create_study()
+            self.requeue_interrupted(study)
             if self.tracking is not None:
                 self.tracking.start(study)
             status = "FAILED"
@@ -574,13 +650,17 @@ class Tuner:
                     study.optimize(
                         self.objective,
                         n_trials=None,
-                        callbacks=[self._stop_at_total, *callbacks],
+                        callbacks=[self._stop_at_total, self._ran, *callbacks],
                         catch=(RuntimeError, FloatingPointError),
                         gc_after_trial=False,
                     )
                 status = "FINISHED"
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as error:
                 status = "KILLED"
+                self._interrupted(study, error)
+                raise
+            except WriteFailed:
+                self.requeue_interrupted(study)
                 raise
             finally:  # the study's MLflow run never stays RUNNING after this invocation
                 if self.tracking is not None:
@@ -593,6 +673,51 @@ class Tuner:
         if self.tracking is not None:
             report.tracking["browse"] = self.tracking.browse()
         return report
+
+    def _ran(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.ran.append(trial)
+
+    def _interrupted(self, study: optuna.Study, error: KeyboardInterrupt) -> None:
+        """Queue the interrupted trial's retry now (another worker may take it) and say so."""
+        self.requeue_interrupted(study)
+        if not isinstance(error, Interrupted):
+            return
+        if self.interrupted is None:
+            error.next_step = "no trial was running"
+            return
+        number, merge = self.interrupted
+        where = f"from merge {merge}" if merge else "from the start"
+        error.next_step = f"trial {number} will be retried {where} by the next `fm-optuna tune`"
+
+    def requeue_interrupted(self, study: optuna.Study) -> list[int]:
+        """Queue a retry (same parameters, same checkpoint) of every retryable FAIL trial that
+        has none yet; return their numbers. Idempotent: a retried trial is not queued again."""
+        trials = study.get_trials(deepcopy=False)
+        retried = {
+            number
+            for other in trials
+            for number in RetryHeartbeatStaleTrialCallback.retry_history(other)
+        }
+        retry = RetryHeartbeatStaleTrialCallback(
+            max_retry=self.spec.study.max_retry, inherit_intermediate_values=True
+        )
+        queued = []
+        for trial in trials:
+            if (
+                trial.state != TrialState.FAIL
+                or not trial.user_attrs.get(RETRYABLE)
+                or trial.number in retried
+            ):
+                continue
+            template = copy.deepcopy(trial)
+            # The retry is a fresh attempt: why its predecessor stopped stays with that one.
+            template.user_attrs = {
+                k: v for k, v in trial.user_attrs.items() if k not in (FAIL_REASON, RETRYABLE)
+            }
+            with _no_experimental_warnings():
+                retry(study, template)
+            queued.append(trial.number)
+        return queued
 
     def _stop_at_total(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if len(finished_trials(study)) >= self.n_trials:
@@ -615,7 +740,7 @@ class Tuner:
             best_test = self.test_saved_model(best_model) if best_model else None
         return TuneReport(
             study.study_name,
-            mask_password(self.storage_url),
+            mask_uri(self.storage_url),
             self.n_trials,
             best_params,
             best_value,

@@ -21,7 +21,13 @@ ARTIFACT_ROOT_ENV = "FM_OPTUNA_ARTIFACT_ROOT"
 
 # Up to the next blank or quote: a password may hold raw '/' or '@' that should be escaped.
 _URI = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)(?P<rest>[^\s'\"`]*)")
-_QUERY_SECRET = re.compile(r"(?i)\b(password|passwd|pwd|token)=[^&\s]*")
+# A credential-carrying parameter of a URL's query or a driver's key=value string, whatever its
+# prefix (password, sslpassword, passwd, pwd, auth_token, client_secret, api_key, ...); a quoted
+# value up to its closing quote.
+_QUERY_SECRET = re.compile(
+    r"(?i)\b(?P<key>[\w-]*?(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key"
+    r"|credentials?))(?P<eq>=|%3D)(?P<value>'[^']*'|\"[^\"]*\"|[^&;\s'\"`]*)"
+)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -81,32 +87,53 @@ def artifact_root(uri: str) -> str | None:
     return root.resolve().as_uri()
 
 
-def _password(uri: str) -> str | None:
+def _secrets(uri: str) -> set[str]:
+    """The secrets of ``uri`` in every form a driver may quote them: the user info's password
+    (decoded or not, and each part between raw '@', as a parser splitting at the first one
+    sees them) and the values of credential-carrying query parameters."""
+    found: set[str] = set()
     try:
-        return urlsplit(uri).password
+        password = urlsplit(uri).password
     except ValueError:
-        return None
+        password = None
+    for value in [password, *(m["value"] for m in _QUERY_SECRET.finditer(uri))]:
+        if not value:
+            continue
+        value = value.strip("'\"")
+        for form in (value, unquote(value)):
+            found.add(form)
+            found.update(form.split("@"))
+    return {form for form in found if len(form) >= 3}
 
 
 def mask_uri(text: str) -> str:
-    """Replace the password of every URI in ``text``: ``user:secret@host`` → ``user:***@host``.
+    """Hide every secret in ``text``, the one masking function of both stores: the password of
+    every URI's user info (``user:secret@host`` → ``user:***@host``, reserved characters such as
+    ``@`` or ``/`` in it included), a token as the whole user info of an http(s) URI, and every
+    credential-carrying parameter (``?password=``, ``sslpassword=``, ``passwd=``, ``token=``,
+    ``api_key=``, ... in a query string or a driver's ``key=value`` text).
 
     Example:
         >>> mask_uri("postgresql://ana:s3cret@db:5432/mlflow")
         'postgresql://ana:***@db:5432/mlflow'
+        >>> mask_uri("postgresql://db/mlflow?user=ana&password=s3cret")
+        'postgresql://db/mlflow?user=ana&password=***'
     """
 
     def hide(match: re.Match[str]) -> str:
         rest = match["rest"]
+        # The user info ends at the last '@' (a raw '@', '/', '?' or '#' in a password
+        # included); masking too much is harmless, too little is not.
         if "@" not in rest:
             return match[0]
-        # The last '@' ends the user info; masking too much is harmless, too little is not.
         userinfo, host = rest.rsplit("@", 1)
-        if ":" not in userinfo:
-            return match[0]
-        return f"{match['scheme']}{userinfo.split(':', 1)[0]}:***@{host}"
+        if ":" in userinfo:
+            return f"{match['scheme']}{userinfo.split(':', 1)[0]}:***@{host}"
+        if match["scheme"].lower().startswith("http"):
+            return f"{match['scheme']}***@{host}"  # https://TOKEN@host
+        return match[0]
 
-    return _QUERY_SECRET.sub(r"\1=***", _URI.sub(hide, text))
+    return _QUERY_SECRET.sub(r"\g<key>\g<eq>***", _URI.sub(hide, text))
 
 
 def redact(text: str, *uris: str) -> str:
@@ -116,11 +143,9 @@ def redact(text: str, *uris: str) -> str:
     """
     text = mask_uri(text)
     for uri in uris:
-        password = _password(uri)
-        if password:
-            for form in {password, unquote(password)}:
-                if len(form) >= 3:  # masking a 1-2 character password would shred the text
-                    text = text.replace(form, "***")
+        # Longest first; masking a 1-2 character part would shred the text.
+        for form in sorted(_secrets(uri), key=len, reverse=True):
+            text = text.replace(form, "***")
     return text
 
 
