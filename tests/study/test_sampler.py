@@ -209,15 +209,6 @@ class TestDistinct:
         assert proposed["x"] in {"b", "c"}
         assert draws(log) == ATTEMPTS  # the wrapped sampler was asked again before giving up
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "The module docstring and README ('Outer sampler and reproducibility') say a proposal "
-            "equal to a finished (COMPLETE/PRUNED in this project), running or waiting trial's "
-            "parameters is drawn again, i.e. FAIL trials are not listed; "
-            "DistinctSampler._taken counts every trial that has the space's parameters, FAIL too."
-        ),
-    )
     def test_a_failed_trial_does_not_block_its_configuration(self) -> None:
         sampler, _ = scripted({"x": "a"})
         assert propose(sampler, [trial(TrialState.FAIL, {"x": "a"})]) == {"x": "a"}
