@@ -171,7 +171,8 @@ def print_tune_report(report: Any, tuner: Any) -> None:
     if report.baselines:
         _print_against_baselines(report, tuner.problem.task(tuner.problem.target))
     storage = mask_password(absolute_uri(tuner.storage_url))
-    print(f"browse: optuna-dashboard {shlex.quote(storage)}")
+    artifacts = shlex.quote(str(tuner.artifact_dir))  # the trials' Λ figures
+    print(f"browse: optuna-dashboard {shlex.quote(storage)} --artifact-dir {artifacts}")
     for line in report.tracking.get("browse", []):
         print(f"browse: {line}")
 

@@ -6,7 +6,9 @@ coordination each would train every baseline again. Here each result is kept in 
 user attribute (``baseline:<method> <budget>``; the budget names the steps, learning rate, seed
 and the study's configuration fingerprint, so a baseline trained under another configuration is
 never reused: see :mod:`fm_optuna.study._fingerprint`), and a missing one is claimed first
-(``baseline_claim:<method> <budget>``): a worker writes its claim, waits a moment and reads the
+(``baseline_claim:<method> <budget>``, a study *system* attribute: an internal record that
+optuna-dashboard does not list among the study's attributes; claims written as user attributes
+by older versions are still read): a worker writes its claim, waits a moment and reads the
 claim back. Storages keep the last write, so of workers claiming together exactly one reads back
 its own name and trains; the others train the baselines nobody has claimed (two workers split
 STL and EW) and then wait for the rest. A claim whose worker is gone (its process ended on this
@@ -64,8 +66,13 @@ class SharedBaselines:
         key = self._key(method, budget)
         return attrs.get(RESULT + key) or attrs.get(LEGACY_RESULTS, {}).get(key)
 
+    def _read_claim(self, method: str, budget: str) -> dict[str, Any] | None:
+        key = CLAIM + self._key(method, budget)
+        claims = self.study._storage.get_study_system_attrs(self.study._study_id)
+        return claims.get(key) or self.study.user_attrs.get(key)  # user: written before
+
     def _live_claim(self, method: str, budget: str) -> dict[str, Any] | None:
-        claim = self.study.user_attrs.get(CLAIM + self._key(method, budget))
+        claim = self._read_claim(method, budget)
         if claim is None or claim["worker"] == this_worker():
             return None  # never claimed, or by this worker before (whose training then failed)
         if worker_is_gone(claim["worker"]) or time.time() - claim["time"] > self.stale_after:
@@ -76,11 +83,13 @@ class SharedBaselines:
         if self._live_claim(method, budget) is not None:
             return False
         me = this_worker()
-        self.study.set_user_attr(
-            CLAIM + self._key(method, budget), {"worker": me, "time": time.time()}
+        self.study._storage.set_study_system_attr(
+            self.study._study_id,
+            CLAIM + self._key(method, budget),
+            {"worker": me, "time": time.time()},
         )
         time.sleep(self.settle_seconds)
-        claim = self.study.user_attrs.get(CLAIM + self._key(method, budget))
+        claim = self._read_claim(method, budget)
         return claim is not None and claim["worker"] == me
 
     def _train(self, method: str, budget: str) -> dict[str, float]:

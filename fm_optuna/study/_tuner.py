@@ -59,6 +59,7 @@ from fm_optuna.problem._checks import check_problem
 from fm_optuna.problem._tasks import Problem
 from fm_optuna.search._merge_problem import MergeProblemWriter, artifact_logger
 from fm_optuna.search._search import quiet_optuna
+from fm_optuna.study._dashboard import DashboardNotes
 from fm_optuna.study._fingerprint import (
     TRIAL_FINGERPRINT_ATTR,
     TRIAL_VERSION_ATTR,
@@ -552,6 +553,20 @@ class Tuner:
     def model_path(self, number: int) -> Path:
         return self.checkpoints / f"trial_{number}_final.pt"
 
+    @property
+    def artifact_dir(self) -> Path:
+        """The study's Optuna artifact store (``optuna-dashboard … --artifact-dir`` this)."""
+        return (self.checkpoints / "artifacts").resolve()
+
+    def _dashboard_notes(self, trial: optuna.Trial) -> DashboardNotes:
+        return DashboardNotes(
+            trial,
+            self.artifact_dir,
+            metric=target_metric_name(self.problem),
+            higher_is_better=self.higher_is_better,
+            run_link=getattr(self.tracking, "run_link", None),
+        )
+
     def merge_problems(self, number: int) -> Path:
         """Where trial ``number`` saves its merge problems (``search.save_merge_problems``)."""
         return self.checkpoints / "merge_problems" / f"trial_{number}"
@@ -587,6 +602,7 @@ class Tuner:
             extra += self.observers(trial, config)
         if self.spec.search.save_merge_problems:
             extra.append(self._merge_problem_writer(trial, extra))
+        extra.append(self._dashboard_notes(trial))
         reporter = PruningReporter(
             trial, higher_is_better=self.higher_is_better, total_steps=config.total_steps
         )
@@ -603,7 +619,7 @@ class Tuner:
                 {"state_dict": result.model.state_dict(), "config": config.as_params()},
                 self.model_path(trial.number),
             )
-            trial.set_user_attr("final_model", str(self.model_path(trial.number)))
+            trial.set_user_attr("final_model", str(self.model_path(trial.number).resolve()))
             trial.set_user_attr("lambda_history", lambda_table(result))
             trial.set_user_attr("val_metrics", metrics)
             self._finished_with(checkpoint_path)

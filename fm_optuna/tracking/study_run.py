@@ -29,7 +29,7 @@ from fm_optuna.study._shared_baselines import RESULT as BASELINE_RESULT
 from fm_optuna.tracking.notes import TrialRow, study_note
 from fm_optuna.tracking.observer import MlflowTracker, _now_ms, artifact_url, metric_key
 from fm_optuna.tracking.store import owner_tags
-from fm_optuna.tracking.uris import browse_command
+from fm_optuna.tracking.uris import browse_command, is_server, mask_uri
 
 if TYPE_CHECKING:
     import optuna
@@ -302,6 +302,16 @@ class StudyTracking:
             client.set_terminated(run_id, status="FINISHED")
             self._baseline_runs[key] = run_id
         client.set_tag(self.study_run_id, MLFLOW_RUN_NOTE, self.describe(study))
+
+    def run_link(self, run_id: str) -> str:
+        """Markdown naming a trial's MLflow run: a link on a server, else how to open it."""
+        uri = self.store.uri
+        if is_server(uri):
+            from fm_optuna.tracking.ui import run_link
+
+            url = run_link(mask_uri(uri).rstrip("/"), self.store.experiment_id, run_id, start=False)
+            return f"[{run_id}]({url})"
+        return f"`{run_id}` (browse: `{browse_command(uri, self.store.experiment_name)}`)"
 
     def browse(self) -> list[str]:
         command = browse_command(self.store.uri, self.store.experiment_name)

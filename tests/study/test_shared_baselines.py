@@ -7,9 +7,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+import pytest
 
 from fm_optuna.study._shared_baselines import CLAIM, RESULT, SharedBaselines
 
@@ -69,12 +71,34 @@ def _recording(trained: list[str]):  # type: ignore[no-untyped-def]
     return train
 
 
+def _claim(study: optuna.Study, method: str, claim: dict[str, object]) -> None:
+    """A claim as workers write it: a study system attribute, which the dashboard does not list."""
+    study._storage.set_study_system_attr(study._study_id, CLAIM + f"{method} {BUDGET}", claim)
+
+
+def _legacy_claim(study: optuna.Study, method: str, claim: dict[str, object]) -> None:
+    """A claim as older versions wrote it: a study user attribute."""
+    study.set_user_attr(CLAIM + f"{method} {BUDGET}", claim)
+
+
+def test_claims_stay_out_of_the_study_user_attributes() -> None:
+    study, trained = _study(), []
+    SharedBaselines(study, _recording(trained), stale_after=600.0, settle_seconds=0.0).scores(
+        ["stl"], BUDGET
+    )
+    assert trained == ["stl"]
+    assert not [key for key in study.user_attrs if key.startswith(CLAIM)]
+    assert RESULT + f"stl {BUDGET}" in study.user_attrs  # the result is the study's to show
+    system = study._storage.get_study_system_attrs(study._study_id)
+    assert system[CLAIM + f"stl {BUDGET}"]["worker"]
+
+
 def test_a_claim_by_a_worker_that_is_gone_is_taken_over() -> None:
     study, trained = _study(), []
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     claim = {"worker": f"{__import__('socket').gethostname()}:{dead.pid}", "time": time.time()}
-    study.set_user_attr(CLAIM + f"stl {BUDGET}", claim)
+    _claim(study, "stl", claim)
     shared = SharedBaselines(study, _recording(trained), stale_after=600.0, settle_seconds=0.0)
     assert shared.scores(["stl"], BUDGET)["stl"]["test"] == 2.0
     assert trained == ["stl"]
@@ -83,15 +107,16 @@ def test_a_claim_by_a_worker_that_is_gone_is_taken_over() -> None:
 def test_a_stale_claim_from_another_host_is_taken_over() -> None:
     study, trained = _study(), []
     claim = {"worker": "elsewhere:1", "time": time.time() - 60.0}
-    study.set_user_attr(CLAIM + f"stl {BUDGET}", claim)
+    _claim(study, "stl", claim)
     shared = SharedBaselines(study, _recording(trained), stale_after=30.0, settle_seconds=0.0)
     shared.scores(["stl"], BUDGET)
     assert trained == ["stl"]
 
 
-def test_a_live_claim_is_waited_for_and_its_result_used() -> None:
+@pytest.mark.parametrize("write", [_claim, _legacy_claim], ids=["system", "legacy-user"])
+def test_a_live_claim_is_waited_for_and_its_result_used(write: Callable[..., None]) -> None:
     study, trained = _study(), []
-    study.set_user_attr(CLAIM + f"stl {BUDGET}", {"worker": "elsewhere:1", "time": time.time()})
+    write(study, "stl", {"worker": "elsewhere:1", "time": time.time()})
     result = {"val": 5.0, "test": 6.0, "seconds": 7.0}
     finish = threading.Timer(0.5, study.set_user_attr, (RESULT + f"stl {BUDGET}", result))
     finish.start()
