@@ -103,6 +103,8 @@ class ReplayRun:
     #: For the default (exact) evaluation: whether it proposed every candidate and chose the
     #: merge that full evaluation did on this problem (``None`` for other variants).
     same_search_as_full: bool | None = None
+    #: The Λ the strategy chose, one weight per branch (saved in ``replay.json``).
+    weights: tuple[float, ...] = ()
 
 
 @dataclass
@@ -387,6 +389,7 @@ def replay(
                     test=merge.score(np.asarray(decision.weights), "test"),
                     seconds=decision.seconds,
                     curve=anytime_curve(decision, merge.branch_scores),
+                    weights=tuple(float(w) for w in decision.weights),
                 )
                 key = (variant.strategy, budget)
                 if variant.evaluation == "full":

@@ -48,8 +48,12 @@ def test_replay_runs_every_strategy_on_the_same_problems(saved: Path, tmp_path: 
         ("tpe", 6),
     }
     paths = comparison.save(tmp_path)
-    table = json.loads(paths["json"].read_text())["table"]
+    saved_json = json.loads(paths["json"].read_text())
+    table = saved_json["table"]
     assert len(table) == len(rows) and paths["plot"].stat().st_size > 0
+    for run, record in zip(comparison.runs, saved_json["runs"], strict=True):  # the chosen Λ
+        assert record["weights"] == list(run.weights) and abs(sum(run.weights) - 1) < 1e-9
+        assert len(run.weights) == run.n_branches
     assert paths["csv"].read_text().startswith("L,strategy,budget")
 
 
