@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -220,3 +221,27 @@ def study_note(
     if kept < len(rows):
         rows = [*rows[:kept], f"| … | {len(rows) - kept} more trials in optuna-dashboard |"]
     return "\n".join([*lines, *rows, *tail]) + "\n"
+
+
+def decision_table(round_index: int, step: int, branches: Sequence[str], decision: Any) -> str:
+    """One merge decision as a compact Markdown table (``merges/round_NNN.md`` beside the JSON):
+    the chosen Λ, then every inner trial rounded, in the order the search ran them."""
+    chosen = ", ".join(
+        f"{b} {_number(w, 3)}" for b, w in zip(branches, decision.weights, strict=True)
+    )
+    lines = [
+        f"### Round {round_index}, step {step}: Λ = {chosen} (score {_number(decision.score)}; "
+        f"{decision.strategy}, {decision.n_trials} trials, {decision.seconds:.2f} s)",
+        "",
+        f"| trial | Λ ({', '.join(branches)}) | search score (higher is better) | state | source |",
+        "| ---: | --- | ---: | --- | --- |",
+    ]
+    for trial in decision.trials:
+        weights = ", ".join(_number(w, 3) for w in trial.weights)
+        lines.append(
+            f"| {trial.number} | {weights} | {_number(trial.score)} | {trial.state} | "
+            f"{trial.source} |"
+        )
+    if decision.fallback:
+        lines += ["", f"Fallback: {decision.fallback}"]
+    return "\n".join(lines) + "\n"

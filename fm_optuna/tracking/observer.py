@@ -55,7 +55,7 @@ from fm_optuna.core._events import (
     TrainingProgress,
     TransferMeasured,
 )
-from fm_optuna.tracking.notes import MergeRow, lambda_note
+from fm_optuna.tracking.notes import MergeRow, decision_table, lambda_note
 from fm_optuna.tracking.plots import (
     MergeRecord,
     lambda_csv,
@@ -473,6 +473,11 @@ class MlflowTracker(Observer):
             run.run_id,
             json.dumps(_finite_or_none(record), indent=1),
             f"merges/round_{event.round:03d}.json",
+        )
+        self._log_text(
+            run.run_id,
+            decision_table(event.round, step, event.branches, decision),
+            f"merges/round_{event.round:03d}.md",
         )
         finite = {b: s for b, s in run.scores.items() if math.isfinite(s)}
         run.rows.append(

@@ -215,8 +215,11 @@ def test_one_merge_artifact_per_round_with_every_inner_trial(
     assert fm_result is not None
     fm, store = tracked.runs["forkmerge"], tracked.store
     names = sorted(artifact_names(store, fm, "merges"))
-    assert names == [f"round_{r:03d}.json" for r in range(1, 5)]
+    assert names == sorted(f"round_{r:03d}.{kind}" for r in range(1, 5) for kind in ("json", "md"))
     for round_index, decision in enumerate(fm_result.decisions, start=1):
+        table = download(store, fm, f"merges/round_{round_index:03d}.md", tmp_path).read_text()
+        assert table.startswith(f"### Round {round_index}, step ")
+        assert table.count("\n| ") == len(decision.trials) + 2  # header, rule, a row per trial
         path = download(store, fm, f"merges/round_{round_index:03d}.json", tmp_path)
         record = json.loads(path.read_text())
         assert record["round"] == round_index
