@@ -95,7 +95,9 @@ class StrategyComparison:
                 indent=2,
             )
         )
-        plot_strategies(rows, paths["plot"], metric=self.config.get("target_metric", "score"))
+        seeds = max((row["seeds"] for row in rows), default=1)
+        metric = self.config.get("target_metric", "score")
+        plot_strategies(rows, paths["plot"], metric=metric, seeds=seeds)
         return paths
 
 
@@ -103,35 +105,39 @@ def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def plot_strategies(rows: list[dict[str, Any]], path: Path, *, metric: str) -> None:
-    """Target test score against inner evaluations per merge, one point per strategy."""
+def plot_strategies(
+    rows: list[dict[str, Any]], path: Path, *, metric: str, seeds: int | None = None
+) -> None:
+    """Target test score against inner evaluations per merge, one point per strategy, legible
+    at MLflow's artifact-preview width (plain tick labels, names in a legend, no clipping)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = plt.subplots(figsize=(6.4, 4), layout="constrained")
     for row in rows:
         axis.errorbar(
             row["evaluations_per_merge"],
             row["test_mean"],
-            yerr=row["test_std"],
+            yerr=row["test_std"] if (seeds or 0) > 1 else None,
             fmt="o",
             capsize=4,
+            markersize=7,
             label=row["strategy"],
         )
-        axis.annotate(
-            row["strategy"],
-            (row["evaluations_per_merge"], row["test_mean"]),
-            textcoords="offset points",
-            xytext=(6, 4),
-        )
     axis.set_xscale("log")
-    axis.set_xlabel("inner evaluations per merge (log)")
-    axis.set_ylabel(f"target test {metric} (mean ± std over seeds)")
+    axis.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.xaxis.set_major_formatter(ScalarFormatter())
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.margins(x=0.15, y=0.2)
+    axis.set_xlabel("inner evaluations per merge (log scale)")
+    spread = f"mean ± std over {seeds} seeds" if (seeds or 0) > 1 else "one seed"
+    axis.set_ylabel(f"target test {metric} ({spread})")
     axis.set_title("Merge-search strategies: score vs. cost")
     axis.grid(alpha=0.3)
-    figure.tight_layout()
+    axis.legend(loc="best", fontsize="small", frameon=False)
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
