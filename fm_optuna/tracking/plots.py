@@ -101,7 +101,7 @@ def plot_simplex_trials(
     if len(shown) > max_panels:  # keep the first, the last and evenly spaced merges between
         picks = np.linspace(0, len(shown) - 1, max_panels).round().astype(int)
         shown = [shown[i] for i in sorted(set(picks.tolist()))]
-    columns = min(4, len(shown))
+    columns = min(2, len(shown))  # two panels a row stay legible at the artifact preview width
     rows = math.ceil(len(shown) / columns)
     width, height = 2.6 * columns + 1.0, 2.5 * rows + 0.5
     figure = _figure(width, height)
