@@ -115,10 +115,10 @@ class Option:
         checked = _CHECKS[self.kind](self, value)
         if checked is _INVALID:
             if _wrong_type(self.kind, value):
-                # A type mistake names the study-file address and the type that came instead.
-                dotted = name if "." in name else f"{self.section}.{name}"
+                # A type mistake also names the type that came instead (a study file's reader
+                # adds the section: `training.dt`).
                 raise ConfigError(
-                    f"Parameter `{dotted}` should be {self.allowed()}. Found `{dotted} = "
+                    f"Parameter `{name}` should be {self.allowed()}. Found `{name} = "
                     f"{value!r}` (a {type(value).__name__})."
                 )
             raise invalid(name, _shown(value), self.allowed())

@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+import torch
+
 from fm_optuna.core._events import EventStream, RunFinished, RunPruned, RunSummary
 from fm_optuna.errors import NonFiniteTraining
 
@@ -55,8 +57,9 @@ def final_summary(
     (the run then ends FAIL): no door reports, selects or tunes on a model that is not one.
     """
     target = problem.task(problem.target)
-    val = problem.evaluate(model, "val")
-    test = problem.evaluate(model, "test")
+    with torch.no_grad():  # an evaluation never needs gradients (nor their memory)
+        val = problem.evaluate(model, "val")
+        test = problem.evaluate(model, "test")
     value = val[target.name][target.metric]
     if not math.isfinite(value):
         raise NonFiniteTraining(
