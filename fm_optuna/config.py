@@ -715,8 +715,8 @@ class RuntimeOptions:
     )
     threads: int | None = option(
         1,
-        "intra-op CPU threads of this process (1 by default: the bench's threads measurement "
-        "shows why; none leaves torch's own setting)",
+        "intra-op CPU threads of this process (1 by default: `fm-optuna bench --measure-threads` "
+        "shows why; the API's threads=None leaves torch's own setting)",
         section="study",
         kind="int",
         low=1,

@@ -16,8 +16,8 @@ SPEC_OVERRIDES = ("dt", "total_steps", "branches", "cut", "keep")
 
 
 def add_runtime(parser: argparse.ArgumentParser, *, json_output: bool = True) -> None:
-    """``--device`` and ``--threads`` (the schema's), and ``--json``."""
-    add_flags(parser, runtime_flags())
+    """``--device`` and ``--threads`` (the schema's; absent, the study file's), and ``--json``."""
+    add_flags(parser, runtime_flags(), from_spec=True)
     if json_output:
         parser.add_argument("--json", action="store_true", help="print the result as JSON")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fm_optuna import cli
@@ -46,3 +48,18 @@ def test_full_and_pruned_evaluation_exclude_each_other(capsys: pytest.CaptureFix
     assert exit_.value.code == 2 and "--full-evaluation" in err and "not allowed" in err
     with pytest.raises(ConfigError, match=r"`full_evaluation`.*pruned_evaluation"):
         ForkMergeConfig(full_evaluation=True, pruned_evaluation=True)
+
+
+def test_a_spec_command_takes_threads_from_the_study_file_unless_a_flag_says(
+    tmp_path: Path,
+) -> None:
+    from fm_optuna.cli._common import runtime_of
+    from fm_optuna.study._spec import load_spec
+
+    path = tmp_path / "s.toml"
+    path.write_text('[study]\nname = "s"\nthreads = 2\n[problem]\nbenchmark = "digits"\n')
+    spec = load_spec(path)
+    parser = cli.build_parser()
+    assert runtime_of(parser.parse_args(["tune", str(path)]), spec).threads == 2
+    assert runtime_of(parser.parse_args(["tune", str(path), "--threads", "1"]), spec).threads == 1
+    assert runtime_of(parser.parse_args(["compare", "--replay", "x"])).threads == 1
