@@ -144,3 +144,37 @@ def run_tiny_forkmerge(problem: Problem) -> ForkMergeResult:
         assert len(decision.weights) == 2 and min(decision.weights) >= 0
         assert sum(decision.weights) == pytest.approx(1.0) and math.isfinite(decision.score)
     return result
+
+
+class _Scalar(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Parameter(torch.zeros(1))
+        self.heads = nn.ModuleDict()
+
+
+class Parabolas(Problem):
+    """L_k(θ) = (θ − c_k)², θ shared, starting at 0: at θ = 0 task k's gradient is −2 c_k, and
+    every lookahead is computable by hand."""
+
+    name = "parabolas"
+
+    def __init__(self, centres: dict[str, float]) -> None:
+        self.centres = centres
+        self.tasks = tuple(Task(name, metric="mse", higher_is_better=False) for name in centres)
+        self.target = next(iter(centres))
+        self.device = torch.device("cpu")
+
+    def make_model(self) -> nn.Module:
+        return _Scalar()
+
+    def task_losses(
+        self, model: nn.Module, tasks: Sequence[str], generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        return {t: ((model.shared - self.centres[t]) ** 2).sum() for t in tasks}
+
+    def evaluate(
+        self, model: nn.Module, split: Split, tasks: Sequence[str] | None = None
+    ) -> dict[str, TaskMetrics]:
+        losses = self.task_losses(model, tasks or self.task_names, torch.Generator())
+        return {t: {"mse": float(v)} for t, v in losses.items()}

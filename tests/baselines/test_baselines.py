@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
 
 import pytest
 import torch
@@ -32,8 +31,8 @@ from fm_optuna.core._training import (
     train,
 )
 from fm_optuna.errors import ConfigError
-from fm_optuna.problem._tasks import Problem, Split, Task, TaskMetrics
-from tests.conftest import ToyProblem
+from fm_optuna.problem._tasks import Problem
+from tests.conftest import Parabolas, ToyProblem
 
 
 def tiny(**overrides: object) -> ForkMergeConfig:
@@ -146,41 +145,8 @@ def test_train_reports_each_task_over_the_steps_that_trained_it() -> None:
     assert all(math.isfinite(v) for v in losses.values())
 
 
-class _Scalar(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.shared = nn.Parameter(torch.zeros(1))
-        self.heads = nn.ModuleDict()
-
-
-class _Parabolas(Problem):
-    """L_k(θ) = (θ − c_k)²: at θ = 0 task k's gradient is −2 c_k."""
-
-    name = "parabolas"
-
-    def __init__(self, centres: dict[str, float]) -> None:
-        self.centres = centres
-        self.tasks = tuple(Task(name, metric="mse", higher_is_better=False) for name in centres)
-        self.target = next(iter(centres))
-        self.device = torch.device("cpu")
-
-    def make_model(self) -> nn.Module:
-        return _Scalar()
-
-    def task_losses(
-        self, model: nn.Module, tasks: Sequence[str], generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
-        return {t: ((model.shared - self.centres[t]) ** 2).sum() for t in tasks}
-
-    def evaluate(
-        self, model: nn.Module, split: Split, tasks: Sequence[str] | None = None
-    ) -> dict[str, TaskMetrics]:
-        losses = self.task_losses(model, tasks or self.task_names, torch.Generator())
-        return {t: {"mse": float(v)} for t, v in losses.items()}
-
-
 def test_gcs_drops_an_auxiliary_gradient_that_conflicts_with_the_target() -> None:
-    problem = _Parabolas({"target": 1.0, "against": -1.0, "along": 2.0})
+    problem = Parabolas({"target": 1.0, "against": -1.0, "along": 2.0})
     model = problem.make_model()
     rule = GradientCosineSimilarity().rule(problem)
     rule.backward(problem.task_losses(model, rule.tasks, torch.Generator()), model)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 
 import pytest
 import torch
@@ -21,46 +20,13 @@ from fm_optuna.config import ForkMergeConfig
 from fm_optuna.core._events import EventStream, Observer, TrainingProgress
 from fm_optuna.core._training import data_generator, rule_parameters, seeded_model
 from fm_optuna.errors import ConfigError
-from fm_optuna.problem._tasks import Problem, Split, Task, TaskMetrics
-from tests.conftest import ToyProblem
-
-
-class _Scalar(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.shared = nn.Parameter(torch.zeros(1))
-        self.heads = nn.ModuleDict()
-
-
-class _Parabolas(Problem):
-    """L_k(θ) = (θ − c_k)², θ shared, starting at 0: every lookahead is computable by hand."""
-
-    name = "parabolas"
-
-    def __init__(self, centres: dict[str, float]) -> None:
-        self.centres = centres
-        self.tasks = tuple(Task(name, metric="mse", higher_is_better=False) for name in centres)
-        self.target = next(iter(centres))
-        self.device = torch.device("cpu")
-
-    def make_model(self) -> nn.Module:
-        return _Scalar()
-
-    def task_losses(
-        self, model: nn.Module, tasks: Sequence[str], generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
-        return {t: ((model.shared - self.centres[t]) ** 2).sum() for t in tasks}
-
-    def evaluate(
-        self, model: nn.Module, split: Split, tasks: Sequence[str] | None = None
-    ) -> dict[str, TaskMetrics]:
-        losses = self.task_losses(model, tasks or self.task_names, torch.Generator())
-        return {t: {"mse": float(v)} for t, v in losses.items()}
+from fm_optuna.problem._tasks import Problem
+from tests.conftest import Parabolas, ToyProblem
 
 
 def _one_sgd_step(centres: dict[str, float], *, first_order: bool = False) -> tuple[float, dict]:
     """θ after one IT-MTL step with SGD at η = 0.1 from θ = 0, and the rule's scores."""
-    problem = _Parabolas(centres)
+    problem = Parabolas(centres)
     config = ForkMergeConfig(dt=1, total_steps=1, lr=0.1, optimizer="sgd", momentum=0.0, seed=0)
     result = run_baseline(IncreasedTransfer(first_order=first_order), problem, config)
     rule = result.rule
