@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench ui clean-venv
+.PHONY: run test lint bench ui clean-venv gpu-bundle
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/fm-optuna bench
+
+# The wheels studies/gpu_check.py needs on a GPU machine without a package registry (see the
+# script's docstring); GPU_PYTHON=3.12 for a machine with another Python.
+GPU_PYTHON ?= $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+gpu-bundle: $(STAMP)
+	rm -rf gpu-bundle
+	$(BIN)/pip download --quiet --dest gpu-bundle --only-binary :all: --no-deps \
+	  --python-version $(GPU_PYTHON) --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_28_x86_64 -r studies/gpu-requirements.txt
+	du -sh gpu-bundle
 
 clean-venv:
 	rm -rf $(VENV)

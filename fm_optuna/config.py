@@ -465,6 +465,15 @@ class ForkMergeConfig:
         low=1,
         fingerprint=False,
     )
+    parallel_branches: bool = option(
+        False,
+        "train a round's branches at the same time: on the CPU one process per branch with one "
+        "intra-op thread each (the same result as one after another), on CUDA one stream per "
+        "branch; `fm-optuna bench` measures both ways",
+        section=T,
+        kind="bool",
+        fingerprint=False,
+    )
     strategy: str = option(
         "tpe",
         "merge-search strategy (default tpe: in the digits replays it came within 0.1 pp of the "

@@ -32,7 +32,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from fm_optuna.config import FINAL_MODELS, OPTIMIZER_POLICIES, RANKINGS, ForkMergeConfig
+from fm_optuna.config import (
+    FINAL_MODELS,
+    OPTIMIZER_POLICIES,
+    RANKINGS,
+    ForkMergeConfig,
+    schema,
+)
+from fm_optuna.core._branch_training import (
+    BranchRun,
+    RoundSteps,
+    RoundTrainer,
+    branch_randomness,
+    round_trainer,
+)
 from fm_optuna.core._branches import Branch
 from fm_optuna.core._ending import ends_if_raises, final_summary
 from fm_optuna.core._events import (
@@ -48,13 +61,10 @@ from fm_optuna.core._events import (
 from fm_optuna.core._merging import BranchStack
 from fm_optuna.core._ranking import Ranking, plan_branches
 from fm_optuna.core._training import (
-    Optimization,
-    WeightedSum,
     data_generator,
     make_optimization,
     seeded_model,
     target_score,
-    train,
 )
 from fm_optuna.errors import NonFiniteTraining, invalid
 from fm_optuna.problem._tasks import Problem, describe_problem, for_plan
@@ -75,22 +85,6 @@ __all__ = [
     "check_resumable",
     "run_forkmerge",
 ]
-
-
-@dataclass
-class BranchRun:
-    """A live branch: its weighting, model, optimizer (with schedule) and data stream."""
-
-    branch: Branch
-    model: nn.Module
-    optimization: Optimization
-    generator: torch.Generator
-    #: Set when the branch's loss went non-finite this round (cleared when it is re-forked).
-    diverged: NonFiniteTraining | None = None
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.optimization.optimizer
 
 
 @dataclass
@@ -201,6 +195,7 @@ def _snapshot(
                 "weights": dict(run.branch.weights),
                 **copy.deepcopy(run.optimization.state_dict()),  # optimizer, scheduler, scaler
                 "generator": run.generator.get_state(),
+                "randomness": None if run.randomness is None else run.randomness.state_dict(),
             }
             for run in runs
         ],
@@ -230,7 +225,9 @@ def check_resumable(config: ForkMergeConfig, checkpoint: Mapping[str, Any]) -> N
     current = config.as_params()
     # Keys added after a checkpoint was written held their defaults then.
     saved = {**ForkMergeConfig().as_params(), **checkpoint["config"]}
-    different = sorted(k for k in current if k != "log_every" and saved.get(k) != current[k])
+    # Options that do not change what a run trains (log_every, parallel_branches) may differ.
+    free = {entry.name for entry in schema(ForkMergeConfig) if not entry.option.fingerprint}
+    different = sorted(k for k in current if k not in free and saved.get(k) != current[k])
     if different:
         raise invalid(
             "resume",
@@ -264,6 +261,7 @@ class _ForkMergeLoop:
         name: str,
         resume_from: Mapping[str, Any] | None,
         ranking: Ranking | None = None,
+        trainer: RoundTrainer | None = None,
     ) -> None:
         self.problem, self.config, self.events, self.name = problem, config, events, name
         self.started = time.perf_counter()
@@ -281,7 +279,13 @@ class _ForkMergeLoop:
             for run, saved in zip(self.runs, resume_from["branches"], strict=True):
                 run.optimization.load_state_dict(saved)  # optimizer, scheduler, scaler
                 run.generator.set_state(saved["generator"])
+                if run.randomness is not None and saved.get("randomness") is not None:
+                    # Checkpoints from before branches had their own draws start them afresh.
+                    run.randomness.load_state_dict(saved["randomness"])
         self.names = tuple(branch.name for branch in branches)
+        self.train_round = trainer or round_trainer(
+            config.parallel_branches, torch.device(self.problem.device)
+        )
         self.resumed_from = (self.progress.round, self.progress.step)
         self.timings = {
             "ranking": self.ranking.seconds,
@@ -309,7 +313,10 @@ class _ForkMergeLoop:
     def _fork(self, shared: nn.Module, index: int, branch: Branch) -> BranchRun:
         model = copy.deepcopy(shared)
         generator = data_generator(self.problem, self.config.seed, index)
-        return BranchRun(branch, model, make_optimization(model, self.config), generator)
+        randomness = branch_randomness(self.config.seed, index, torch.device(self.problem.device))
+        return BranchRun(
+            branch, model, make_optimization(model, self.config), generator, randomness=randomness
+        )
 
     @property
     def finished(self) -> bool:
@@ -373,26 +380,16 @@ class _ForkMergeLoop:
         tic = time.perf_counter()
         start = self.progress.step
         length = min(self.config.dt, self.config.total_steps - start)
-        for run in self.runs:
 
-            def report(at: int, losses: dict[str, float], branch: str = run.branch.name) -> None:
-                self.events.emit(
-                    TrainingProgress(run=self.name, branch=branch, step=at, losses=losses)
-                )
+        def report(index: int, at: int, losses: dict[str, float]) -> None:
+            branch = self.runs[index].branch.name
+            self.events.emit(TrainingProgress(run=self.name, branch=branch, step=at, losses=losses))
 
-            try:
-                train(
-                    run.model,
-                    run.optimization,
-                    self.problem,
-                    WeightedSum(run.branch.weights),
-                    steps=length,
-                    generator=run.generator,
-                    start_step=start,
-                    log_every=self.config.log_every,
-                    on_losses=report,
-                )
-            except NonFiniteTraining as error:
+        outcomes = self.train_round(
+            self.runs, self.problem, RoundSteps(start, length, self.config.log_every), report
+        )
+        for run, error in zip(self.runs, outcomes, strict=True):
+            if error is not None:
                 self._diverged(
                     run, error.located(run=self.name, branch=run.branch.name), round_index
                 )
@@ -586,8 +583,13 @@ def run_forkmerge(
     name: str = "forkmerge",
     resume_from: Mapping[str, Any] | None = None,
     ranking: Ranking | None = None,
+    trainer: RoundTrainer | None = None,
 ) -> ForkMergeResult:
     """Train with ForkMerge and return the final model with every merge decision.
+
+    ``trainer`` trains a round's branches (default: one after another, or all at once with
+    ``config.parallel_branches``; see :mod:`fm_optuna.core._branch_training`): the seam for
+    another way, e.g. a branch per device of a node.
 
     ``ranking`` is one already measured with :func:`~fm_optuna.core.plan_ranking` for this
     problem, configuration and seed: the run plans its branches from it (order and relevance)
@@ -606,7 +608,13 @@ def run_forkmerge(
     if ranking is not None and resume_from is not None:
         raise invalid("ranking", ranking.method, "absent when resuming (the checkpoint holds one)")
     loop = _ForkMergeLoop(
-        for_plan(problem, config.plan), config, events or EventStream(), name, resume_from, ranking
+        for_plan(problem, config.plan),
+        config,
+        events or EventStream(),
+        name,
+        resume_from,
+        ranking,
+        trainer,
     )
     loop.announce()
     with ends_if_raises(loop.events, name, loop.elapsed):

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from fm_optuna.baselines import make_baseline, run_baseline
 from fm_optuna.config import ForkMergeConfig
+from fm_optuna.core._branch_training import RoundTrainer, train_in_threads
 from fm_optuna.core._events import Observer
 from fm_optuna.core._loop import run_forkmerge
 from fm_optuna.core._ranking import plan_branches
@@ -144,15 +148,30 @@ def _same_decisions(a: Any, b: Any) -> bool:
     ]
 
 
-def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) -> dict[str, Any]:
-    def forkmerge(evaluation: str) -> Callable[[], tuple[float, Any]]:
+def _same_run(a: Any, b: Any) -> bool:
+    state = b.model.state_dict()
+    return _same_decisions(a, b) and all(
+        torch.equal(value, state[key]) for key, value in a.model.state_dict().items()
+    )
+
+
+def run_bench(
+    problem: Problem, config: ForkMergeConfig, *, repeats: int = 1, tracking: bool = True
+) -> dict[str, Any]:
+    """Every ratio of the bench, each from runs in this process (``tracking=False``: without the
+    tracked run, so MLflow is never imported)."""
+    def forkmerge(
+        evaluation: str, *, parallel: bool = False, trainer: RoundTrainer | None = None
+    ) -> Callable[[], tuple[float, Any]]:
         flags = {
             "full_evaluation": evaluation == "full",
             "pruned_evaluation": evaluation == "pruned",
+            "parallel_branches": parallel,
         }
 
         def measure() -> tuple[float, Any]:
-            result = run_forkmerge(problem, dataclasses.replace(config, **flags))
+            changed = dataclasses.replace(config, **flags)
+            result = run_forkmerge(problem, changed, trainer=trainer)
             return result.seconds - result.timings["ranking"], result
 
         return measure
@@ -167,16 +186,24 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
     fm_seconds, fm = _fastest(repeats, forkmerge("exact"))
     full_seconds, fm_full = _fastest(repeats, forkmerge("full"))
     pruned_seconds, fm_pruned = _fastest(repeats, forkmerge("pruned"))
+    # Parallel branches: processes (what parallel_branches does on a CPU), and threads, the
+    # alternative it was chosen over.
+    parallel_seconds, fm_parallel = _fastest(repeats, forkmerge("exact", parallel=True))
+    threads_seconds, fm_threads = _fastest(
+        repeats, forkmerge("exact", parallel=True, trainer=train_in_threads)
+    )
     # tracking (issue #3): right after the same run untracked, so both see the same machine.
-    tracked, store_open, in_observer, tracking_error = _fastest(
-        repeats, lambda: tracked_forkmerge(problem, config)
+    tracked, store_open, in_observer, tracking_error = (
+        _fastest(repeats, lambda: tracked_forkmerge(problem, config))
+        if tracking
+        else (math.nan, math.nan, math.nan, None)
     )
     ew = _fastest(repeats, equal_weighting)
     full_share = fm_full.timings["search"] / full_seconds
     pruned_share = fm_pruned.timings["search"] / pruned_seconds
     t = fm.timings
     overhead = {k: t[k] for k in ("evaluate", "search", "merge")}
-    return {
+    report = {
         "setup": (
             f"{problem.name} target={problem.target} T={config.total_steps} Δt={config.dt} "
             f"L={len(fm.branches)} strategy={config.strategy} merge_trials={config.merge_trials} "
@@ -223,6 +250,23 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
                 "goal": None,
                 "what": "validation forwards of the default search over the full one",
             },
+            "parallel / sequential branches": {
+                "value": parallel_seconds / fm_seconds,
+                "goal": 0.70,
+                "what": "the same ForkMerge run with --parallel-branches (a process per branch, "
+                "one intra-op thread each) over one branch after another; decisions and final "
+                "model "
+                + ("identical" if _same_run(fm, fm_parallel) else "DIFFERENT")
+                + f" (train {fm_parallel.timings['train']:.1f} s vs {t['train']:.1f} s)",
+            },
+            "branches in threads / in processes": {
+                "value": threads_seconds / parallel_seconds,
+                "goal": None,
+                "what": "the same with a thread per branch instead (shares torch's global "
+                "generator, so a dropout model's draws would interleave; decisions "
+                + ("identical" if _same_run(fm, fm_threads) else "DIFFERENT")
+                + " here, a model without global draws)",
+            },
             "forkmerge / ew": {
                 "value": fm_seconds / ew,
                 "goal": None,
@@ -249,6 +293,8 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
         "seconds": {
             "branches_alone": alone,
             "forkmerge": fm_seconds,
+            "forkmerge_parallel": parallel_seconds,
+            "forkmerge_parallel_threads": threads_seconds,
             "ew": ew,
             **overhead,
             "train": t["train"],
@@ -261,3 +307,7 @@ def run_bench(problem: Problem, config: ForkMergeConfig, *, repeats: int = 1) ->
             "tracking_observer": in_observer,
         },
     }
+    if not tracking:
+        for key in ("tracking on / off", "time in the MLflow observer"):
+            del report["ratios"][key]
+    return report

@@ -12,6 +12,7 @@ started with it::
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from collections.abc import Callable
@@ -112,6 +113,8 @@ class DashboardNotes(Observer):
         # The dashboard is a view: a failure to write it never fails the trial.
         try:
             self._write(event.status)
+        except ModuleNotFoundError as missing:
+            _note_no_dashboard(str(missing))
         except Exception:
             logger.warning("trial %d: no optuna-dashboard note", self.trial.number, exc_info=True)
 
@@ -148,3 +151,8 @@ class DashboardNotes(Observer):
 
 def _code(run_id: str) -> str:
     return f"`{run_id}`"
+
+
+@functools.cache
+def _note_no_dashboard(reason: str) -> None:
+    logger.warning("fm-optuna: no optuna-dashboard notes (%s)", reason)

@@ -1,0 +1,345 @@
+"""How a round's branches train their Δt steps: one after another, or all at once.
+
+The branches of a round are independent until the merge, so they may train concurrently
+(``parallel_branches``). The result is the same as training them one after another:
+
+- **Own randomness.** Every branch draws its batches from its own generator (as always) *and*
+  its model's global draws (dropout, ``torch.rand`` in a forward) from its own copy of torch's
+  global random state, seeded from (seed, branch) and kept in checkpoints. A branch therefore
+  sees the same random numbers whether it trains first, last or alongside the others.
+- **On the CPU: one process per branch**, forked at the start of each round with one intra-op
+  thread. Processes, not threads, because torch has one global CPU generator per process:
+  threads would interleave their dropout draws in whatever order the scheduler runs them. A
+  fork inherits the branch (model, optimizer, generators) without copying it up front, and
+  sends back the trained state, which the parent loads; so the parent's branches, checkpoints,
+  events and merge are exactly those of a sequential round, and the round is bit-for-bit the
+  same as one trained sequentially with one intra-op thread (the default ``threads``). Loss
+  reports are forwarded while the branches train, so progress and tracking stay live.
+- **On CUDA: one thread per branch**, each on its own CUDA stream of the one device (CUDA
+  cannot be forked). The threads share the device's generator, so a model that draws global
+  random numbers on the device gets a different (still valid) sequence from a sequential round;
+  a model that does not gets the same result up to the non-determinism CUDA kernels have anyway.
+
+A branch whose loss goes non-finite is reported back as in a sequential round; any other error
+in a branch (in its process or thread) is raised in the training loop with the branch named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fm_optuna.core._training import Optimization, WeightedSum, train
+from fm_optuna.errors import FmOptunaError, NonFiniteTraining
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fm_optuna.core._branches import Branch
+    from fm_optuna.problem._tasks import Problem
+
+#: ``(branch index, step, mean losses)``: a branch's loss report, forwarded to the loop.
+BranchReport = Callable[[int, int, dict[str, float]], None]
+
+
+class BranchRandomness:
+    """A branch's own copy of torch's global random state (CPU, and the CUDA device's)."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.cpu = torch.Generator().manual_seed(seed).get_state()
+        self.cuda = (
+            torch.Generator(device=device).manual_seed(seed).get_state()
+            if device.type == "cuda"
+            else None
+        )
+        self._device = device
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Global draws inside come from (and advance) this branch's state; the process's own
+        state is back afterwards."""
+        outer_cpu = torch.get_rng_state()
+        outer_cuda = None if self.cuda is None else torch.cuda.get_rng_state(self._device)
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self._device)
+        try:
+            yield
+        finally:
+            self.cpu = torch.get_rng_state()
+            torch.set_rng_state(outer_cpu)
+            if self.cuda is not None and outer_cuda is not None:
+                self.cuda = torch.cuda.get_rng_state(self._device)
+                torch.cuda.set_rng_state(outer_cuda, self._device)
+
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        return {"cpu": self.cpu.clone(), "cuda": None if self.cuda is None else self.cuda.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
+        if state.get("cpu") is not None:
+            self.cpu = state["cpu"]  # type: ignore[assignment]
+        if self.cuda is not None and state.get("cuda") is not None:
+            self.cuda = state["cuda"]
+
+
+def branch_randomness(seed: int, index: int, device: torch.device) -> BranchRandomness:
+    """Branch ``index``'s global random state for a run seeded ``seed`` (its own stream, apart
+    from the data generators' and the model initialisation's)."""
+    return BranchRandomness(seed * 1_000_003 + 500_009 + index, device)
+
+
+@dataclass
+class BranchRun:
+    """A live branch: its weighting, model, optimizer (with schedule) and random streams."""
+
+    branch: Branch
+    model: nn.Module
+    optimization: Optimization
+    generator: torch.Generator
+    #: Set when the branch's loss went non-finite this round (cleared when it is re-forked).
+    diverged: NonFiniteTraining | None = None
+    randomness: BranchRandomness | None = field(default=None)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.optimization.optimizer
+
+    def state(self) -> dict[str, Any]:
+        """What training changes: model, optimizer (with schedule and scaler), random streams."""
+        return {
+            "model": self.model.state_dict(),
+            "optimization": self.optimization.state_dict(),
+            "generator": self.generator.get_state(),
+            "randomness": None if self.randomness is None else self.randomness.state_dict(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimization.load_state_dict(state["optimization"])
+        self.generator.set_state(state["generator"])
+        if self.randomness is not None and state["randomness"] is not None:
+            self.randomness.load_state_dict(state["randomness"])
+
+
+@dataclass(frozen=True)
+class RoundSteps:
+    """The steps every branch trains this round."""
+
+    start: int
+    length: int
+    log_every: int
+
+
+def train_branch(
+    run: BranchRun,
+    problem: Problem,
+    steps: RoundSteps,
+    report: Callable[[int, dict[str, float]], None],
+    *,
+    own_randomness: bool = True,
+) -> NonFiniteTraining | None:
+    """Train one branch its round; the non-finite loss, if any. ``own_randomness``: global
+    draws come from the branch's own state (not in threads, which share the process's)."""
+    swap = own_randomness and run.randomness is not None
+    with run.randomness.active() if swap else contextlib.nullcontext():  # type: ignore[union-attr]
+        try:
+            train(
+                run.model,
+                run.optimization,
+                problem,
+                WeightedSum(run.branch.weights),
+                steps=steps.length,
+                generator=run.generator,
+                start_step=steps.start,
+                log_every=steps.log_every,
+                on_losses=report,
+            )
+        except NonFiniteTraining as error:
+            return error
+    return None
+
+
+class BranchFailed(FmOptunaError):
+    """A branch's process or thread ended without a result (it raised, or it was killed)."""
+
+
+def train_sequentially(
+    runs: Sequence[BranchRun], problem: Problem, steps: RoundSteps, report: BranchReport
+) -> list[NonFiniteTraining | None]:
+    """The branches one after another, in this process."""
+    return [
+        train_branch(run, problem, steps, lambda at, losses, i=index: report(i, at, losses))
+        for index, run in enumerate(runs)
+    ]
+
+
+def train_in_processes(
+    runs: Sequence[BranchRun], problem: Problem, steps: RoundSteps, report: BranchReport
+) -> list[NonFiniteTraining | None]:
+    """Every branch in a process forked for this round (see the module docstring)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # a forked child would otherwise write the parent's pending output again
+    context = torch.multiprocessing.get_context("fork")
+    children, pipes = [], {}
+    try:
+        for index, run in enumerate(runs):
+            receiving, sending = context.Pipe(duplex=False)
+            child = context.Process(
+                target=_child_round,
+                args=(sending, index, run, problem, steps),
+                name=f"fm-optuna branch {run.branch.name}",
+                daemon=True,
+            )
+            child.start()
+            sending.close()
+            children.append(child)
+            pipes[receiving] = index
+        return _collect(runs, pipes, children, report)
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.kill()  # the round was interrupted: its branches are not needed any more
+            child.join()
+
+
+def _child_round(
+    pipe: Connection, index: int, run: BranchRun, problem: Problem, steps: RoundSteps
+) -> None:
+    """A forked child: train the branch, send its reports as they come and then its state."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    torch.set_num_threads(1)
+    try:
+        error = train_branch(
+            run, problem, steps, lambda at, losses: pipe.send(("losses", at, losses))
+        )
+        buffer = io.BytesIO()
+        torch.save(run.state(), buffer)
+        diverged = None if error is None else (error.task, error.step, error.value)
+        pipe.send(("done", buffer.getvalue(), diverged))
+    except BaseException as error:
+        pipe.send(("failed", _portable(error)))
+    finally:
+        pipe.close()
+        os._exit(0)  # no atexit handlers, no flushing of inherited buffers
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The error itself when it survives pickling, else a BranchFailed with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return BranchFailed(f"{type(error).__name__}: {error}")
+    return error
+
+
+def _collect(
+    runs: Sequence[BranchRun],
+    pipes: dict[Connection, int],
+    children: Sequence[Any],
+    report: BranchReport,
+) -> list[NonFiniteTraining | None]:
+    """Forward reports until every child has sent its state; load each into its branch."""
+    results: dict[int, NonFiniteTraining | None] = {}
+    while pipes:
+        for pipe in wait(list(pipes)):
+            index = pipes[pipe]  # type: ignore[index]
+            try:
+                message = pipe.recv()  # type: ignore[union-attr]
+            except EOFError:
+                children[index].join()
+                raise BranchFailed(
+                    f"the process of branch `{runs[index].branch.name}` ended without a result "
+                    f"(exit code {children[index].exitcode})"
+                ) from None
+            kind, *content = message
+            if kind == "losses":
+                report(index, *content)
+                continue
+            del pipes[pipe]  # type: ignore[arg-type]
+            if kind == "failed":
+                raise content[0]
+            state, diverged = content
+            runs[index].load_state(torch.load(io.BytesIO(state), weights_only=False))
+            results[index] = None if diverged is None else NonFiniteTraining(*diverged)
+    return [results[index] for index in range(len(runs))]
+
+
+def train_in_threads(
+    runs: Sequence[BranchRun], problem: Problem, steps: RoundSteps, report: BranchReport
+) -> list[NonFiniteTraining | None]:
+    """Every branch in a thread of this process (on CUDA each on its own stream); reports are
+    forwarded from the loop's thread, in the order they came."""
+    messages: queue.Queue[tuple[str, int, Any]] = queue.Queue()
+
+    def work(index: int, run: BranchRun) -> None:
+        try:
+            with _own_stream(run.model):
+                error = train_branch(
+                    run,
+                    problem,
+                    steps,
+                    lambda at, losses: messages.put(("losses", index, (at, losses))),
+                    own_randomness=False,
+                )
+            messages.put(("done", index, error))
+        except BaseException as failure:
+            messages.put(("failed", index, failure))
+
+    workers = [
+        threading.Thread(target=work, args=(index, run), daemon=True)
+        for index, run in enumerate(runs)
+    ]
+    for worker in workers:
+        worker.start()
+    results: dict[int, NonFiniteTraining | None] = {}
+    try:
+        while len(results) < len(runs):
+            kind, index, content = messages.get()
+            if kind == "losses":
+                report(index, *content)
+            elif kind == "failed":
+                raise content
+            else:
+                results[index] = content
+    finally:
+        for worker in workers:
+            worker.join()
+    return [results[index] for index in range(len(runs))]
+
+
+@contextlib.contextmanager
+def _own_stream(model: nn.Module) -> Iterator[None]:
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
+
+
+#: ``(runs, problem, steps, report) -> per-branch non-finite loss or None``.
+RoundTrainer = Callable[
+    [Sequence[BranchRun], "Problem", RoundSteps, BranchReport], list[NonFiniteTraining | None]
+]
+
+
+def round_trainer(parallel: bool, device: torch.device) -> RoundTrainer:
+    """How this run's rounds train: sequentially, in processes (CPU) or in threads (CUDA)."""
+    if not parallel:
+        return train_sequentially
+    return train_in_threads if device.type == "cuda" else train_in_processes
