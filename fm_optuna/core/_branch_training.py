@@ -27,6 +27,7 @@ in a branch (in its process or thread) is raised in the training loop with the b
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import pickle
@@ -218,8 +219,11 @@ def _child_round(
     pipe: Connection, index: int, run: BranchRun, problem: Problem, steps: RoundSteps
 ) -> None:
     """A forked child: train the branch, send its reports as they come and then its state."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the parent decides
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A signal to the group (Ctrl-C, Slurm's SIGTERM) is the parent's to handle: it ends the
+    # round and kills its children; a child must not die first and look like a crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
     torch.set_num_threads(1)
     try:
         error = train_branch(
@@ -234,6 +238,15 @@ def _child_round(
     finally:
         pipe.close()
         os._exit(0)  # no atexit handlers, no flushing of inherited buffers
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this child when its parent dies (a SIGKILLed parent cannot kill it)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _portable(error: BaseException) -> BaseException:
