@@ -27,26 +27,30 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import torch
+
 from fm_optuna.core._affinity import task_affinity
+from fm_optuna.core._branch_training import (
+    BranchRun,
+    RoundSteps,
+    branch_randomness,
+    round_trainer,
+)
 from fm_optuna.core._branches import Branch, default_branch_count, make_plan, pairwise_plan
 from fm_optuna.core._merging import BranchStack
 from fm_optuna.core._training import (
-    WeightedSum,
     data_generator,
     make_optimization,
     seeded_model,
     target_score,
-    train,
 )
-from fm_optuna.errors import NonFiniteTraining, invalid
+from fm_optuna.errors import invalid
 from fm_optuna.search._search import search_merge
 from fm_optuna.search.strategies import make_strategy
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    import torch
-
     from fm_optuna.config import ForkMergeConfig
     from fm_optuna.problem._tasks import Problem
 
@@ -79,41 +83,52 @@ def rank_auxiliaries(
     if config.ranking == "merge":
         return rank_by_merge_weights(problem, config, initial)
     scores: dict[str, float] = {}
-    model = seeded_model(problem, config.seed)
-    for index, aux in enumerate(auxiliaries):
-        weights = {problem.target: 1.0, aux: 1.0}
-        if not _train_from(model, initial, problem, config, weights, 10_000 + index):
-            scores[aux] = -math.inf  # ranked last; the branches report their own divergence
-            continue
-        score, _ = target_score(problem, model)
+    weightings = [{problem.target: 1.0, aux: 1.0} for aux in auxiliaries]
+    trained = _train_from(initial, problem, config, weightings, 10_000)
+    for aux, model in zip(auxiliaries, trained, strict=True):
+        score = -math.inf if model is None else target_score(problem, model)[0]
+        # A diverged run ranks last; the branches report their own divergence.
         scores[aux] = score if math.isfinite(score) else -math.inf
     order = tuple(sorted(auxiliaries, key=lambda a: (-scores[a], auxiliaries.index(a))))
     return Ranking(order, tuple(scores[a] for a in order), time.perf_counter() - started, "prepass")
 
 
 def _train_from(
-    model: torch.nn.Module,
     initial: Mapping[str, torch.Tensor],
     problem: Problem,
     config: ForkMergeConfig,
-    weights: Mapping[str, float],
-    stream: int,
-) -> bool:
-    """``model`` ← the initial model trained ``ranking_steps`` (else Δt) on ``weights``.
+    weightings: Sequence[Mapping[str, float]],
+    first_stream: int,
+) -> list[torch.nn.Module | None]:
+    """The initial model trained ``ranking_steps`` (else Δt) on each weighting, as a round's
+    branches are (at the same time with ``parallel_branches``, each with its own draws).
 
-    Returns ``False`` (with a warning) when the training turned non-finite.
+    A run whose training turned non-finite is ``None`` (with a warning).
     """
-    model.load_state_dict(initial)
-    optimization = make_optimization(model, config)
-    generator = data_generator(problem, config.seed, stream)
-    steps = config.ranking_steps or config.dt
-    try:
-        train(model, optimization, problem, WeightedSum(weights), steps=steps, generator=generator)
-    except NonFiniteTraining as error:
-        name = "+".join(weights)
-        logger.warning("fm-optuna: ranking run %s: %s", name, error.located(run="ranking"))
-        return False
-    return True
+    base = seeded_model(problem, config.seed)
+    base.load_state_dict(initial)
+    runs = []
+    for index, weights in enumerate(weightings):
+        model = copy.deepcopy(base)
+        runs.append(
+            BranchRun(
+                Branch("+".join(weights), dict(weights)),
+                model,
+                make_optimization(model, config),
+                data_generator(problem, config.seed, first_stream + index),
+                randomness=branch_randomness(
+                    config.seed, first_stream + index, torch.device(problem.device)
+                ),
+            )
+        )
+    steps = RoundSteps(0, config.ranking_steps or config.dt, config.log_every)
+    trainer = round_trainer(config.parallel_branches, torch.device(problem.device))
+    errors = trainer(runs, problem, steps, lambda index, step, losses: None)
+    for run, error in zip(runs, errors, strict=True):
+        if error is not None:
+            located = error.located(run="ranking")
+            logger.warning("fm-optuna: ranking run %s: %s", run.branch.name, located)
+    return [run.model if error is None else None for run, error in zip(runs, errors, strict=True)]
 
 
 def rank_by_merge_weights(
@@ -128,17 +143,18 @@ def rank_by_merge_weights(
     """
     started = time.perf_counter()
     auxiliaries = problem.auxiliaries
-    model = seeded_model(problem, config.seed)
     merged: list[str | None] = []  # the auxiliary of each merged branch (None: target only)
     states, scores = [], []
-    for index, branch in enumerate(pairwise_plan(problem.target, auxiliaries)):
-        if _train_from(model, initial, problem, config, branch.weights, 20_000 + index):
+    weightings = [branch.weights for branch in pairwise_plan(problem.target, auxiliaries)]
+    for index, model in enumerate(_train_from(initial, problem, config, weightings, 20_000)):
+        if model is not None:
             merged.append(auxiliaries[index - 1] if index else None)
             states.append(copy.deepcopy(model.state_dict()))
             scores.append(target_score(problem, model)[0])
     if not states:  # every branch diverged: nothing to rank by
         return Ranking(tuple(auxiliaries), None, time.perf_counter() - started, "merge")
     stack = BranchStack(states)
+    model = seeded_model(problem, config.seed)
 
     def evaluate(weights: Sequence[float]) -> float:
         model.load_state_dict(stack.combine(weights))

@@ -59,9 +59,11 @@ def test_processes_give_the_sequential_run_bit_for_bit_with_dropout() -> None:
     assert_same_run(sequential, parallel)
     # The dropout draws matter: another seed's branch randomness gives another trajectory.
     other = run(DropoutProblem(), parallel=True, seed=1)
-    assert other.model.state_dict()["trunk.0.weight"].ne(
-        parallel.model.state_dict()["trunk.0.weight"]
-    ).any()
+    assert (
+        other.model.state_dict()["trunk.0.weight"]
+        .ne(parallel.model.state_dict()["trunk.0.weight"])
+        .any()
+    )
 
 
 def test_dropout_draws_do_not_depend_on_the_order_branches_train_in() -> None:
@@ -202,3 +204,24 @@ def test_an_interrupted_round_leaves_no_branch_process_behind(alarm: None) -> No
         run(_Raising("sleep"), parallel=True)
     assert time.perf_counter() - started < 4  # did not wait for the sleeping branch
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("ranking", ["prepass", "merge"])
+def test_the_ranking_runs_train_in_parallel_with_the_same_outcome(ranking: str) -> None:
+    """The pre-pass (and the merge-weights ranking) trains one run per auxiliary: branches too."""
+    from fm_optuna.core._ranking import rank_auxiliaries
+    from fm_optuna.core._training import seeded_model
+
+    problem = DropoutProblem()
+    initial = seeded_model(problem, 0).state_dict()
+
+    def ranked(parallel: bool) -> tuple[tuple[str, ...], tuple[float, ...] | None]:
+        config = dataclasses.replace(
+            CONFIG, ranking=ranking, ranking_steps=10, parallel_branches=parallel
+        )
+        result = rank_auxiliaries(problem, config, initial)
+        return result.order, result.relevance
+
+    sequential = ranked(False)
+    assert sequential[1] is not None and len(set(sequential[1])) > 1  # real scores
+    assert ranked(True) == sequential
