@@ -363,7 +363,7 @@ class DomainNetProblem(Problem):
             ahead = lookahead(
                 generator, lambda copy: self._keys(self._draw(tasks, copy)), self._pipeline.prefetch
             )
-            self._pipeline.ahead(generator, [key for step in ahead for key in step])
+            self._pipeline.ahead(generator, keys, (key for step in ahead for key in step))
         losses: dict[str, torch.Tensor] = {}
         for (task, draw, flip), key in zip(draws, keys, strict=True):
             images = normalise(self._pipeline.get(generator, key), self.device)

@@ -11,8 +11,9 @@ benchmarks and for your own problem:
 2. **decode** — ``decode(key) -> batch``, deterministic in ``key`` (e.g. the tuple of file paths)
    and safe to call from several threads (PIL and ``np.load`` release the GIL while they work);
 3. in ``task_losses``: ``plan = draw(generator)`` on the real generator, then
-   ``prefetcher.ahead(generator, keys of the next steps)`` (from :func:`lookahead`: the same
-   ``draw`` on a copy of the generator), then ``prefetcher.get(generator, key)``.
+   ``prefetcher.ahead(generator, this step's keys, the next steps' keys)`` (the next ones from
+   :func:`lookahead`: the same ``draw`` on a copy of the generator), then
+   ``prefetcher.get(generator, key)`` for each of this step's keys.
 
 Why the result is bit for bit the inline one: the generator is advanced only by the real draw,
 exactly as before, and a decoded batch is looked up by the key that defines its content, so a
@@ -40,7 +41,7 @@ Example:
     >>> def draw(gen: torch.Generator) -> tuple[int, ...]:
     ...     return tuple(torch.randint(10, (3,), generator=gen).tolist())
     >>> key = draw(g)
-    >>> squares.ahead(g, lookahead(g, draw, 2))
+    >>> squares.ahead(g, [key], lookahead(g, draw, 2))
     >>> squares.get(g, key).tolist() == [k * k for k in key]
     True
     >>> squares.close()
@@ -91,7 +92,9 @@ def to_device(batch: T, device: torch.device) -> T:
     return _map_tensors(batch, move)  # type: ignore[no-any-return]
 
 
-def lookahead(generator: torch.Generator, draw: Callable[[torch.Generator], P], steps: int) -> list[P]:
+def lookahead(
+    generator: torch.Generator, draw: Callable[[torch.Generator], P], steps: int
+) -> list[P]:
     """What ``draw`` will return on ``generator``'s next ``steps`` calls; ``generator`` itself is
     left where it is (the draws are made on a copy of its state)."""
     if steps <= 0:
@@ -108,8 +111,8 @@ class Prefetcher(Generic[K, T]):
         decode: ``key -> batch`` (tensors in nested tuples and dicts, on the CPU),
             deterministic in ``key`` and thread-safe.
         workers: Decoding threads; 0 decodes every batch in the calling thread (no guesses).
-        prefetch: How many of a stream's next keys are kept decoding (the ``ahead`` guesses
-            beyond that are ignored), and the number of evaluation chunks in flight.
+        prefetch: How many steps a stream guesses ahead (read by the caller for
+            :func:`lookahead`), and the number of evaluation chunks in flight.
         pin: Pin decoded batches (for a CUDA device; :func:`to_device` then does not block).
 
     Thread-safe: several training threads (parallel branches) may share one prefetcher, each
@@ -128,6 +131,7 @@ class Prefetcher(Generic[K, T]):
         self.workers = workers
         self.prefetch = prefetch
         self.pin = pin
+        #: Keys a step asked for that had been guessed (decoded ahead), and those that had not.
         self.hits = 0
         self.misses = 0
         self._lock = threading.Lock()
@@ -151,15 +155,20 @@ class Prefetcher(Generic[K, T]):
             self._streams.clear()
         return self._pool
 
-    def ahead(self, stream: object, keys: Iterable[K]) -> None:
-        """Start decoding ``stream``'s next ``keys`` (the first ``prefetch`` of them); guesses of
-        this stream that are no longer among them are dropped."""
+    def ahead(self, stream: object, now: Sequence[K], later: Iterable[K] = ()) -> None:
+        """Make sure ``stream``'s keys are decoding: ``now``, the ones this step is about to
+        :meth:`get` (decoded by several workers at once when they were not guessed), then
+        ``later``, its guesses of the next steps. This stream's earlier guesses that are among
+        neither are dropped: they were wrong."""
         if not self.enabled:
             return
-        wanted = list(dict.fromkeys(keys))[: self.prefetch]
+        wanted = list(dict.fromkeys([*now, *later]))
         with self._lock:
             pool = self._executor()
             pending = self._streams.pop(id(stream), OrderedDict())
+            guessed = sum(key in pending for key in set(now))
+            self.hits += guessed
+            self.misses += len(set(now)) - guessed
             for key in [key for key in pending if key not in wanted]:
                 pending.pop(key).cancel()
             for key in wanted:
@@ -172,20 +181,16 @@ class Prefetcher(Generic[K, T]):
                     future.cancel()
 
     def get(self, stream: object, key: K) -> T:
-        """The batch ``key``: the one decoded ahead for ``stream`` if there is one, else decoded
-        now in the calling thread (the same batch either way)."""
+        """The batch ``key``: the one decoding for ``stream`` (see :meth:`ahead`) if there is
+        one, else decoded now in the calling thread (the same batch either way)."""
         future = None
         if self.enabled:
             with self._lock:
                 pending = self._streams.get(id(stream))
                 future = None if pending is None else pending.pop(key, None)
-                if future is not None and future.cancelled():
-                    future = None
-                if future is None:
-                    self.misses += 1
-                else:
-                    self.hits += 1
-        return self._decoded(key) if future is None else future.result()
+        if future is None or future.cancelled():
+            return self._decoded(key)
+        return future.result()
 
     def ordered(self, keys: Sequence[K]) -> Iterator[T]:
         """Every batch of ``keys`` in order, the next ``prefetch`` decoding while one is used (an
