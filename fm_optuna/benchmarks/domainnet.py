@@ -80,12 +80,16 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TARGET",
     "DOMAINS",
+    "RUNTIME_OPTIONS",
     "TARGETS",
     "DomainNetProblem",
     "build",
     "parse_domains",
+    "trunk_weights",
 ]
 
+#: Options that change how fast batches come, never which: left out of a study's fingerprint.
+RUNTIME_OPTIONS = ("workers", "prefetch")
 TARGETS: tuple[str, ...] = DOMAINS
 DEFAULT_TARGET = "clipart"
 DEFAULT_VAL_FRACTION = 0.1

@@ -79,12 +79,14 @@ from fm_optuna.problem._tasks import Problem, Split, Task, TaskMetrics
 
 __all__ = [
     "DEFAULT_TARGET",
+    "RUNTIME_OPTIONS",
     "TARGETS",
     "TASKS",
     "NYUv2Problem",
     "build",
     "resize",
     "scale_crop",
+    "trunk_weights",
 ]
 
 TASKS: tuple[Task, ...] = (
@@ -92,6 +94,8 @@ TASKS: tuple[Task, ...] = (
     Task("depth", metric="abs_err", higher_is_better=False),
     Task("normal", metric="mean_angle", higher_is_better=False),
 )
+#: Options that change how fast batches come, never which: left out of a study's fingerprint.
+RUNTIME_OPTIONS = ("workers", "prefetch")
 TARGETS: tuple[str, ...] = _DATA_TASKS
 DEFAULT_TARGET = "segmentation"
 NATIVE_SIZE = (288, 384)

@@ -281,3 +281,20 @@ def test_cli_refuses_a_wrong_weights_file_in_one_line(
     assert code == 2
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "Parameter `weights`" in err and "`conv1.weight` has shape [64, 1, 7, 7]" in err
+
+
+def test_workers_and_prefetch_leave_a_study_fingerprint_alone(tmp_path: Path) -> None:
+    from fm_optuna.study._fingerprint import configuration_record
+    from fm_optuna.study._spec import load_spec
+
+    def record(problem_keys: str) -> dict[str, object]:
+        path = tmp_path / "dn.toml"
+        path.write_text(
+            '[study]\nname = "dn"\n[problem]\nbenchmark = "domainnet"\ntarget = "clipart"\n'
+            f'data_dir = "data/domainnet"\n{problem_keys}\n'
+        )
+        return configuration_record(load_spec(path))
+
+    plain = record("image_size = 32")
+    assert record("image_size = 32\nworkers = 8\nprefetch = 4") == plain
+    assert record("image_size = 32\nweights = 'resnet18.pt'") != plain  # weights do train
