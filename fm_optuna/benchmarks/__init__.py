@@ -72,6 +72,9 @@ class ProblemSource:
         options: The factory's keyword options (besides target, seed, device).
         any_option: Whether the factory takes ``**options``.
         shipped: One of the benchmarks inside fm_optuna.
+        runtime_options: Options that change how fast the problem runs but not what it trains
+            (the module's ``RUNTIME_OPTIONS``, e.g. DomainNet's ``workers``): a study's
+            fingerprint leaves them out, so changing them does not refuse the study.
     """
 
     name: str
@@ -81,6 +84,7 @@ class ProblemSource:
     options: tuple[str, ...]
     any_option: bool
     shipped: bool = False
+    runtime_options: tuple[str, ...] = ()
 
     def accepts(self, option: str) -> bool:
         return self.any_option or option in self.options
@@ -168,6 +172,7 @@ def _source(name: str, module: Any, factory: Any, *, shipped: bool = False) -> P
         options=options,
         any_option=any_option,
         shipped=shipped,
+        runtime_options=tuple(getattr(module, "RUNTIME_OPTIONS", ())),
     )
 
 

@@ -28,18 +28,26 @@ with probability ½ (``augment``), drawn from the run's generator; evaluation is
 target's validation images are evaluated at every merge candidate, so they are kept decoded in
 memory (``uint8``, ~150 KB per image at 224 px) after their first pass (``cache_val``).
 
+Decoding runs in ``workers`` background threads (default 2; 0 decodes in the training thread),
+``prefetch`` steps ahead of training (default 2) and chunks ahead of evaluation (see
+:mod:`fm_optuna.datasets._pipeline`): the indices and flips are still drawn from the branch's
+generator in the training thread, so the batches — and a resumed run — are bit for bit those of
+inline decoding; on CUDA the decoded images are pinned and copied without blocking.
+
 Each requested task draws its own batch of ``batch_size`` images from its own domain every step.
 Metrics: top-1 accuracy in percent (higher is better) and the mean cross-entropy as ``loss``.
 
-Model: :class:`~fm_optuna.datasets.domainnet.DomainNetNet`, torchvision's ResNet-18 randomly
-initialised (the paper fine-tunes an ImageNet-pretrained ResNet-101; weights are never downloaded
-here) with one linear head per domain in ``model.heads``.
+Model: :class:`~fm_optuna.datasets.domainnet.DomainNetNet`, torchvision's ResNet-18 with one
+linear head per domain in ``model.heads``; randomly initialised, or with its trunk loaded from
+a local file of pretrained weights (``weights``: a torchvision ResNet-18 state dict, ``fc.*``
+ignored; see :mod:`fm_optuna.datasets._weights`). The paper fine-tunes an ImageNet-pretrained
+ResNet-101; weights are never downloaded here.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,6 +62,13 @@ from fm_optuna.benchmarks._images import (
     eval_mode,
 )
 from fm_optuna.datasets._folder import folder_error
+from fm_optuna.datasets._pipeline import (
+    DEFAULT_PREFETCH,
+    DEFAULT_WORKERS,
+    Prefetcher,
+    lookahead,
+)
+from fm_optuna.datasets._weights import load_trunk_weights
 from fm_optuna.datasets.domainnet import DOMAINS, NUM_CLASSES, DomainNet, DomainNetNet
 from fm_optuna.errors import ConfigError, invalid, one_of
 from fm_optuna.problem._tasks import Problem, Split, Task, TaskMetrics
@@ -65,12 +80,16 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TARGET",
     "DOMAINS",
+    "RUNTIME_OPTIONS",
     "TARGETS",
     "DomainNetProblem",
     "build",
     "parse_domains",
+    "trunk_weights",
 ]
 
+#: Options that change how fast batches come, never which: left out of a study's fingerprint.
+RUNTIME_OPTIONS = ("workers", "prefetch")
 TARGETS: tuple[str, ...] = DOMAINS
 DEFAULT_TARGET = "clipart"
 DEFAULT_VAL_FRACTION = 0.1
@@ -80,6 +99,12 @@ MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as the dataset module's def
 STD = (0.229, 0.224, 0.225)
 # Independent random streams (with data_seed and the domain's index in DOMAINS).
 _TRAIN_LIST, _TEST_LIST = 1, 2
+WEIGHTS = "a torchvision ResNet-18 state dict (fc.* ignored) or this benchmark's model's"
+
+#: A decoded batch's identity: split, domain and positions in the split (its content).
+_Key = tuple[str, str, tuple[int, ...]]
+#: One task's draws for a step: the task, the positions drawn and the flips (None: no augment).
+_Draw = tuple[str, torch.Tensor, torch.Tensor | None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,7 +138,8 @@ def normalise(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-    floats = images.to(device=device, dtype=torch.float32).div_(255.0).sub_(mean).div_(std)
+    moved = images.to(device=device, non_blocking=images.is_pinned())  # pinned: an async copy
+    floats = moved.to(dtype=torch.float32).div_(255.0).sub_(mean).div_(std)
     return floats.contiguous(memory_format=torch.channels_last)
 
 
@@ -166,6 +192,20 @@ def check_folder(data_dir: Path, domains: Sequence[str]) -> None:
         raise ConfigError(f"{error}{hint}")
 
 
+def _trunk_key(key: str) -> str | None:
+    """A key of a ``weights`` file as the trunk's key (``None``: ignored on purpose)."""
+    if key.startswith(("fc.", "heads.")):
+        return None
+    return key.removeprefix("trunk.")
+
+
+def trunk_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The trunk's tensors from a ``weights`` file, checked against the trunk's shapes."""
+    with torch.device("meta"):  # shapes only: no memory, and torch's RNG is not drawn from
+        trunk = DomainNetNet((), num_classes=NUM_CLASSES).trunk.state_dict()
+    return load_trunk_weights(path, trunk, _trunk_key, WEIGHTS)
+
+
 def _seeded_order(n: int, data_seed: int, domain: str, stream: int) -> np.ndarray:
     index = DOMAINS.index(domain)
     return np.random.default_rng([data_seed, stream, index]).permutation(n)
@@ -200,6 +240,9 @@ class DomainNetProblem(Problem):
         data_seed: int,
         augment: bool,
         cache_val: bool,
+        workers: int = 0,
+        prefetch: int = DEFAULT_PREFETCH,
+        weights: str | None = None,
     ) -> None:
         self.target = target
         self.seed = seed
@@ -220,7 +263,15 @@ class DomainNetProblem(Problem):
             "data_seed": data_seed,
             "augment": augment,
             "cache_val": cache_val,
+            "workers": workers,
+            "prefetch": prefetch,
+            "weights": "none" if weights is None else weights,
         }
+        # Read and checked now, before anything trains; loaded into every model made.
+        self._weights = None if weights is None else trunk_weights(weights)
+        self._pipeline: Prefetcher[_Key, torch.Tensor] = Prefetcher(
+            self._decode, workers=workers, prefetch=prefetch, pin=device.type == "cuda"
+        )
 
         check_folder(data_dir, domains)
         transform = ResizeToUint8(image_size)
@@ -266,13 +317,39 @@ class DomainNetProblem(Problem):
         index = self._index[split][domain]
         return torch.stack([dataset[int(index[p])][0] for p in positions])
 
+    def _decode(self, key: _Key) -> torch.Tensor:
+        split, domain, positions = key
+        return self._read(split, domain, positions)
+
     def _check_task(self, task: str) -> None:
         if task not in self._labels["train"]:
             raise one_of("task", task, self.task_names)
 
     def make_model(self) -> DomainNetNet:
-        """A randomly initialised ResNet-18 trunk with one 345-way head per domain."""
-        return DomainNetNet(self.task_names, num_classes=NUM_CLASSES).to(self.device)
+        """A ResNet-18 trunk (random, or the ``weights`` file's) and one 345-way head per
+        domain (random)."""
+        model = DomainNetNet(self.task_names, num_classes=NUM_CLASSES)
+        if self._weights is not None:
+            # Checked at build: every trunk tensor is there (BatchNorm counters may be absent).
+            model.trunk.load_state_dict(self._weights, strict=False)
+        return model.to(self.device)
+
+    def _draw(self, tasks: Sequence[str], generator: torch.Generator) -> list[_Draw]:
+        """One step's random draws, in the order inline decoding always made them: per task,
+        the positions (with replacement), then the flips."""
+        draws: list[_Draw] = []
+        for task in tasks:
+            self._check_task(task)
+            size = len(self._labels["train"][task])
+            draw = torch.randint(size, (self.batch_size,), generator=generator, device=self.device)
+            flip = None
+            if self.augment:
+                flip = torch.rand(self.batch_size, generator=generator, device=self.device) < 0.5
+            draws.append((task, draw, flip))
+        return draws
+
+    def _keys(self, draws: Sequence[_Draw]) -> list[_Key]:
+        return [("train", task, tuple(draw.tolist())) for task, draw, _ in draws]
 
     def task_losses(
         self, model: nn.Module, tasks: Sequence[str], generator: torch.Generator
@@ -280,34 +357,43 @@ class DomainNetProblem(Problem):
         """Per task: a batch drawn from its own domain's training images, cross-entropy.
 
         Indices (with replacement) and flips come from ``generator`` only, so a seed fixes the
-        batches; the images are decoded from disk for this batch.
+        batches; the images are decoded from disk by the background workers, which guess the
+        next steps' draws on a copy of ``generator`` (the same tasks again), or here when they
+        guessed wrong.
         """
-        losses: dict[str, torch.Tensor] = {}
-        for task in tasks:
-            self._check_task(task)
-            labels = self._labels["train"][task]
-            draw = torch.randint(
-                len(labels), (self.batch_size,), generator=generator, device=self.device
+        draws = self._draw(tasks, generator)
+        keys = self._keys(draws)
+        if self._pipeline.enabled:
+            ahead = lookahead(
+                generator, lambda copy: self._keys(self._draw(tasks, copy)), self._pipeline.prefetch
             )
-            images = normalise(self._read("train", task, draw.tolist()), self.device)
-            if self.augment:
-                flip = torch.rand(self.batch_size, generator=generator, device=self.device) < 0.5
+            self._pipeline.ahead(generator, keys, (key for step in ahead for key in step))
+        losses: dict[str, torch.Tensor] = {}
+        for (task, draw, flip), key in zip(draws, keys, strict=True):
+            images = normalise(self._pipeline.get(generator, key), self.device)
+            if flip is not None:
                 images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-            losses[task] = F.cross_entropy(model(images, task), labels[draw])
+            losses[task] = F.cross_entropy(model(images, task), self._labels["train"][task][draw])
         return losses
 
-    def _chunks(self, split: str, task: str) -> list[torch.Tensor]:
-        """The split's images in evaluation chunks (the target's val from memory once read)."""
+    def _chunks(self, split: str, task: str) -> Iterator[torch.Tensor]:
+        """The split's images in evaluation chunks (the target's val from memory once read),
+        the next ones decoding in the background while one is evaluated."""
         n = len(self._labels[split][task])
         starts = range(0, n, EVAL_BATCH)
         cached = split == "val" and task == self.target and self.cache_val
         if cached and task in self._cache:
             images = self._cache[task]
-            return [images[start : start + EVAL_BATCH] for start in starts]
-        chunks = [self._read(split, task, range(s, min(s + EVAL_BATCH, n))) for s in starts]
+            yield from (images[start : start + EVAL_BATCH] for start in starts)
+            return
+        keys = [(split, task, tuple(range(s, min(s + EVAL_BATCH, n)))) for s in starts]
+        chunks: list[torch.Tensor] = []
+        for chunk in self._pipeline.ordered(keys):
+            if cached:
+                chunks.append(chunk)
+            yield chunk
         if cached:
             self._cache[task] = torch.cat(chunks)
-        return chunks
 
     @torch.inference_mode()
     def evaluate(
@@ -378,6 +464,9 @@ def build(
     data_seed: int = 0,
     augment: bool = True,
     cache_val: bool = True,
+    workers: int = DEFAULT_WORKERS,
+    prefetch: int = DEFAULT_PREFETCH,
+    weights: str | None = None,
 ) -> DomainNetProblem:
     """Build the DomainNet problem; bad options raise :class:`~fm_optuna.errors.ConfigError`.
 
@@ -396,6 +485,12 @@ def build(
         data_seed: Seed of the validation carve and of the ``limit`` subsets.
         augment: Flip training images horizontally with probability ½.
         cache_val: Keep the target's decoded validation images in memory after the first pass.
+        workers: Background threads decoding images (0: in the training thread); the batches
+            are the same either way.
+        prefetch: Steps decoded ahead of training (and chunks ahead of evaluation).
+        weights: A local file of pretrained weights for the ResNet-18 trunk (a torchvision
+            ``resnet18`` state dict, ``fc.*`` ignored; see :mod:`fm_optuna.datasets._weights`);
+            default: random initialisation.
 
     Example:
         >>> cpu = torch.device("cpu")
@@ -433,6 +528,9 @@ def build(
     for name, flag in (("augment", augment), ("cache_val", cache_val)):
         if not isinstance(flag, bool):
             raise invalid(name, flag, "true or false")
+    check_non_negative(workers=workers, prefetch=prefetch)
+    if weights is not None and not isinstance(weights, str | os.PathLike):
+        raise invalid("weights", weights, "the path of a file of pretrained weights")
     return DomainNetProblem(
         target=target,
         seed=seed,
@@ -447,4 +545,7 @@ def build(
         data_seed=data_seed,
         augment=augment,
         cache_val=cache_val,
+        workers=workers,
+        prefetch=prefetch,
+        weights=None if weights is None else str(weights),
     )

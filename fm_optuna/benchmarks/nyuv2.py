@@ -39,13 +39,23 @@ disk for every batch unless ``in_memory`` (all splits, resized, kept on the devi
 native size, ~0.5 GB at 96 × 128). ``augment`` applies MTAN's random scale-crop (zoom by 1, 1.2
 or 1.5 at a random position, depths divided by the zoom) with the step's generator.
 
-Model: :class:`~fm_optuna.datasets.nyuv2.NYUv2Net`, a ResNet-18 trunk (random initialisation) to
-stride 16 with one DeepLab-style atrous head per task under ``model.heads``; a small cousin of
-the paper's ImageNet-pretrained DeepLab-v3 ResNet-50.
+Reading runs in ``workers`` background threads (default 2; 0 reads in the training thread),
+``prefetch`` steps ahead of training (default 2) and chunks ahead of evaluation (see
+:mod:`fm_optuna.datasets._pipeline`): positions and crops are still drawn from the branch's
+generator in the training thread, so the batches — and a resumed run — are bit for bit those of
+inline reading. On the CPU the workers also resize; on CUDA they pin the arrays, which are
+copied without blocking and resized on the device, as inline.
+
+Model: :class:`~fm_optuna.datasets.nyuv2.NYUv2Net`, a ResNet-18 trunk to stride 16 with one
+DeepLab-style atrous head per task under ``model.heads``; a small cousin of the paper's
+ImageNet-pretrained DeepLab-v3 ResNet-50. The trunk is randomly initialised, or loaded from a
+local file (``weights``: a torchvision ResNet-18 state dict; ``layer4.*`` and ``fc.*`` are
+ignored, see :mod:`fm_optuna.datasets._weights`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -54,6 +64,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from fm_optuna.benchmarks._images import check_non_negative, check_positive, eval_mode
+from fm_optuna.datasets._pipeline import (
+    DEFAULT_PREFETCH,
+    DEFAULT_WORKERS,
+    Prefetcher,
+    lookahead,
+    to_device,
+)
+from fm_optuna.datasets._weights import load_trunk_weights
 from fm_optuna.datasets.nyuv2 import NUM_CLASSES, NYUv2, NYUv2Net, nyuv2_losses
 from fm_optuna.datasets.nyuv2 import TASKS as _DATA_TASKS
 from fm_optuna.errors import invalid, one_of
@@ -61,12 +79,14 @@ from fm_optuna.problem._tasks import Problem, Split, Task, TaskMetrics
 
 __all__ = [
     "DEFAULT_TARGET",
+    "RUNTIME_OPTIONS",
     "TARGETS",
     "TASKS",
     "NYUv2Problem",
     "build",
     "resize",
     "scale_crop",
+    "trunk_weights",
 ]
 
 TASKS: tuple[Task, ...] = (
@@ -74,6 +94,8 @@ TASKS: tuple[Task, ...] = (
     Task("depth", metric="abs_err", higher_is_better=False),
     Task("normal", metric="mean_angle", higher_is_better=False),
 )
+#: Options that change how fast batches come, never which: left out of a study's fingerprint.
+RUNTIME_OPTIONS = ("workers", "prefetch")
 TARGETS: tuple[str, ...] = _DATA_TASKS
 DEFAULT_TARGET = "segmentation"
 NATIVE_SIZE = (288, 384)
@@ -88,6 +110,15 @@ ANGLE_THRESHOLDS = {"within_11_25": 11.25, "within_22_5": 22.5, "within_30": 30.
 LAYOUT = "train/{image,label,depth,normal}/{i}.npy and val/{image,label,depth,normal}/{i}.npy"
 
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
+#: A read batch's identity: the split and the positions in it (its content).
+_Key = tuple[str, tuple[int, ...]]
+WEIGHTS = (
+    "a torchvision ResNet-18 state dict (conv1 … layer3 used; layer4.*, fc.* ignored) "
+    "or this benchmark's model's"
+)
+# torchvision's ResNet-18 children as NYUv2Net's trunk (an nn.Sequential) numbers them.
+_TRUNK_INDEX = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6"}
+_TRUNK_NAME = {index: name for name, index in _TRUNK_INDEX.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,8 +166,18 @@ def scale_crop(
     rather than MTAN's bilinear interpolation, which would blend in the zero vectors of missing
     pixels.
     """
-    n, _, height, width = images.shape
-    draws = torch.rand(n, 3, generator=generator, device=generator.device).tolist()
+    return _crop(images, targets, _crop_draws(len(images), generator))
+
+
+def _crop_draws(n: int, generator: torch.Generator) -> list[list[float]]:
+    """The scale-crop's draws for ``n`` images: a scale, a top and a left per image."""
+    return torch.rand(n, 3, generator=generator, device=generator.device).tolist()
+
+
+def _crop(
+    images: torch.Tensor, targets: dict[str, torch.Tensor], draws: list[list[float]]
+) -> Batch:
+    _, _, height, width = images.shape
     size = (height, width)
     out_images: list[torch.Tensor] = []
     out_targets: dict[str, list[torch.Tensor]] = {task: [] for task in TARGETS}
@@ -157,7 +198,12 @@ def scale_crop(
 
 
 class _Images:
-    """One split: indices into an NYUv2 folder, resized on load, read lazily or kept in memory."""
+    """One split: indices into an NYUv2 folder, resized on load, read lazily or kept in memory.
+
+    Reading is two halves, so that the first can run in a background thread with the same
+    result: :meth:`read` (files to CPU tensors, resized when the device is the CPU) and
+    :meth:`finish` (to the device, resized there when it was not resized yet).
+    """
 
     def __init__(
         self,
@@ -188,17 +234,33 @@ class _Images:
         return len(self.indices)
 
     def _read(self, indices: Sequence[int]) -> Batch:
+        return self.finish(self._load(indices))
+
+    def _load(self, indices: Sequence[int]) -> Batch:
         items = [self.dataset[i] for i in indices]
-        images = torch.stack([item[0] for item in items]).to(self.device)
-        targets = {
-            task: torch.stack([item[1][task] for item in items]).to(self.device) for task in TARGETS
-        }
+        images = torch.stack([item[0] for item in items])
+        targets = {task: torch.stack([item[1][task] for item in items]) for task in TARGETS}
+        if self.size is not None and self.device.type == "cpu":
+            return resize(images, targets, self.size)
+        return images, targets
+
+    def read(self, positions: Sequence[int]) -> Batch:
+        """The files at ``positions``, as CPU tensors (resized when the device is the CPU)."""
+        return self._load([self.indices[p] for p in positions])
+
+    def finish(self, batch: Batch) -> Batch:
+        """A :meth:`read` batch on the device, resized."""
+        images, targets = to_device(batch, self.device)
         return (images, targets) if self.size is None else resize(images, targets, self.size)
+
+    @property
+    def cached(self) -> bool:
+        return self._cache is not None
 
     def batch(self, positions: Sequence[int]) -> Batch:
         """The images and targets at ``positions`` (0 .. len − 1) of this split."""
         if self._cache is None:
-            return self._read([self.indices[p] for p in positions])
+            return self.finish(self.read(positions))
         index = torch.as_tensor(list(positions), dtype=torch.long, device=self.device)
         images, targets = self._cache
         batch = {task: value[index] for task, value in targets.items()}
@@ -332,6 +394,9 @@ class NYUv2Problem(Problem):
         image_size: tuple[int, int] | None,
         augment: bool,
         in_memory: bool,
+        workers: int = 0,
+        prefetch: int = DEFAULT_PREFETCH,
+        weights: str | None = None,
     ) -> None:
         self.target = target
         self.seed = seed
@@ -347,7 +412,15 @@ class NYUv2Problem(Problem):
             "image_size": "native" if image_size is None else f"{image_size[0]}x{image_size[1]}",
             "augment": augment,
             "in_memory": in_memory,
+            "workers": workers,
+            "prefetch": prefetch,
+            "weights": "none" if weights is None else weights,
         }
+        # Read and checked now, before anything trains; loaded into every model made.
+        self._weights = None if weights is None else trunk_weights(weights)
+        self._pipeline: Prefetcher[_Key, Batch] = Prefetcher(
+            self._decode, workers=workers, prefetch=prefetch, pin=device.type == "cuda"
+        )
         # The loader checks the layout; its ConfigError names `data_dir` and the missing files.
         train, test = NYUv2(data_dir, "train"), NYUv2(data_dir, "val")
         if val_size >= len(train):
@@ -370,8 +443,29 @@ class NYUv2Problem(Problem):
         }
 
     def make_model(self) -> NYUv2Net:
-        """ResNet-18 trunk to stride 16 (random init) and one atrous head per task."""
-        return NYUv2Net(TARGETS)
+        """ResNet-18 trunk to stride 16 (random, or the ``weights`` file's) and one atrous head
+        per task (random)."""
+        model = NYUv2Net(TARGETS)
+        if self._weights is not None:
+            # Checked at build: every trunk tensor is there (BatchNorm counters may be absent).
+            model.trunk.load_state_dict(self._weights, strict=False)
+        return model
+
+    def _decode(self, key: _Key) -> Batch:
+        split, positions = key
+        return self._splits[split].read(positions)
+
+    def _draw(self, generator: torch.Generator) -> tuple[_Key, list[list[float]] | None]:
+        """One step's draws, in the order inline reading always made them: the positions (with
+        replacement), then the scale-crops."""
+        positions = torch.randint(
+            len(self._splits["train"]),
+            (self.batch_size,),
+            generator=generator,
+            device=generator.device,
+        ).tolist()
+        crops = _crop_draws(self.batch_size, generator) if self.augment else None
+        return ("train", tuple(positions)), crops
 
     def batch(self, split: str, positions: Sequence[int]) -> Batch:
         """The (resized, not augmented) images and targets at ``positions`` of a split.
@@ -399,12 +493,18 @@ class NYUv2Problem(Problem):
         if not tasks:
             return {}
         train = self._splits["train"]
-        positions = torch.randint(
-            len(train), (self.batch_size,), generator=generator, device=generator.device
-        ).tolist()
-        images, targets = train.batch(positions)
-        if self.augment:
-            images, targets = scale_crop(images, targets, generator)
+        key, crops = self._draw(generator)
+        if train.cached:
+            images, targets = train.batch(key[1])
+        else:
+            if self._pipeline.enabled:
+                ahead = lookahead(
+                    generator, lambda copy: self._draw(copy)[0], self._pipeline.prefetch
+                )
+                self._pipeline.ahead(generator, [key], ahead)
+            images, targets = train.finish(self._pipeline.get(generator, key))
+        if crops is not None:
+            images, targets = _crop(images, targets, crops)
         outputs = model(images)
         losses = nyuv2_losses({task: outputs[task] for task in set(tasks)}, targets)
         return {task: losses[task] for task in tasks}
@@ -419,12 +519,23 @@ class NYUv2Problem(Problem):
         self._check(names)
         meters = {task: _METERS[task](self.device) for task in set(names)}
         with eval_mode(model), torch.inference_mode():
-            for images, targets in self._splits[split].chunks():
+            for images, targets in self._chunks(split):
                 outputs = model(images)
                 for task, meter in meters.items():
                     meter.update(outputs[task], targets[task])
         results = {task: meter.result() for task, meter in meters.items()}
         return {task: results[task] for task in names}
+
+    def _chunks(self, split: str) -> Iterator[Batch]:
+        """The whole split in order, the next chunks read in the background while one is used."""
+        images = self._splits[split]
+        if images.cached:
+            yield from images.chunks()
+            return
+        starts = range(0, len(images), EVAL_BATCH)
+        keys = [(split, tuple(range(s, min(s + EVAL_BATCH, len(images))))) for s in starts]
+        for batch in self._pipeline.ordered(keys):
+            yield images.finish(batch)
 
     def split_sizes(self) -> dict[str, int]:
         """Images per split (after the validation carve and ``limit``)."""
@@ -438,6 +549,28 @@ class NYUv2Problem(Problem):
             **self.options,
             **{f"{split}_images": size for split, size in self.split_sizes().items()},
         }
+
+
+def _trunk_key(key: str) -> str | None:
+    """A key of a ``weights`` file as the trunk's key (``None``: ignored on purpose)."""
+    if key.startswith(("heads.", "fc.", "layer4.")):
+        return None
+    if key.startswith("trunk."):
+        return key.removeprefix("trunk.")
+    child, dot, rest = key.partition(".")
+    return _TRUNK_INDEX[child] + dot + rest if child in _TRUNK_INDEX else key
+
+
+def _torchvision_key(key: str) -> str:
+    index, dot, rest = key.partition(".")
+    return _TRUNK_NAME.get(index, index) + dot + rest
+
+
+def trunk_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The trunk's tensors from a ``weights`` file, checked against the trunk's shapes."""
+    with torch.device("meta"):  # shapes only: no memory, and torch's RNG is not drawn from
+        trunk = NYUv2Net(()).trunk.state_dict()
+    return load_trunk_weights(path, trunk, _trunk_key, WEIGHTS, source_key=_torchvision_key)
 
 
 def _image_size(image_size: object) -> tuple[int, int] | None:
@@ -465,6 +598,9 @@ def build(
     image_size: Sequence[int] | None = None,
     augment: bool = False,
     in_memory: bool = False,
+    workers: int = DEFAULT_WORKERS,
+    prefetch: int = DEFAULT_PREFETCH,
+    weights: str | None = None,
 ) -> NYUv2Problem:
     """Build the NYUv2 problem; bad options raise :class:`~fm_optuna.errors.ConfigError`.
 
@@ -480,6 +616,12 @@ def build(
         image_size: ``(height, width)`` to resize every split to (``None``: native 288 × 384).
         augment: MTAN's random scale-crop on training batches.
         in_memory: Keep the (resized) arrays on ``device`` instead of reading every batch.
+        workers: Background threads reading (and on the CPU resizing) batches; 0 reads in the
+            training thread. The batches are the same either way.
+        prefetch: Steps read ahead of training (and chunks ahead of evaluation).
+        weights: A local file of pretrained weights for the ResNet-18 trunk (a torchvision
+            ``resnet18`` state dict; ``layer4.*``, ``fc.*`` ignored; see
+            :mod:`fm_optuna.datasets._weights`); default: random initialisation.
 
     Example:
         >>> problem = build(
@@ -502,6 +644,9 @@ def build(
     for name, flag in (("augment", augment), ("in_memory", in_memory)):
         if not isinstance(flag, bool):
             raise invalid(name, flag, "true or false")
+    check_non_negative(workers=workers, prefetch=prefetch)
+    if weights is not None and not isinstance(weights, str | os.PathLike):
+        raise invalid("weights", weights, "the path of a file of pretrained weights")
     return NYUv2Problem(
         target=target,
         seed=seed,
@@ -514,4 +659,7 @@ def build(
         image_size=size,
         augment=augment,
         in_memory=in_memory,
+        workers=workers,
+        prefetch=prefetch,
+        weights=None if weights is None else str(weights),
     )

@@ -63,7 +63,12 @@ def configuration_record(
         "problem.target": target or spec.problem.target,
     }
     # Stored in the study's user attributes: a credential in an option is kept masked.
-    options = {k: mask_uri(v) if isinstance(v, str) else v for k, v in spec.problem.options.items()}
+    runtime = _runtime_options(spec.problem.benchmark)
+    options = {
+        k: mask_uri(v) if isinstance(v, str) else v
+        for k, v in spec.problem.options.items()
+        if k not in runtime
+    }
     record.update(_flat("problem", options))
     searched = {f.name for f in fields(spec.space) if getattr(spec.space, f.name) is not None}
     params = config.as_params()
@@ -72,6 +77,16 @@ def configuration_record(
             record[entry.dotted] = _json(params[entry.name])
     record.update(_flat("space", {k: v for k, v in asdict(spec.space).items() if v is not None}))
     return dict(sorted(record.items(), key=lambda item: _ORDER.index(item[0].split(".")[0])))
+
+
+def _runtime_options(benchmark: str) -> tuple[str, ...]:
+    """The benchmark's options that do not change what it trains (e.g. decoding ``workers``)."""
+    from fm_optuna.benchmarks import resolve
+
+    try:
+        return resolve(benchmark).runtime_options
+    except ConfigError:  # reported where the problem is built; the record keeps every option
+        return ()
 
 
 def fingerprint(record: Mapping[str, Any]) -> str:
