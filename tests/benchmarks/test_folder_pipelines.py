@@ -9,6 +9,7 @@ one line naming ``weights`` before anything trains. Tiny fixtures (32 px) keep i
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,25 @@ def test_a_run_with_workers_resumed_from_its_checkpoint_is_the_inline_run(
     for key, value in uninterrupted.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
     assert resumed.summary.test == uninterrupted.summary.test
+
+
+@pytest.mark.parametrize("name", ["domainnet", "nyuv2"])
+def test_parallel_branches_with_workers_are_the_inline_sequential_run(
+    name: str, folders: dict[str, Path]
+) -> None:
+    """Each round forks a process per branch after the parent's decoding threads ran (the
+    evaluations): a child starts threads of its own and gets the same batches."""
+    config = ForkMergeConfig(
+        total_steps=6, dt=2, branches=2, strategy="grid", grid_resolution=0.5, ranking="given"
+    )
+    sequential = run_forkmerge(build(name, folders, workers=0), config)
+    parallel = run_forkmerge(
+        build(name, folders, workers=2, prefetch=2),
+        dataclasses.replace(config, parallel_branches=True),
+    )
+    assert parallel.lambda_history == sequential.lambda_history
+    for key, value in sequential.model.state_dict().items():
+        assert torch.equal(parallel.model.state_dict()[key], value), key
 
 
 # --------------------------------------------------------------------------------------------
