@@ -160,6 +160,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Every ratio of the bench, each from runs in this process (``tracking=False``: without the
     tracked run, so MLflow is never imported)."""
+
     def forkmerge(
         evaluation: str, *, parallel: bool = False, trainer: RoundTrainer | None = None
     ) -> Callable[[], tuple[float, Any]]:
