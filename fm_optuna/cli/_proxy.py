@@ -28,7 +28,7 @@ def add_command(sub: Any) -> None:
         help="serve an Optuna RDB storage to many workers (--storage grpc://host:port)",
         description="Serve Optuna's gRPC storage proxy (optuna.storages.run_grpc_proxy_server) "
         "in front of one RDB storage: the workers of a shared study connect with "
-        "`--storage grpc://HOST:PORT` (or `storage = \"grpc://...\"` in the study file) and "
+        '`--storage grpc://HOST:PORT` (or `storage = "grpc://..."` in the study file) and '
         "need no database credentials; the database sees one pool of connections, not one per "
         "worker. Prints one line naming what it serves, then serves until Ctrl-C or SIGTERM. "
         "See tracking/README.md for a cluster's recipe.",

@@ -97,13 +97,15 @@ class _WaitingCall:
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self._owner.wait_seconds
-                    logger.warning(
-                        "fm-optuna: the storage %s does not answer (%s): waiting up to %.0f s "
-                        "for it",
-                        self._owner.url,
-                        error.code().name,  # type: ignore[attr-defined]
-                        self._owner.wait_seconds,
-                    )
+                    if not self._owner.waiting:  # one line per outage, whatever thread meets it
+                        self._owner.waiting = True
+                        logger.warning(
+                            "fm-optuna: the storage %s does not answer (%s): waiting up to "
+                            "%.0f s for it",
+                            self._owner.url,
+                            error.code().name,  # type: ignore[attr-defined]
+                            self._owner.wait_seconds,
+                        )
                 if now >= deadline:
                     raise StorageUnavailable(
                         f"the storage {self._owner.url} did not answer for "
@@ -113,7 +115,8 @@ class _WaitingCall:
                     ) from None
                 time.sleep(min(1.0, max(deadline - now, 0.0)))
                 continue
-            if deadline is not None:
+            if self._owner.waiting:
+                self._owner.waiting = False
                 logger.warning("fm-optuna: the storage %s answers again", self._owner.url)
             return result
 
@@ -148,6 +151,7 @@ class GrpcStorage(GrpcStorageProxy, BaseHeartbeat):
     ) -> None:
         self.url = url
         self.wait_seconds = wait_seconds
+        self.waiting = False  # in an outage (said once)
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
         self.failed_trial_callback = failed_trial_callback
