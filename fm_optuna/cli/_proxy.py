@@ -7,7 +7,7 @@ from typing import Any
 
 
 def cmd_storage_proxy(args: argparse.Namespace) -> int:
-    from fm_optuna.study._grpc import serve_proxy
+    from fm_optuna.study._proxy import serve_proxy
 
     serve_proxy(
         args.storage,
@@ -21,7 +21,7 @@ def cmd_storage_proxy(args: argparse.Namespace) -> int:
 
 def add_command(sub: Any) -> None:
     """Register ``storage-proxy``."""
-    from fm_optuna.study._grpc import PROXY_THREADS
+    from fm_optuna.study._proxy import PROXY_THREADS
 
     proxy = sub.add_parser(
         "storage-proxy",
