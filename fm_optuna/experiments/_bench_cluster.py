@@ -415,18 +415,21 @@ def run(
     kill: bool,
     timeout: float,
     folder: Path,
+    measured: bool = True,
 ) -> dict[str, Any]:
     cluster = Cluster(postgres, tracking_backend, folder)
     report: dict[str, Any] = {"spec": str(spec), "workers": workers, "trials": trials}
     try:
         cluster.start_mlflow()
-        report["postgresql"] = measure(
-            cluster, spec, storage=postgres, workers=workers, trials=trials, timeout=timeout
-        )
+        if measured:
+            report["postgresql"] = measure(
+                cluster, spec, storage=postgres, workers=workers, trials=trials, timeout=timeout
+            )
         cluster.start_proxy()
-        report["grpc"] = measure(
-            cluster, spec, storage=cluster.grpc, workers=workers, trials=trials, timeout=timeout
-        )
+        if measured:
+            report["grpc"] = measure(
+                cluster, spec, storage=cluster.grpc, workers=workers, trials=trials, timeout=timeout
+            )
         if kill:
             report["kill_and_restart"] = kill_and_restart(
                 cluster,
@@ -465,12 +468,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=16, help="worker processes (default: 16)")
     parser.add_argument("--trials", type=int, default=48, help="trials of each study")
     parser.add_argument("--no-kill", action="store_true", help="skip the kill-and-restart part")
+    parser.add_argument("--kill-only", action="store_true", help="only the kill-and-restart part")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the logs in this folder")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per study at most")
     args = parser.parse_args(argv)
     if args.workers < 1 or args.trials < 1:
         parser.error("--workers and --trials should be positive integers")
     backend = args.tracking_backend or own_database(args.postgres, "fm_optuna_cluster_mlflow")
-    with tempfile.TemporaryDirectory(prefix="fm-optuna-cluster-") as folder:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fm-optuna-cluster-", dir=args.keep) as folder:
         report = run(
             args.spec,
             args.postgres,
@@ -478,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             trials=args.trials,
             kill=not args.no_kill,
+            measured=not args.kill_only,
             timeout=args.timeout,
             folder=Path(folder),
         )

@@ -117,6 +117,7 @@ class _WaitingCall:
                 continue
             if self._owner.waiting:
                 self._owner.waiting = False
+                self._owner.recovered_at = time.monotonic()
                 logger.warning("fm-optuna: the storage %s answers again", self._owner.url)
             return result
 
@@ -152,6 +153,7 @@ class GrpcStorage(GrpcStorageProxy, BaseHeartbeat):
         self.url = url
         self.wait_seconds = wait_seconds
         self.waiting = False  # in an outage (said once)
+        self.recovered_at: float | None = None  # when the last outage ended (monotonic)
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
         self.failed_trial_callback = failed_trial_callback
@@ -176,6 +178,13 @@ class GrpcStorage(GrpcStorageProxy, BaseHeartbeat):
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         assert self.heartbeat_interval is not None
         grace = self.grace_period or 2 * self.heartbeat_interval
+        # Right after an outage every live trial's heartbeat is old: they had no proxy to beat
+        # through. Judging them now would fail trials that are still running.
+        if (
+            self.recovered_at is not None
+            and time.monotonic() - self.recovered_at < grace + self.heartbeat_interval
+        ):
+            return []
         now = time.time()
         stale = []
         for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
