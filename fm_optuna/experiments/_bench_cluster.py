@@ -477,7 +477,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     backend = args.tracking_backend or own_database(args.postgres, "fm_optuna_cluster_mlflow")
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fm-optuna-cluster-", dir=args.keep) as folder:
+    with (
+        contextlib.nullcontext(str(args.keep))
+        if args.keep is not None
+        else tempfile.TemporaryDirectory(prefix="fm-optuna-cluster-")
+    ) as folder:
         report = run(
             args.spec,
             args.postgres,

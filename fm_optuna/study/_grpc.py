@@ -115,9 +115,9 @@ class _WaitingCall:
                     ) from None
                 time.sleep(min(1.0, max(deadline - now, 0.0)))
                 continue
+            self._owner.answered()
             if self._owner.waiting:
                 self._owner.waiting = False
-                self._owner.recovered_at = time.monotonic()
                 logger.warning("fm-optuna: the storage %s answers again", self._owner.url)
             return result
 
@@ -153,7 +153,11 @@ class GrpcStorage(GrpcStorageProxy, BaseHeartbeat):
         self.url = url
         self.wait_seconds = wait_seconds
         self.waiting = False  # in an outage (said once)
-        self.recovered_at: float | None = None  # when the last outage ended (monotonic)
+        # When this client last started hearing from the proxy again (monotonic): its first
+        # answer, or one after a silence longer than the grace period (an outage it may not
+        # have seen); and when it last heard from it.
+        self.recovered_at: float | None = None
+        self.last_answer: float | None = None
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
         self.failed_trial_callback = failed_trial_callback
@@ -167,6 +171,13 @@ class GrpcStorage(GrpcStorageProxy, BaseHeartbeat):
         self._stub = _WaitingStub(self._stub, self)
         self._cache.grpc_client = self._stub
 
+    def answered(self) -> None:
+        now = time.monotonic()
+        quiet = self.grace_period or 2 * (self.heartbeat_interval or 0)
+        if self.last_answer is None or now - self.last_answer > quiet:
+            self.recovered_at = now
+        self.last_answer = now
+
     # --- BaseHeartbeat -------------------------------------------------------------------
 
     def record_heartbeat(self, trial_id: int) -> None:
@@ -179,10 +190,12 @@ class GrpcStorage(GrpcStorageProxy, BaseHeartbeat):
         assert self.heartbeat_interval is not None
         grace = self.grace_period or 2 * self.heartbeat_interval
         # Right after an outage every live trial's heartbeat is old: they had no proxy to beat
-        # through. Judging them now would fail trials that are still running.
+        # through. A client judges only once it has heard from the proxy for a grace period and
+        # an interval (its live trials have beaten again by then), be it a worker that waited
+        # through the outage, one that slept through it, or one started after it.
         if (
-            self.recovered_at is not None
-            and time.monotonic() - self.recovered_at < grace + self.heartbeat_interval
+            self.recovered_at is None
+            or time.monotonic() - self.recovered_at < grace + self.heartbeat_interval
         ):
             return []
         now = time.time()

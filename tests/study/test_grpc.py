@@ -93,7 +93,7 @@ def test_a_dead_workers_trial_is_failed_on_its_heartbeat_and_retried(proxy: str)
     study = _study(storage)
     dead = _ask(study, {"x": IntDistribution(0, 9)})  # a worker that asked, beat, then died
     storage.record_heartbeat(dead._trial_id)
-    time.sleep(2.5)  # past the grace period (2 × 1 s)
+    time.sleep(3.5)  # past the grace period (2 × 1 s) and an interval since the first answer
     seen: list[int] = []
 
     def objective(trial: optuna.Trial) -> float:
@@ -123,6 +123,20 @@ def test_a_live_trial_is_not_stale(proxy: str) -> None:
     assert storage._get_stale_trial_ids(study._study_id) == []
     assert {t.state for t in study.get_trials()} == {TrialState.RUNNING}
     assert silent.number == 1
+
+
+def test_right_after_an_outage_no_trial_is_judged(proxy: str) -> None:
+    """Every live trial's heartbeat is old when the proxy answers again: none is failed until
+    they had a grace period and an interval to beat."""
+    storage = open_storage(proxy, heartbeat_seconds=1, max_retry=2)
+    assert isinstance(storage, GrpcStorage)
+    study = _study(storage)
+    beating = _ask(study)
+    storage.set_trial_system_attr(beating._trial_id, HEARTBEAT_ATTR, time.time() - 60)
+    storage.recovered_at = time.monotonic()  # as after an outage, or a first answer
+    assert storage._get_stale_trial_ids(study._study_id) == []
+    storage.recovered_at = time.monotonic() - 10  # heard from the proxy for 10 s: judged
+    assert storage._get_stale_trial_ids(study._study_id) == [beating._trial_id]
 
 
 def test_the_distinct_sampler_and_shared_baselines_through_the_proxy(proxy: str) -> None:
