@@ -222,7 +222,8 @@ def tune(
             ``optimizer_policy`` a list; or a :class:`~fm_optuna.study._spec.SpaceSection`.
         study_name: The study to create or resume.
         config: Everything not searched (default: ``ForkMergeConfig()``).
-        storage: Optuna RDB storage URL (SQLite or PostgreSQL; several workers may share it).
+        storage: Optuna storage URL (SQLite, PostgreSQL, or grpc://host:port for a storage
+            proxy; several workers may share it).
         n_trials: Finished (complete or pruned) trials to reach.
         sampler: An Optuna sampler (default: ``TPESampler(seed=seed)``).
         pruner: An Optuna pruner (default: a median pruner aligned on training steps).

@@ -637,7 +637,8 @@ class StudyOptions:
     )
     storage: str = option(
         DEFAULT_OPTUNA_STORAGE,
-        "Optuna RDB storage URL (sqlite:///path.db, postgresql://user:password@host/db)",
+        "Optuna storage URL (sqlite:///path.db, postgresql://user:password@host/db, or "
+        "grpc://host:port for a `fm-optuna storage-proxy`)",
         section="study",
         kind="str",
         fingerprint=False,

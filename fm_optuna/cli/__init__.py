@@ -45,13 +45,13 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fm-optuna`` parser: one subcommand per module of this package."""
-    from fm_optuna.cli import _bench, _compare, _methods, _run, _study, _ui
+    from fm_optuna.cli import _bench, _compare, _methods, _proxy, _run, _study, _ui
 
     parser = _Parser(
         prog="fm-optuna", description="ForkMerge with Optuna merge search and MLflow tracking."
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (_run, _ui, _bench, _study, _compare, _methods):
+    for module in (_run, _ui, _bench, _study, _compare, _methods, _proxy):
         module.add_command(sub)
     return parser
 

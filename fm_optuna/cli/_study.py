@@ -172,7 +172,13 @@ def print_tune_report(report: Any, tuner: Any) -> None:
         _print_against_baselines(report, tuner.problem.task(tuner.problem.target))
     storage = mask_password(absolute_uri(tuner.storage_url))
     artifacts = shlex.quote(str(tuner.artifact_dir))  # the trials' Λ figures
-    print(f"browse: optuna-dashboard {shlex.quote(storage)} --artifact-dir {artifacts}")
+    if storage.lower().startswith("grpc://"):  # optuna-dashboard reads the database itself
+        print(
+            f"browse: optuna-dashboard DATABASE_URL --artifact-dir {artifacts} (DATABASE_URL: "
+            f"the storage the proxy at {storage} serves)"
+        )
+    else:
+        print(f"browse: optuna-dashboard {shlex.quote(storage)} --artifact-dir {artifacts}")
     for line in report.tracking.get("browse", []):
         print(f"browse: {line}")
 

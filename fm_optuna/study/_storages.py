@@ -69,7 +69,8 @@ def check_database(url: str, *, parameter: str, what: str) -> None:
     """Raise a one-line ConfigError unless ``url`` can be opened for writing; create nothing.
 
     SQLite: the file (if it exists) and its folder must be writable (SQLite writes its journal
-    beside the file). Other databases: one connection with a short timeout.
+    beside the file). ``grpc://``: a storage proxy answers within a few seconds. Other
+    databases: one connection with a short timeout.
     """
     path = sqlite_file(url)
     if path is not None:
@@ -79,6 +80,11 @@ def check_database(url: str, *, parameter: str, what: str) -> None:
             raise _fail(url, parameter, what, f"the file {path} is not an SQLite database")
         if not _writable_folder(path.parent):
             raise _fail(url, parameter, what, f"cannot write in the folder {path.parent}")
+        return
+    if url.lower().startswith("grpc://"):
+        from fm_optuna.study._grpc import check_grpc
+
+        check_grpc(url)  # bounded: an unreachable proxy is one line, not a hang
         return
     if url.startswith("sqlite"):
         if url.split("?", 1)[0] not in ("sqlite://", "sqlite:///:memory:"):

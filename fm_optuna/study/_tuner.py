@@ -40,7 +40,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 from optuna.pruners import BasePruner
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -70,6 +70,7 @@ from fm_optuna.study._fingerprint import (
     refusal,
     settle,
 )
+from fm_optuna.study._grpc import GrpcStorage, check_grpc, is_grpc
 from fm_optuna.study._processes import this_worker
 from fm_optuna.study._sampler import DistinctSampler
 from fm_optuna.study._shared_baselines import SharedBaselines
@@ -225,8 +226,9 @@ def open_storage(
     heartbeat_seconds: int,
     max_retry: int,
     on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-) -> RDBStorage:
-    """An RDB storage with heartbeats; an unreachable database is one clear ConfigError."""
+) -> BaseStorage:
+    """An RDB storage (or, for ``grpc://host:port``, a gRPC storage proxy's client) with
+    heartbeats; an unreachable database is one clear ConfigError."""
     with _no_experimental_warnings():
         return _open_storage(url, heartbeat_seconds, max_retry, on_stale)
 
@@ -236,7 +238,7 @@ def _open_storage(
     heartbeat_seconds: int,
     max_retry: int,
     on_stale: Callable[[optuna.Study, FrozenTrial], None] | None,
-) -> RDBStorage:
+) -> BaseStorage:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # Intermediate values carry over: the retry resumes after the dead trial's last merge.
@@ -247,6 +249,14 @@ def _open_storage(
         if on_stale is not None:
             on_stale(study, trial)
 
+    if is_grpc(url):
+        check_grpc(url)
+        return GrpcStorage(
+            url,
+            heartbeat_interval=heartbeat_seconds,
+            grace_period=2 * heartbeat_seconds,
+            failed_trial_callback=stale,
+        )
     try:
         with one_process_at_a_time(url):  # workers creating one SQLite file together
             return RDBStorage(
@@ -395,7 +405,7 @@ class Tuner:
         check_database(self.storage_url, parameter="storage", what="a reachable Optuna storage URL")
         self.tracking: StudyObserver | None = None
 
-        def opened() -> RDBStorage:
+        def opened() -> BaseStorage:
             return open_storage(
                 self.storage_url,
                 heartbeat_seconds=spec.study.heartbeat_seconds,

@@ -761,6 +761,18 @@ class MlflowTracker(Observer):
         try:
             return function(*args, **kwargs)
         except Exception as error:
+            if _cut_mid_request(error):
+                # A server killed while answering: MLflow's client retries a refused connection
+                # (minutes, with back-off) but not a response cut short. Once more, then the
+                # client waits for the restarted server itself.
+                logger.warning(
+                    "fm-optuna: MLflow server %s dropped a request: retrying it",
+                    self.store.display_uri,
+                )
+                try:
+                    return function(*args, **kwargs)
+                except Exception as again:
+                    error = again
             self.unlogged.update(counts)
             self._failed(error)
             return None
@@ -779,6 +791,14 @@ class MlflowTracker(Observer):
             self.store.display_uri,
             self.error,
         )
+
+
+#: How requests and urllib3 word a connection that broke after the request was sent.
+_CUT = re.compile(r"Connection broken|Connection aborted|RemoteDisconnected|IncompleteRead")
+
+
+def _cut_mid_request(error: Exception) -> bool:
+    return bool(_CUT.search(str(error)))
 
 
 def _chunks(batch: _Batch) -> Iterator[tuple[list[Metric], list[Param], list[RunTag]]]:

@@ -170,6 +170,26 @@ def _sigterm_as_stop() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _links_of_server(
+    uri: str, announce: Callable[[str], None], *, experiment: str | None, open_browser: bool
+) -> int:
+    """An MLflow server serves its own UI: print the links into it, start nothing."""
+    url = uri.rstrip("/")
+    if not _healthy(url):
+        raise ConfigError(
+            f"Parameter `tracking_uri` should be a reachable MLflow server. Found "
+            f"`tracking_uri = {mask_uri(uri)}` (no answer on /health)."
+        )
+    announce(f"fm-optuna ui: {mask_uri(url)} is an MLflow server: its UI is already served there")
+    # The server runs MLflow's own app: the links open the model-training view themselves.
+    links = _links(url, experiment, announce, start=False)
+    if open_browser:
+        target = links[0] if links else url
+        announce(f"fm-optuna ui: opening {mask_uri(target)}")
+        webbrowser.open(target)
+    return 0
+
+
 def _links(
     url: str, experiment: str | None, announce: Callable[[str], None], *, start: bool
 ) -> list[str]:
@@ -328,6 +348,9 @@ def run_ui(
     Raises:
         ConfigError: Not a database store, no such SQLite file, or the port is taken.
     """
+    served = absolute_uri(resolve_tracking_uri(uri))
+    if is_server(served):
+        return _links_of_server(served, announce, experiment=experiment, open_browser=open_browser)
     uri = _resolve(uri)
     port = _check_port(port)
     app = app_registered()

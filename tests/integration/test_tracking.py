@@ -562,12 +562,13 @@ def test_ui_serves_the_store_on_loopback_and_stops_on_ctrl_c(tracked: TrackedRun
         probe.bind(("127.0.0.1", port))
 
 
-def test_ui_refuses_a_missing_store_and_a_server_uri(tmp_path: Path) -> None:
+def test_ui_refuses_a_missing_store_and_an_unreachable_server_uri(tmp_path: Path) -> None:
     from fm_optuna.tracking.ui import run_ui
 
     with pytest.raises(ConfigError, match="does not exist"):
         run_ui(f"sqlite:///{tmp_path / 'none.db'}", port=0, announce=lambda line: None)
-    with pytest.raises(ConfigError, match="already an MLflow server") as error:
+    # A server URI starts nothing (the server serves its UI); one that does not answer is a line.
+    with pytest.raises(ConfigError, match="a reachable MLflow server") as error:
         run_ui(f"http://ana:{SECRET}@127.0.0.1:1", port=0, announce=lambda line: None)
     assert SECRET not in str(error.value)
 

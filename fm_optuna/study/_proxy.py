@@ -1,0 +1,94 @@
+"""``fm-optuna storage-proxy``: Optuna's gRPC storage proxy served in front of an RDB storage,
+with one pool of database connections for every worker (see :mod:`fm_optuna.study._grpc`)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+
+import optuna
+
+from fm_optuna.errors import ConfigError, invalid
+from fm_optuna.study._grpc import is_grpc
+from fm_optuna.study._storages import check_database, one_process_at_a_time
+from fm_optuna.tracking.uris import is_database, mask_uri, redact
+
+#: Threads serving the proxy's requests, and as many database connections (its pool).
+PROXY_THREADS = 8
+
+
+def serve_proxy(
+    storage: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 13000,
+    threads: int = PROXY_THREADS,
+    announce: Callable[[str], None] = print,
+) -> None:
+    """Serve Optuna's gRPC storage proxy for the RDB storage ``storage`` until interrupted.
+
+    The proxy holds one cached storage with a pool of at most ``threads`` database connections
+    (one per serving thread), however many workers connect. Stopped by a KeyboardInterrupt
+    (SIGINT, or SIGTERM through the command line's handler): requests in flight get 2 s.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from optuna.storages import RDBStorage, get_storage
+
+    if is_grpc(storage) or not is_database(storage):
+        raise invalid(
+            "storage",
+            mask_uri(storage),
+            "an RDB storage URL for the proxy to serve (postgresql://user:password@host/db, "
+            "mysql://..., sqlite:///path.db)",
+        )
+    if threads < 1:
+        raise invalid("threads", threads, "a positive integer")
+    if not 0 <= port <= 65535:
+        raise invalid("port", port, "a TCP port, 0 to 65535 (0: any free one)")
+    check_database(storage, parameter="storage", what="a reachable Optuna storage URL")
+    engine = (
+        None
+        if storage.startswith("sqlite")
+        else {"pool_size": threads, "max_overflow": 0, "pool_pre_ping": True}
+    )
+    try:
+        with one_process_at_a_time(storage):
+            rdb = RDBStorage(storage, engine_kwargs=engine)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"Parameter `storage` should be a reachable Optuna storage URL. "
+            f"Found `storage = {mask_uri(storage)}` ({redact(first, storage)})."
+        ) from None
+    import grpc
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+    from optuna.storages._grpc.servicer import OptunaStorageProxyService
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        cached = get_storage(rdb)  # the cache run_grpc_proxy_server's docs ask for
+    pool = ThreadPoolExecutor(max_workers=threads)
+    # What optuna.storages.run_grpc_proxy_server does, with the bound port known (port 0).
+    server = grpc.server(pool)
+    api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(cached), server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # the port is taken, or the host is not an address of this machine
+        pool.shutdown(wait=False)
+        raise invalid("port", port, f"a free port on {host}") from None
+    server.start()
+    announce(
+        f"fm-optuna storage-proxy: serving {mask_uri(storage)} at grpc://{host}:{bound} "
+        f"({threads} threads, at most {threads} database connections); workers use "
+        f"--storage grpc://{host}:{bound}; Ctrl-C or SIGTERM stops it"
+    )
+    try:
+        while True:  # grpc's wait_for_termination swallows the signal's KeyboardInterrupt
+            time.sleep(3600)
+    finally:
+        server.stop(grace=2.0).wait(5.0)
+        pool.shutdown(wait=False, cancel_futures=True)
+        rdb.remove_session()
+        rdb.engine.dispose()

@@ -1,0 +1,98 @@
+"""A small cluster on loopback: workers through the gRPC storage proxy (PostgreSQL behind it)
+and an MLflow tracking server; the proxy and the server SIGKILLed mid-study and restarted.
+`fm-optuna run` against the server reads every run back FINISHED with its artifacts.
+
+Needs PostgreSQL on loopback (FM_OPTUNA_TEST_POSTGRES_URL, set by .ci/run); skipped without it.
+The full-size version is `python -m fm_optuna.experiments._bench_cluster` (studies/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fm_optuna.experiments._bench_cluster import Cluster, kill_and_restart, own_database
+
+ROOT = Path(__file__).resolve().parents[2]
+URL = os.environ.get("FM_OPTUNA_TEST_POSTGRES_URL")
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        URL is None, reason="FM_OPTUNA_TEST_POSTGRES_URL is not set (.ci/run sets it)"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    assert URL is not None
+    backend = own_database(URL, "fm_optuna_cluster_test_mlflow")
+    running = Cluster(URL, backend, tmp_path_factory.mktemp("cluster"), proxy_threads=4)
+    try:
+        running.start_mlflow()
+        running.start_proxy()
+        yield running
+    finally:
+        running.close()
+
+
+def test_a_run_against_the_tracking_server_ends_finished_with_its_artifacts(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    experiment = f"server-run-{tmp_path.name}"
+    command = ["run", "--benchmark", "examples.diabetes:build", "--steps", "40", "--dt", "20"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fm_optuna.cli",
+            *command,
+            "--tracking-uri",
+            cluster.tracking,
+            "--experiment",
+            experiment,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=cluster.tracking)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None and found.artifact_location.startswith("mlflow-artifacts:")
+    runs = client.search_runs([found.experiment_id])
+    assert runs and {run.info.status for run in runs} == {"FINISHED"}
+    forkmerge = [r for r in runs if r.data.tags.get("fm_optuna.method") == "forkmerge"] or runs
+    # Uploaded through the server (--serve-artifacts), read back through it.
+    assert any(client.list_artifacts(run.info.run_id) for run in forkmerge)
+    assert list((cluster.folder / "mlartifacts").rglob("*")), "the server stored the artifacts"
+
+
+def test_workers_survive_a_killed_proxy_and_tracking_server(cluster: Cluster) -> None:
+    report = kill_and_restart(
+        cluster,
+        ROOT / "examples" / "cluster.toml",
+        workers=4,
+        trials=8,
+        kill_after=2,
+        down_seconds=5,
+        timeout=600,
+    )
+    assert report["exit_codes"] == [0], report  # every worker completed after the restart
+    assert report["finished_before_kill"] >= 1
+    assert report["lost_after_restart"] == []  # nothing recorded before the kill is lost
+    assert report["finished"] >= 8 and report["running"] == 0
+    assert report["duplicates"] == 0
+    assert report["mlflow_running"] == 0 and report["mlflow_runs"] > report["finished"]
+    # Each worker said once that it waits for the storage (a worker may end before the kill).
+    assert max(report["waiting_lines_per_worker"]) == 1, report
