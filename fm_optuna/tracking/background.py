@@ -65,11 +65,13 @@ class BackgroundWriter:
         if self._closing:
             raise RuntimeError("the background writer is closed")
         with self._changed:
-            self._submitted += 1
-            number = self._submitted
+            # Counted only once queued: a signal raised between two of these lines (Ctrl-C
+            # arrives between any two bytecodes) never leaves wait() waiting for a lost job.
+            number = self._submitted + 1
+            self._queue.put((number, job))
+            self._submitted = number
             if key is not None:
                 self._latest[key] = number
-        self._queue.put((number, job))
         return number
 
     def superseded(self, key: str) -> bool:

@@ -915,8 +915,10 @@ class MlflowTracker(Observer):
         if self._closed:
             return
         self._closed = True
-        self._writer.submit(self._log.close)
-        self._writer.close()
+        try:
+            self._writer.submit(self._log.close)
+        finally:
+            self._writer.close()
 
     def _later(self, hook: Callable[[Any], None], event: Any) -> int:
         return self._writer.submit(functools.partial(hook, captured(event)))
