@@ -160,14 +160,14 @@ def transfer_metrics(event: TransferMeasured) -> dict[str, float]:
     return metrics
 
 
-def _never_raises(hook: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+def _never_raises(hook: Callable[..., None]) -> Callable[..., None]:
     """An observer hook that cannot stop training: any error (a bug here included) is reported
     like a store failure, and tracking stops."""
 
     @functools.wraps(hook)
-    def guarded(self: _RunLog, event: Any) -> None:
+    def guarded(self: _RunLog, *args: Any) -> None:
         try:
-            hook(self, event)
+            hook(self, *args)
         except Exception as error:
             self.unlogged["events"] += 1
             self._failed(error)
@@ -600,13 +600,12 @@ class _RunLog:
 
     def _create_run(self, name: str, tags: Mapping[str, str]) -> str | None:
         safe = {k: mask_uri(str(v)) for k, v in tags.items()}
-        run = self._call(
-            Counter(runs=1),
-            "create_run",
-            self.store.experiment_id,
-            tags=safe,
-            run_name=name,
-        )
+        try:
+            experiment_id = self.store.experiment_id  # waits for a new store's preparation
+        except Exception as error:  # it failed: a store failure like any other (counted below)
+            self._failed(error)
+            experiment_id = ""
+        run = self._call(Counter(runs=1), "create_run", experiment_id, tags=safe, run_name=name)
         return None if run is None else run.info.run_id
 
     def _finish(self, run: _Run, status: str) -> None:
