@@ -804,9 +804,9 @@ class MlflowTracker(Observer):
     Each hook copies its event (:func:`captured`) and queues it for one background thread
     (:class:`~fm_optuna.tracking.background.BackgroundWriter`) that makes the MLflow calls in
     order: runs, batched metrics, merge records, the Λ note, the figures. A hook returns at once,
-    except at a merge: once the store is open, the merge's metrics, record and note are written
-    before the hook returns (the figures follow in the background), so the next round never
-    starts before MLflow holds every event up to that merge. :meth:`close` (called when the
+    except at a merge: the merge's metrics, record and note are written before the hook returns
+    (the figures follow in the background), so the next round never starts before MLflow holds
+    every event up to that merge. :meth:`close` (called when the
     command ends, also after an exception or a signal) writes what is queued and ends the runs.
 
     Args:
@@ -891,11 +891,11 @@ class MlflowTracker(Observer):
         merged = self._later(self._log.on_merge_completed, event)
         key = f"figures/{event.run}"
         self._writer.submit(functools.partial(self._figures, event.run, key), key=key)
-        if self.store.is_open:
-            # A merge is a checkpoint boundary: what MLflow shows is never more than this
-            # merge behind, and a SIGKILL in the next round loses nothing up to it. While a new
-            # store is still being prepared there is nowhere to write: training does not wait.
-            self._writer.wait(merged)
+        # A merge is a checkpoint boundary: what MLflow shows is never behind the latest merge,
+        # and a SIGKILL in the next round loses nothing up to it. The wait is the merge's own
+        # writes; only a new store still being prepared at the first merge makes it longer
+        # (no longer than opening it before training did).
+        self._writer.wait(merged)
 
     def on_run_finished(self, event: RunFinished) -> None:
         self._later(self._log.on_run_finished, event)
