@@ -266,14 +266,13 @@ class MergeProblemWriter(Observer):
 def artifact_logger(observers: Sequence[Any]) -> Any:
     """A callback logging a saved merge problem to the MLflow run of the tracker among
     ``observers`` (under ``merge_problems/``), or ``None`` when nothing is tracked."""
-    trackers = [o for o in observers if hasattr(o, "run_id") and hasattr(o, "store")]
+    trackers = [o for o in observers if hasattr(o, "log_file") and hasattr(o, "store")]
     if not trackers:
         return None
     tracker = trackers[0]
 
     def log(run: str, path: Path) -> None:
-        run_id = tracker.run_id(run)
-        if run_id is not None and tracker.error is None:
-            tracker.store.client.log_artifact(run_id, str(path), "merge_problems")
+        # Queued behind the run's events; the tracker counts it as not logged after an error.
+        tracker.log_file(run, path, "merge_problems")
 
     return log

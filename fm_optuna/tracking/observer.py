@@ -15,10 +15,16 @@ Metrics are buffered and written with one ``log_batch`` per run at each merge (b
 ``flush_every`` progress reports) and at the end, never one call per step. A store failure in
 the middle of a run never stops training: it is reported once, logging stops, and :meth:`close`
 says what was not logged.
+
+None of this happens on the training thread: :class:`MlflowTracker` copies each event and hands
+it to one background thread (:mod:`fm_optuna.tracking.background`) that runs :class:`_RunLog`,
+the code that makes the calls, strictly in order. The design is in ``tracking/README.md``.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -47,6 +53,7 @@ from mlflow.utils.validation import (
 from fm_optuna.core._events import (
     BranchDiverged,
     BranchesEvaluated,
+    Event,
     MergeCompleted,
     Observer,
     RunFinished,
@@ -55,6 +62,7 @@ from fm_optuna.core._events import (
     TrainingProgress,
     TransferMeasured,
 )
+from fm_optuna.tracking.background import BackgroundWriter
 from fm_optuna.tracking.notes import MergeRow, decision_table, lambda_note
 from fm_optuna.tracking.plots import (
     MergeRecord,
@@ -69,7 +77,7 @@ if TYPE_CHECKING:
     from fm_optuna.tracking.store import TrackingStore
 
 logger = logging.getLogger("fm_optuna.tracking")
-T = TypeVar("T")
+E = TypeVar("E", bound=Event)
 
 #: RunFinished.status → MLflow run status.
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -152,14 +160,14 @@ def transfer_metrics(event: TransferMeasured) -> dict[str, float]:
     return metrics
 
 
-def _never_raises(hook: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+def _never_raises(hook: Callable[..., None]) -> Callable[..., None]:
     """An observer hook that cannot stop training: any error (a bug here included) is reported
     like a store failure, and tracking stops."""
 
     @functools.wraps(hook)
-    def guarded(self: MlflowTracker, event: Any) -> None:
+    def guarded(self: _RunLog, *args: Any) -> None:
         try:
-            hook(self, event)
+            hook(self, *args)
         except Exception as error:
             self.unlogged["events"] += 1
             self._failed(error)
@@ -209,23 +217,11 @@ class _Run:
         return [*self.children.values(), self.run_id]
 
 
-class MlflowTracker(Observer):
-    """Logs the event stream of one invocation to an MLflow experiment.
+class _RunLog:
+    """Logs the event stream of one invocation to an MLflow experiment, one call at a time.
 
-    Args:
-        store: An opened store (:func:`fm_optuna.tracking.open_store`); its experiment gets the
-            runs.
-        tags: Extra tags on every run (e.g. an outer-study trial number).
-        run_prefix: Prefix of run names (run names are ``<prefix><method>-seed<seed>``).
-        higher_is_better: Direction of the target's primary metric, for the transfer gain in the
-            summary (``None``: inferred from the branch scores, else TG is left out).
-        flush_every: Progress reports buffered before a write when no merge comes first.
-
-    Example:
-        >>> store = open_store(experiment="fm-optuna/toy")  # doctest: +SKIP
-        >>> tracker = MlflowTracker(store, higher_is_better=False)  # doctest: +SKIP
-        >>> run_methods(problem, config, events=EventStream([tracker]))  # doctest: +SKIP
-        >>> tracker.close()  # doctest: +SKIP
+    Runs in :class:`MlflowTracker`'s background thread only: every method here may wait on the
+    store (and on a new store's preparation). Its arguments are the tracker's.
     """
 
     def __init__(
@@ -491,8 +487,21 @@ class MlflowTracker(Observer):
             )
         )
         self._note(run)
-        self._log_figures(run)  # overwritten at every merge: a live run shows its trajectory
         self.flush()
+
+    @_never_raises
+    def draw_figures(self, event_run: str) -> None:
+        """Redraw the open run's Λ pictures from every merge so far (overwritten at every merge:
+        a live run shows its trajectory)."""
+        run = self._runs.get(event_run)
+        if run is not None and run.figures_drawn < len(run.merges):
+            self._log_figures(run)
+
+    @_never_raises
+    def log_file(self, event_run: str, path: Path, artifact_path: str | None) -> None:
+        """A file of the open run ``event_run`` (e.g. a saved merge problem) as an artifact."""
+        run = self._runs.get(event_run)
+        self._log_file(None if run is None else run.run_id, path, artifact_path)
 
     @_never_raises
     def on_run_finished(self, event: RunFinished) -> None:
@@ -569,7 +578,7 @@ class MlflowTracker(Observer):
             for metrics, params, tags in _chunks(batch):
                 self._call(
                     Counter(metrics=len(metrics), params=len(params), tags=len(tags)),
-                    self.store.client.log_batch,
+                    "log_batch",
                     run_id,
                     metrics=metrics,
                     params=params,
@@ -591,13 +600,12 @@ class MlflowTracker(Observer):
 
     def _create_run(self, name: str, tags: Mapping[str, str]) -> str | None:
         safe = {k: mask_uri(str(v)) for k, v in tags.items()}
-        run = self._call(
-            Counter(runs=1),
-            self.store.client.create_run,
-            self.store.experiment_id,
-            tags=safe,
-            run_name=name,
-        )
+        try:
+            experiment_id = self.store.experiment_id  # waits for a new store's preparation
+        except Exception as error:  # it failed: a store failure like any other (counted below)
+            self._failed(error)
+            experiment_id = ""
+        run = self._call(Counter(runs=1), "create_run", experiment_id, tags=safe, run_name=name)
         return None if run is None else run.info.run_id
 
     def _finish(self, run: _Run, status: str) -> None:
@@ -610,7 +618,7 @@ class MlflowTracker(Observer):
                 continue
             self._call(
                 Counter(**{"run statuses": 1}),
-                self.store.client.set_terminated,
+                "set_terminated",
                 run_id,
                 status=status,
             )
@@ -620,15 +628,13 @@ class MlflowTracker(Observer):
         if run_id is None:
             self.unlogged["artifacts"] += 1
             return
-        self._call(Counter(artifacts=1), self.store.client.log_text, run_id, text, artifact_file)
+        self._call(Counter(artifacts=1), "log_text", run_id, text, artifact_file)
 
     def _log_file(self, run_id: str | None, path: Path, artifact_path: str | None = None) -> None:
         if run_id is None:
             self.unlogged["artifacts"] += 1
             return
-        self._call(
-            Counter(artifacts=1), self.store.client.log_artifact, run_id, str(path), artifact_path
-        )
+        self._call(Counter(artifacts=1), "log_artifact", run_id, str(path), artifact_path)
 
     def _scratch(self) -> Path:
         if self._workdir is None:
@@ -750,16 +756,16 @@ class MlflowTracker(Observer):
             return True
         return False if math.isclose(score, -value) else None
 
-    def _call(
-        self, counts: Counter[str], function: Callable[..., T], *args: Any, **kwargs: Any
-    ) -> T | None:
-        """One store operation. After the first failure the store is left alone (a dead server
-        would otherwise cost its full retry time at every call) and only counts are kept."""
+    def _call(self, counts: Counter[str], method: str, *args: Any, **kwargs: Any) -> Any:
+        """One call of the client's ``method``. After the first failure the store is left alone
+        (a dead server would otherwise cost its full retry time at every call) and only counts
+        are kept. The client is looked up here: a new store's preparation may still be under
+        way (this waits for it) or may have failed (its error is the store's failure)."""
         if self.error is not None:
             self.unlogged.update(counts)
             return None
         try:
-            return function(*args, **kwargs)
+            return getattr(self.store.client, method)(*args, **kwargs)
         except Exception as error:
             if _cut_mid_request(error):
                 # A server killed while answering: MLflow's client retries a refused connection
@@ -770,7 +776,7 @@ class MlflowTracker(Observer):
                     self.store.display_uri,
                 )
                 try:
-                    return function(*args, **kwargs)
+                    return getattr(self.store.client, method)(*args, **kwargs)
                 except Exception as again:
                     error = again
             self.unlogged.update(counts)
@@ -799,6 +805,146 @@ _CUT = re.compile(r"Connection broken|Connection aborted|RemoteDisconnected|Inco
 
 def _cut_mid_request(error: Exception) -> bool:
     return bool(_CUT.search(str(error)))
+
+
+def captured(event: E) -> E:
+    """The event as data the training thread can no longer change: every field deep-copied,
+    callables (``MergeCompleted.snapshot``, ``merge_problem``, which read the loop's live state
+    when called) left out, since the tracker never calls them."""
+    values = {}
+    for item in dataclasses.fields(event):
+        value = getattr(event, item.name)
+        values[item.name] = None if callable(value) else copy.deepcopy(value)
+    return type(event)(**values)
+
+
+class MlflowTracker(Observer):
+    """Logs the event stream of one invocation to an MLflow experiment, off the training thread.
+
+    Each hook copies its event (:func:`captured`) and queues it for one background thread
+    (:class:`~fm_optuna.tracking.background.BackgroundWriter`) that makes the MLflow calls in
+    order: runs, batched metrics, merge records, the Λ note, the figures. A hook returns at once,
+    except at a merge: the merge's metrics, record and note are written before the hook returns
+    (the figures follow in the background), so the next round never starts before MLflow holds
+    every event up to that merge. :meth:`close` (called when the
+    command ends, also after an exception or a signal) writes what is queued and ends the runs.
+
+    Args:
+        store: An opened store (:func:`fm_optuna.tracking.open_store`; a new store may still be
+            preparing in the background); its experiment gets the runs.
+        tags: Extra tags on every run (e.g. an outer-study trial number).
+        run_prefix: Prefix of run names (run names are ``<prefix><method>-seed<seed>``).
+        higher_is_better: Direction of the target's primary metric, for the transfer gain in the
+            summary (``None``: inferred from the branch scores, else TG is left out).
+        flush_every: Progress reports buffered before a write when no merge comes first.
+
+    Example:
+        >>> store = open_store(experiment="fm-optuna/toy")  # doctest: +SKIP
+        >>> tracker = MlflowTracker(store, higher_is_better=False)  # doctest: +SKIP
+        >>> run_methods(problem, config, events=EventStream([tracker]))  # doctest: +SKIP
+        >>> tracker.close()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        store: TrackingStore,
+        *,
+        tags: Mapping[str, str] | None = None,
+        run_prefix: str = "",
+        higher_is_better: bool | None = None,
+        flush_every: int = 50,
+    ) -> None:
+        self._log = _RunLog(
+            store,
+            tags=tags,
+            run_prefix=run_prefix,
+            higher_is_better=higher_is_better,
+            flush_every=flush_every,
+        )
+        self._writer = BackgroundWriter()
+        self._closed = False
+
+    @property
+    def store(self) -> TrackingStore:
+        return self._log.store
+
+    @property
+    def invocation(self) -> str:
+        return self._log.invocation
+
+    @property
+    def error(self) -> str | None:
+        """First store error (redacted), ``None`` while everything is logged."""
+        return self._log.error
+
+    @property
+    def unlogged(self) -> Counter[str]:
+        """What could not be logged after :attr:`error`, by kind (metrics, params, runs, ...)."""
+        return self._log.unlogged
+
+    @property
+    def background_seconds(self) -> float:
+        """Seconds the background thread spent logging (waiting for a new store included)."""
+        return self._writer.busy_seconds
+
+    def run_id(self, run: str) -> str | None:
+        """The MLflow run id of the event stream's run ``run`` (e.g. "forkmerge"), if open.
+        Waits for what is queued, so a run just started has its id."""
+        self._writer.wait()
+        return self._log.run_id(run)
+
+    # --- events: copied here, logged in the background ---------------------------------------
+
+    def on_run_started(self, event: RunStarted) -> None:
+        self._later(self._log.on_run_started, event)
+
+    def on_training_progress(self, event: TrainingProgress) -> None:
+        self._later(self._log.on_training_progress, event)
+
+    def on_branch_diverged(self, event: BranchDiverged) -> None:
+        self._later(self._log.on_branch_diverged, event)
+
+    def on_branches_evaluated(self, event: BranchesEvaluated) -> None:
+        self._later(self._log.on_branches_evaluated, event)
+
+    def on_merge_completed(self, event: MergeCompleted) -> None:
+        merged = self._later(self._log.on_merge_completed, event)
+        key = f"figures/{event.run}"
+        self._writer.submit(functools.partial(self._figures, event.run, key), key=key)
+        # A merge is a checkpoint boundary: what MLflow shows is never behind the latest merge,
+        # and a SIGKILL in the next round loses nothing up to it. The wait is the merge's own
+        # writes; only a new store still being prepared at the first merge makes it longer
+        # (no longer than opening it before training did).
+        self._writer.wait(merged)
+
+    def on_run_finished(self, event: RunFinished) -> None:
+        self._later(self._log.on_run_finished, event)
+
+    def on_transfer_measured(self, event: TransferMeasured) -> None:
+        self._later(self._log.on_transfer_measured, event)
+
+    def log_file(self, run: str, path: Path, artifact_path: str | None = None) -> None:
+        """Attach a file that stays where it is (e.g. a saved merge problem) to the event
+        stream's run ``run``, in order with its events."""
+        self._writer.submit(functools.partial(self._log.log_file, run, path, artifact_path))
+
+    def close(self) -> None:
+        """Write everything queued, end what is still open (KILLED, ``UNFINISHED``), attach the
+        summary, and say what could not be logged; waits for the background thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._writer.submit(self._log.close)
+        finally:
+            self._writer.close()
+
+    def _later(self, hook: Callable[[Any], None], event: Any) -> int:
+        return self._writer.submit(functools.partial(hook, captured(event)))
+
+    def _figures(self, run: str, key: str) -> None:
+        if not self._writer.superseded(key):  # a newer merge's redraw shows this one too
+            self._log.draw_figures(run)
 
 
 def _chunks(batch: _Batch) -> Iterator[tuple[list[Metric], list[Param], list[RunTag]]]:

@@ -1,7 +1,8 @@
 """MLflow wired to a problem: the observers the command line and the public API both attach.
 
 Each function opens its store first (before any training: an unreachable store is one line and
-no lost work) and returns observers that know the target's direction.
+no lost work; a new database of ``run`` finishes its preparation in the background) and returns
+observers that know the target's direction.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ def open_run_store(
     uri: str | None, problem: Problem, experiment: str | None = None
 ) -> TrackingStore:
     """The store of ``fm-optuna run`` and ``fm_optuna.train_forkmerge``: experiment
-    ``fm-optuna/<problem>-<target>`` unless named."""
+    ``fm-optuna/<problem>-<target>`` unless named. A new database is checked here and prepared
+    while the pre-pass and the first round run (the tracker writes once it is ready)."""
     name = experiment or default_experiment_name(problem.name, problem.target)
-    return open_store(uri, experiment=name)
+    return open_store(uri, experiment=name, background=True)
 
 
 def run_tracker(store: TrackingStore, problem: Problem) -> MlflowTracker:

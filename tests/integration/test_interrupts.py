@@ -201,3 +201,80 @@ def test_sigterm_on_run_ends_its_mlflow_runs_killed(tmp_path: Path) -> None:
     assert code == 143 and "Traceback" not in err, err
     runs = mlflow_runs(mlflow, "fm-optuna/diabetes-progression")
     assert runs and {run.info.status for run in runs} == {"KILLED"}
+
+
+KILLED_MID_ROUND = """
+import sys
+from examples.diabetes import build
+from fm_optuna.config import ForkMergeConfig
+from fm_optuna.core._events import EventStream, Observer
+from fm_optuna.core._loop import run_forkmerge
+from fm_optuna.tracking import MlflowTracker, open_store
+
+
+class Merged(Observer):
+    # After the tracker: the line says the tracker's hook for this merge has returned.
+    def on_merge_completed(self, event):
+        print(f"merged {event.round} {event.step}", flush=True)
+
+
+store = open_store(sys.argv[1], experiment="killed")
+tracker = MlflowTracker(store)
+config = ForkMergeConfig(
+    dt=50, total_steps=100000, strategy="random", merge_trials=3, ranking="given", log_every=10
+)
+run_forkmerge(build(), config, EventStream([tracker, Merged()]))
+"""
+
+
+def test_sigkill_mid_round_finds_every_event_up_to_the_last_merge_in_mlflow(
+    tmp_path: Path,
+) -> None:
+    """No `finally` runs on SIGKILL: what MLflow holds is what was written before the next round
+    began. Every merge the process announced (after the tracker's hook) must be there whole."""
+    from mlflow import MlflowClient
+
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_MID_ROUND)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    process = subprocess.Popen(
+        [sys.executable, str(script), uri],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    announced = []
+    for line in process.stdout:  # blocks until the next line: no clock involved
+        announced.append(tuple(int(n) for n in line.split()[1:]))
+        if len(announced) == 2:
+            process.kill()  # in round 3 (or later: then it printed more, read below)
+            break
+    rest, err = process.communicate(timeout=300)
+    announced += [tuple(int(n) for n in line.split()[1:]) for line in rest.splitlines()]
+    assert process.returncode == -signal.SIGKILL, err
+    last_round, last_step = announced[-1]
+
+    runs = mlflow_runs(uri, "killed")
+    (top,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert top.info.status == "RUNNING"  # nobody could end it: the next invocation will
+    client = MlflowClient(tracking_uri=uri)
+    rounds = client.get_metric_history(top.info.run_id, "merge/round")
+    assert sorted(int(m.value) for m in rounds)[:last_round] == list(range(1, last_round + 1))
+    merges = {f.path for f in client.list_artifacts(top.info.run_id, "merges")}
+    assert {f"merges/round_{r:03d}.json" for r in range(1, last_round + 1)} <= merges
+    note = top.data.tags["mlflow.note.content"]
+    assert f"| {last_round} | {last_step} |" in note
+    for child in children:  # every branch's losses and scores up to that merge
+        scores = client.get_metric_history(child.info.run_id, "val/score")
+        assert {50 * r for r in range(1, last_round + 1)} <= {m.step for m in scores}
+        losses = [
+            m.step
+            for key in child.data.metrics
+            if key.startswith("train/loss/")
+            for m in client.get_metric_history(child.info.run_id, key)
+        ]
+        assert set(range(10, last_step + 1, 10)) <= set(losses)

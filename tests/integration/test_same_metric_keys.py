@@ -80,8 +80,8 @@ def _doors(uri: str, tmp: Path) -> dict[str, Callable[[], object]]:
 
     def bench() -> None:
         # The tracked measurement opens a temporary store: here, the test's (same experiment).
-        def into_the_test_store(_: str | None = None, *, experiment: str) -> Any:
-            return open_store(uri, experiment=experiment)
+        def into_the_test_store(_: str | None = None, *, experiment: str, **options: Any) -> Any:
+            return open_store(uri, experiment=experiment, **options)
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr("fm_optuna.tracking.open_store", into_the_test_store)
