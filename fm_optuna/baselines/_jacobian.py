@@ -14,6 +14,10 @@ The rows are filled by one ``torch.autograd.grad`` per task rather than by
 parameters, so K separate backward passes cost one summed backward, while ``autojac.backward``
 back-propagates every row through every task's graph (measured 2-3x slower per step on digits).
 
+torchjd is imported where it is used, in every baseline module: importing any of it loads cvxpy
+(for CAGrad and Nash-MTL; about 1.4 s warm, several seconds cold), which `fm-optuna --help` and a
+run without gradient methods never need.
+
 One caveat: a task routed to *another task's head* (digits' ``noisy_mnist`` uses the target's
 head) reaches that head too, and there the two gradients are summed, not aggregated.
 """
@@ -27,7 +31,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torchjd.autojac import jac_to_grad
 
 from fm_optuna.baselines.base import Baseline
 from fm_optuna.core._gradients import split_parameters, task_gradients
@@ -57,6 +60,8 @@ class JacobianRule:
         rows = task_gradients(losses, self.tasks, [*shared, *specific])
         for index, parameter in enumerate(shared):
             parameter.jac = torch.stack([row[index] for row in rows])  # type: ignore[attr-defined]
+        from torchjd.autojac import jac_to_grad  # on use: importing torchjd loads cvxpy
+
         with warnings.catch_warnings():
             # cvxpy warns on every fresh Nash-MTL problem that re-solves will not be faster
             # (its problem is not DPP): a speed note about torchjd's formulation, not an error.

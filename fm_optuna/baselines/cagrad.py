@@ -6,12 +6,13 @@ torchjd's ``CAGrad`` aggregator on the shared parameters; needs cvxpy with the C
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-from torchjd.aggregation import Aggregator, CAGrad
+from typing import TYPE_CHECKING, ClassVar
 
 from fm_optuna.baselines._jacobian import GradientBaseline
 from fm_optuna.errors import invalid
+
+if TYPE_CHECKING:
+    from torchjd.aggregation import Aggregator
 
 
 @dataclass(frozen=True)
@@ -27,4 +28,6 @@ class CaGrad(GradientBaseline):
             raise invalid("c", self.c, "a non-negative number")
 
     def aggregator(self, n_tasks: int) -> Aggregator:
+        from torchjd.aggregation import CAGrad  # see _jacobian: loaded on use
+
         return CAGrad(c=self.c)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torchjd.scalarization import DWA
 
 from fm_optuna.baselines.base import Baseline
 from fm_optuna.errors import invalid
@@ -31,6 +30,8 @@ class DynamicWeightRule:
     def __init__(self, problem: Problem, *, window: int, temperature: float) -> None:
         self.tasks: tuple[str, ...] = problem.task_names
         self.window = window
+        from torchjd.scalarization import DWA  # see _jacobian: loaded on use
+
         self.scalarizer = DWA(temperature=temperature)
 
     def begin_step(self, step: int) -> None:

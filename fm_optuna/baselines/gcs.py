@@ -12,9 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torchjd.aggregation import Aggregator
-
 from fm_optuna.baselines._jacobian import JacobianRule
 from fm_optuna.baselines.base import Baseline
 from fm_optuna.errors import invalid
@@ -22,22 +19,6 @@ from fm_optuna.errors import invalid
 if TYPE_CHECKING:
     from fm_optuna.core._training import UpdateRule
     from fm_optuna.problem._tasks import Problem
-
-
-class CosineGate(Aggregator):
-    """Row 0 (the target) plus every other row gated by its cosine with row 0."""
-
-    def __init__(self, *, weighted: bool = False) -> None:
-        super().__init__()
-        self.weighted = weighted
-
-    def gates(self, matrix: torch.Tensor) -> torch.Tensor:
-        """The factor of each auxiliary row (1/0, or max(0, cos) when weighted)."""
-        cosines = torch.nn.functional.cosine_similarity(matrix[1:], matrix[:1], dim=1)
-        return cosines.clamp(min=0) if self.weighted else (cosines > 0).to(matrix.dtype)
-
-    def forward(self, matrix: torch.Tensor, /) -> torch.Tensor:
-        return matrix[0] + self.gates(matrix) @ matrix[1:]
 
 
 @dataclass(frozen=True)
@@ -54,5 +35,7 @@ class GradientCosineSimilarity(Baseline):
             raise invalid("weighted", self.weighted, "true or false")
 
     def rule(self, problem: Problem) -> UpdateRule:
+        from fm_optuna.baselines._cosine_gate import CosineGate  # torchjd: see _jacobian
+
         tasks = (problem.target, *problem.auxiliaries)
         return JacobianRule(problem, CosineGate(weighted=self.weighted), tasks)

@@ -6,12 +6,13 @@ torchjd's stateful ``GradVac`` aggregator on the shared parameters (one fresh in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-from torchjd.aggregation import Aggregator, GradVac
+from typing import TYPE_CHECKING, ClassVar
 
 from fm_optuna.baselines._jacobian import GradientBaseline
 from fm_optuna.errors import invalid
+
+if TYPE_CHECKING:
+    from torchjd.aggregation import Aggregator
 
 
 @dataclass(frozen=True)
@@ -27,4 +28,6 @@ class GradVaccine(GradientBaseline):
             raise invalid("beta", self.beta, "a number in (0, 1]")
 
     def aggregator(self, n_tasks: int) -> Aggregator:
+        from torchjd.aggregation import GradVac  # see _jacobian: loaded on use
+
         return GradVac(beta=self.beta)

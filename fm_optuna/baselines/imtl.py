@@ -8,11 +8,12 @@ task's gradient, so IMTL-L would only rescale the head gradients and is left out
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-from torchjd.aggregation import IMTLG, Aggregator
+from typing import TYPE_CHECKING, ClassVar
 
 from fm_optuna.baselines._jacobian import GradientBaseline
+
+if TYPE_CHECKING:
+    from torchjd.aggregation import Aggregator
 
 
 @dataclass(frozen=True)
@@ -21,4 +22,6 @@ class ImtlG(GradientBaseline):
     reference: ClassVar[str] = "Liu et al., 2021 (IMTL-G)"
 
     def aggregator(self, n_tasks: int) -> Aggregator:
+        from torchjd.aggregation import IMTLG  # see _jacobian: loaded on use
+
         return IMTLG()

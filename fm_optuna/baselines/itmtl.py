@@ -48,8 +48,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torchjd.aggregation import Mean, Sum
-from torchjd.scalarization import UW
 
 from fm_optuna.baselines._jacobian import GradientBaseline
 from fm_optuna.baselines.base import Baseline
@@ -78,10 +76,22 @@ AGGREGATED: dict[str, type[GradientBaseline]] = {
     "imtl": ImtlG,
     "cagrad": CaGrad,
 }
-PLAIN = {"ew": Sum, "mean": Mean}  # torchjd's sum and mean of the (weighted) task gradients
+PLAIN = ("ew", "mean")  # torchjd's sum and mean of the (weighted) task gradients
 EACH_TASK = "tasks"
 LOOKAHEADS = ("optimizer", "sgd")
 WEIGHTINGS = ("equal", "uw")
+
+
+def _plain(name: str) -> Aggregator:
+    from torchjd.aggregation import Mean, Sum  # see _jacobian: loaded on use
+
+    return Sum() if name == "ew" else Mean()
+
+
+def _uncertainty(n_tasks: int, device: torch.device) -> torch.nn.Module:
+    from torchjd.scalarization import UW  # see _jacobian: loaded on use
+
+    return UW(n_tasks).to(device)
 
 
 def candidate_names(requested: Sequence[str], tasks: Sequence[str]) -> tuple[str, ...]:
@@ -148,11 +158,11 @@ class TransferenceRule:
         self.first_order, self.lookahead, self.lr = first_order, lookahead, lr
         n = len(self.tasks)
         self.aggregators: dict[str, Aggregator] = {
-            name: PLAIN[name]() if name in PLAIN else AGGREGATED[name]().aggregator(n)
+            name: _plain(name) if name in PLAIN else AGGREGATED[name]().aggregator(n)
             for name in self.candidates
             if name not in self.tasks
         }
-        self.scalarizer = UW(n).to(problem.device) if weighting == "uw" else None
+        self.scalarizer = _uncertainty(n, problem.device) if weighting == "uw" else None
         self.optimizer: torch.optim.Optimizer | None = None
         self._replay: BatchReplay | None = None
         self.wins: dict[str, int] = dict.fromkeys(self.candidates, 0)  # over the whole run

@@ -6,12 +6,13 @@ torchjd's ``MGDA`` aggregator (Frank-Wolfe on the Gramian) on the shared paramet
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-from torchjd.aggregation import MGDA, Aggregator
+from typing import TYPE_CHECKING, ClassVar
 
 from fm_optuna.baselines._jacobian import GradientBaseline
 from fm_optuna.errors import invalid
+
+if TYPE_CHECKING:
+    from torchjd.aggregation import Aggregator
 
 
 @dataclass(frozen=True)
@@ -30,4 +31,6 @@ class Mgda(GradientBaseline):
             raise invalid("max_iters", self.max_iters, "a positive integer")
 
     def aggregator(self, n_tasks: int) -> Aggregator:
+        from torchjd.aggregation import MGDA  # see _jacobian: loaded on use
+
         return MGDA(epsilon=self.epsilon, max_iters=self.max_iters)

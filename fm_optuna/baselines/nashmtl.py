@@ -7,12 +7,13 @@ needs cvxpy with the ECOS solver.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-from torchjd.aggregation import Aggregator, NashMTL
+from typing import TYPE_CHECKING, ClassVar
 
 from fm_optuna.baselines._jacobian import GradientBaseline
 from fm_optuna.errors import invalid
+
+if TYPE_CHECKING:
+    from torchjd.aggregation import Aggregator
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class NashMtl(GradientBaseline):
                 raise invalid(key, value, "a positive integer")
 
     def aggregator(self, n_tasks: int) -> Aggregator:
+        from torchjd.aggregation import NashMTL  # see _jacobian: loaded on use
+
         return NashMTL(
             n_tasks=n_tasks,
             max_norm=self.max_norm,

@@ -8,11 +8,12 @@ seed (through the model's initialisation), so a seed still fixes the run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-from torchjd.aggregation import Aggregator, PCGrad
+from typing import TYPE_CHECKING, ClassVar
 
 from fm_optuna.baselines._jacobian import GradientBaseline
+
+if TYPE_CHECKING:
+    from torchjd.aggregation import Aggregator
 
 
 @dataclass(frozen=True)
@@ -21,4 +22,6 @@ class PcGrad(GradientBaseline):
     reference: ClassVar[str] = "Yu et al., 2020"
 
     def aggregator(self, n_tasks: int) -> Aggregator:
+        from torchjd.aggregation import PCGrad  # see _jacobian: loaded on use
+
         return PCGrad()

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torchjd.scalarization import UW
 
 from fm_optuna.baselines.base import Baseline
 
@@ -26,6 +25,8 @@ if TYPE_CHECKING:
 class UncertaintyRule:
     def __init__(self, problem: Problem) -> None:
         self.tasks: tuple[str, ...] = problem.task_names
+        from torchjd.scalarization import UW  # see _jacobian: loaded on use
+
         self.scalarizer = UW(len(self.tasks)).to(problem.device)
 
     @property

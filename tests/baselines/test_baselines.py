@@ -21,7 +21,7 @@ from fm_optuna.baselines import (
     make_baseline,
     run_baseline,
 )
-from fm_optuna.baselines.gcs import CosineGate
+from fm_optuna.baselines._cosine_gate import CosineGate
 from fm_optuna.config import ForkMergeConfig
 from fm_optuna.core._training import (
     data_generator,
@@ -235,3 +235,22 @@ def test_shared_parameters_default_to_everything_outside_the_heads() -> None:
         "trunk.1.bias",
         "trunk.1.weight",
     ]
+
+
+def test_the_registry_and_the_cli_load_torchjd_only_for_a_gradient_method() -> None:
+    """Importing torchjd loads cvxpy (seconds at every CLI start); only building a gradient
+    method's rule may import it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "import fm_optuna.cli, fm_optuna.cli._compare, fm_optuna.cli._run, fm_optuna.cli._study\n"
+        "from fm_optuna.baselines import make_baseline\n"
+        "[make_baseline(name) for name in ('stl', 'ew', 'pcgrad', 'gcs', 'itmtl', 'uw')]\n"
+        "print('torchjd' in sys.modules, 'cvxpy' in sys.modules)\n"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert found == ["False", "False"]
