@@ -85,7 +85,8 @@ def _flag(value: bool | None) -> str:
 
 
 def cmd_compare_methods(args: argparse.Namespace) -> int:
-    from fm_optuna.experiments._compare_methods import compare_methods, finite, parse_methods
+    from fm_optuna._results import finite
+    from fm_optuna.experiments._compare_methods import compare_methods, parse_methods
     from fm_optuna.study._spec import check_branches_fit
 
     methods = parse_methods(args.methods)  # a bad name fails before anything is built
@@ -208,8 +209,8 @@ def _print_methods(
 def cmd_task_affinity(args: argparse.Namespace) -> int:
     """Rank the auxiliaries by the lookahead affinity and by the pre-pass, for each seed:
     measure, summarise, save (and log), print."""
+    from fm_optuna._results import finite
     from fm_optuna.errors import invalid
-    from fm_optuna.experiments._compare_methods import finite
 
     spec, config, device = _load(args)
     problem = spec.build_problem(device=device)

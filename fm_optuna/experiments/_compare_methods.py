@@ -19,15 +19,14 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fm_optuna._results import save_table
 from fm_optuna.config import ForkMergeConfig
 from fm_optuna.core._events import EventStream, Observer, RunFinished, RunSummary
 from fm_optuna.errors import invalid, one_of
@@ -189,16 +188,8 @@ class MethodsComparison:
         return out
 
     def save(self, directory: str | Path) -> dict[str, Path]:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         rows = self.rows()
-        paths = {"csv": directory / "methods.csv", "json": directory / "methods.json"}
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        with paths["csv"].open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        payload = {
+        result = {
             "config": self.config,
             "methods": list(self.methods),
             "table": rows,
@@ -208,19 +199,7 @@ class MethodsComparison:
                 {"target": r.target, "seed": r.seed, **r.comparison.to_dict()} for r in self.runs
             ],
         }
-        paths["json"].write_text(json.dumps(finite(payload), indent=2, default=str))
-        return paths
-
-
-def finite(value: Any) -> Any:
-    """``value`` with NaN and ±inf replaced by ``None`` (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {key: finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(item) for item in value]
-    return value
+        return save_table(Path(directory), "methods", rows, result)
 
 
 def compare_methods(
@@ -286,4 +265,4 @@ def compare_methods(
     return report
 
 
-__all__ = ["MethodRun", "MethodsComparison", "compare_methods", "finite", "parse_methods"]
+__all__ = ["MethodRun", "MethodsComparison", "compare_methods", "parse_methods"]

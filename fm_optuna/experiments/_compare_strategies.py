@@ -11,8 +11,6 @@ total seconds, and the mean L1 distance between a strategy's Λ and grid's Λ at
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fm_optuna._results import save_table
 from fm_optuna.config import ForkMergeConfig
 from fm_optuna.core._events import EventStream, Observer
 from fm_optuna.core._loop import run_forkmerge
@@ -78,23 +77,10 @@ class StrategyComparison:
         return rows
 
     def save(self, directory: Path) -> dict[str, Path]:
-        directory.mkdir(parents=True, exist_ok=True)
         rows = self.rows()
-        paths = {
-            "csv": directory / "strategies.csv",
-            "json": directory / "strategies.json",
-            "plot": directory / "strategies.png",
-        }
-        with paths["csv"].open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        paths["json"].write_text(
-            json.dumps(
-                {"config": self.config, "table": rows, "runs": [r.__dict__ for r in self.runs]},
-                indent=2,
-            )
-        )
+        result = {"config": self.config, "table": rows, "runs": [r.__dict__ for r in self.runs]}
+        paths = save_table(directory, "strategies", rows, result)
+        paths["plot"] = directory / "strategies.png"
         seeds = max((row["seeds"] for row in rows), default=1)
         metric = self.config.get("target_metric", "score")
         plot_strategies(rows, paths["plot"], metric=metric, seeds=seeds)

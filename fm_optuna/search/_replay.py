@@ -15,7 +15,6 @@ several budgets. Per strategy the comparison reports, over the problems (mean an
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fm_optuna._results import save_table
 from fm_optuna.errors import invalid, one_of
 from fm_optuna.problem._tasks import Problem, has_capability
 from fm_optuna.search._base import MergeDecision
@@ -178,42 +178,22 @@ class ReplayComparison:
         return x, regrets.mean(axis=0), regrets.std(axis=0)
 
     def save(self, directory: Path) -> dict[str, Path]:
-        directory.mkdir(parents=True, exist_ok=True)
         rows = self.rows()
-        paths = {
-            "csv": directory / "replay.csv",
-            "json": directory / "replay.json",
-            "plot": directory / "replay.png",
+        result = {
+            "config": self.config,
+            "best_known": self.best,
+            "tolerance_by_problem": self.tolerance,
+            "table": rows,
+            "runs": [asdict(r) for r in self.runs],
         }
-        with paths["csv"].open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        paths["json"].write_text(
-            json.dumps(
-                {
-                    "config": self.config,
-                    "best_known": self.best,
-                    "tolerance_by_problem": self.tolerance,
-                    "table": rows,
-                    "runs": [asdict(r) for r in self.runs],
-                },
-                indent=2,
-                default=_json_default,
-            )
-        )
+        paths = save_table(directory, "replay", rows, result)
+        paths["plot"] = directory / "replay.png"
         plot_anytime(self, paths["plot"])
         return paths
 
 
 def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _best_at(curve: Sequence[tuple[float, float]], passes: float) -> float:
