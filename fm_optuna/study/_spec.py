@@ -44,7 +44,13 @@ DEFAULT_BENCHMARK = "digits"
 #: Kept for code written before the schema moved to :mod:`fm_optuna.config`.
 StudySection = StudyOptions
 
-__all__ = ["DEFAULT_OPTUNA_STORAGE", "StudySpec", "load_spec", "parse_space"]
+__all__ = [
+    "DEFAULT_OPTUNA_STORAGE",
+    "StudySpec",
+    "check_space_searches",
+    "load_spec",
+    "parse_space",
+]
 
 
 @dataclass(frozen=True)
@@ -364,6 +370,19 @@ def load_spec(path: str | Path) -> StudySpec:
         allowed = "absent when training.keep fixes L"
         raise space_table.error("branches", space_table.table["branches"], allowed)
     return StudySpec(path, study, problem, base, space, runtime)
+
+
+def check_space_searches(spec: StudySpec, n_trials: int) -> None:
+    """More than one trial needs a space to search: with none, every trial would train the same
+    configuration (the sampler has nothing to vary), so the study would only repeat itself."""
+    if n_trials <= 1 or any(getattr(spec.space, f.name) is not None for f in fields(SpaceSection)):
+        return
+    names = ", ".join(f"space.{f.name}" for f in fields(SpaceSection))
+    raise ConfigError(
+        f"{spec.path}: Parameter `space` should give at least one of {names} when a study "
+        f"runs more than one trial (else every trial trains the same configuration; "
+        f"`fm-optuna run` trains one). Found an empty space with n_trials = {n_trials}."
+    )
 
 
 def check_branches_fit(

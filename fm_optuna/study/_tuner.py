@@ -74,7 +74,7 @@ from fm_optuna.study._grpc import GrpcStorage, check_grpc, is_grpc
 from fm_optuna.study._processes import this_worker
 from fm_optuna.study._sampler import DistinctSampler
 from fm_optuna.study._shared_baselines import SharedBaselines
-from fm_optuna.study._spec import StudySpec, check_branches_fit
+from fm_optuna.study._spec import StudySpec, check_branches_fit, check_space_searches
 from fm_optuna.study._storages import check_database, one_process_at_a_time, sqlite_file
 from fm_optuna.tracking.uris import mask_uri, redact
 
@@ -385,6 +385,7 @@ class Tuner:
         self.spec = spec
         self.storage_url = storage or spec.study.storage
         self.n_trials = n_trials or spec.study.n_trials
+        check_space_searches(spec, self.n_trials)
         self.observers = observers
         self.base_config = config or spec.config()
         self.sampler, self.pruner = sampler, pruner

@@ -209,6 +209,24 @@ def test_tune_exits_1_when_every_trial_of_the_invocation_failed(
     assert line.startswith("fm-optuna tune: error: every trial of this invocation failed (2 of 2")
 
 
+def test_a_study_of_many_trials_with_nothing_to_search_is_refused_by_both_doors(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fm_optuna
+
+    monkeypatch.chdir(tmp_path)
+    spec = spec_file(tmp_path, n_trials=3)
+    spec.write_text(spec.read_text().split("[space]")[0])
+    code, line = run_cli(["tune", str(spec), "--no-tracking"], capfd)
+    assert code == 2 and "Parameter `space` should give at least one of space.dt" in line
+    assert "n_trials = 3" in line and list(tmp_path.iterdir()) == [spec]  # no store, no folder
+    with pytest.raises(ConfigError, match=r"fm_optuna.tune\('api'\): Parameter `space`"):
+        fm_optuna.tune(ToyProblem(), {}, study_name="api", n_trials=2, storage="sqlite:///x.db")
+    assert list(tmp_path.iterdir()) == [spec]
+    spec.write_text(spec.read_text().replace("n_trials = 3", "n_trials = 1"))
+    assert run_cli(["tune", str(spec), "--no-tracking"], capfd)[0] == 0  # one trial: a run
+
+
 # --- 9. the smaller ones --------------------------------------------------------------------
 
 
