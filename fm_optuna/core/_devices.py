@@ -34,16 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fm_optuna.config import RuntimeOptions, option_of
 from fm_optuna.errors import invalid
 
 if TYPE_CHECKING:
     from fm_optuna.problem._tasks import Problem
 
-#: What the device option may be, in the words of an error message.
-DEVICE_ALLOWED = (
-    "a torch device (cpu, cuda or cuda:N), or with parallel_branches = true a comma-separated "
-    "list of CUDA devices, one per branch (cuda:0,cuda:1)"
-)
+#: What the device option may be, in the words of an error message (the schema's).
+DEVICE_ALLOWED = option_of(RuntimeOptions, "device").allowed()
 
 
 def resolve_devices(name: str | None, *, parallel: bool) -> tuple[torch.device, ...]:
@@ -64,7 +62,7 @@ def resolve_devices(name: str | None, *, parallel: bool) -> tuple[torch.device, 
         return (_one_device(name, entries[0] if entries else None),)
     if not parallel:
         raise invalid(
-            "device", name, "one device unless parallel_branches is true (one device per branch)"
+            "device", name, "one device unless parallel_branches = true (then one per branch)"
         )
     devices = [_parsed(name, entry) for entry in entries]
     if any(device.type != "cuda" for device in devices):
@@ -74,7 +72,7 @@ def resolve_devices(name: str | None, *, parallel: bool) -> tuple[torch.device, 
             "CUDA devices when it lists several (on the CPU parallel_branches trains one "
             "process per branch: device = cpu)",
         )
-    devices = [_existing_cuda(name, device) for device in devices]
+    devices = [_existing_cuda(name, device, several=True) for device in devices]
     if len(set(devices)) != len(devices):
         raise invalid("device", name, "distinct CUDA devices (each one serves its branches)")
     return tuple(devices)
@@ -84,7 +82,7 @@ def _one_device(name: str | None, entry: str | None) -> torch.device:
     if not entry:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = _parsed(name, entry)
-    return _existing_cuda(name, device) if device.type == "cuda" else device
+    return _existing_cuda(name, device, several=False) if device.type == "cuda" else device
 
 
 def _parsed(name: str | None, entry: str) -> torch.device:
@@ -94,15 +92,16 @@ def _parsed(name: str | None, entry: str) -> torch.device:
         raise invalid("device", name, DEVICE_ALLOWED) from None
 
 
-def _existing_cuda(name: str | None, device: torch.device) -> torch.device:
+def _existing_cuda(name: str | None, device: torch.device, *, several: bool) -> torch.device:
     """``device`` with its index, when this machine has it."""
     if not torch.cuda.is_available():
         raise invalid("device", name, "cpu (no CUDA device is available)")
     count = torch.cuda.device_count()
     device = normalised(device)
     if device.index is not None and device.index >= count:
-        last = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-        raise invalid("device", name, f"cpu or {last} (this machine has {count} CUDA devices)")
+        here = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        allowed = f"CUDA devices among {here}" if several else f"cpu or {here}"
+        raise invalid("device", name, f"{allowed} (this machine has {count})")
     return device
 
 
