@@ -224,3 +224,25 @@ def test_a_device_list_is_refused_in_one_line_naming_what_is_allowed(
     message = str(refused.value)
     assert message.startswith(f"Parameter `device` should be {allowed}")
     assert message.endswith(f"Found `device = {value}`.") and "\n" not in message
+
+
+def test_run_resume_refuses_a_checkpoint_of_another_kind_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fm_optuna import cli
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "run.ckpt"
+    run = ["run", "--benchmark", "examples.diabetes:build", "--no-tracking", "--json"]
+    run += ["--methods", "forkmerge", "--steps", "4", "--dt", "2", "--checkpoint", str(path)]
+    assert cli.main(run) == 0
+    checkpoint = load_checkpoint(path)
+    assert checkpoint is not None and checkpoint["devices"] == ["cpu"]
+    save_checkpoint({**checkpoint, "devices": ["cuda:0"]}, path)
+    capsys.readouterr()
+    assert cli.main([*run, "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"fm-optuna run: error: {path}: Parameter `device` should be cuda devices to resume this "
+        "checkpoint (written on cuda:0: a data stream continues only on the kind of device that "
+        "drew it). Found `device = cpu`.\n"
+    )
