@@ -250,7 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise invalid("checkpoint", args.checkpoint, "used with a single seed (--seeds 1)")
     problem = run_problem(args)
     check_plan(problem, config)
-    replicas = run_replicas(args)
+    replicas = run_replicas(args) if "forkmerge" in methods else []  # only its branches spread
     devices = [problem.device, *(replica.device for replica in replicas)]
     seeds = [args.seed + offset for offset in range(args.seeds)]
     checkpoints = {seed: _checkpoint_path(args, problem, seed) for seed in seeds}
