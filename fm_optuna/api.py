@@ -2,6 +2,12 @@
 
 Every call checks the problem first (:func:`~fm_optuna.problem.check_problem`): a mistake is one
 :class:`~fm_optuna.errors.ConfigError` before any training and before any store is opened.
+
+:func:`train_forkmerge` and :func:`tune` take a built problem (it trains where it lives) or a
+factory called as ``factory(device=...)`` with ``device``: one device, or with
+``parallel_branches`` one per branch (``device="cuda:0,cuda:1"``, the problem built once on
+each; see :mod:`fm_optuna.core._devices`), checked as ``--device`` and a study file's
+``device`` are.
 MLflow tracking is optional: give ``tracking_uri`` (or set ``MLFLOW_TRACKING_URI``); every run a
 call opens ends FINISHED, or FAILED when training raises.
 """
@@ -16,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fm_optuna.config import ForkMergeConfig, RuntimeOptions, StudyOptions
+from fm_optuna.core._devices import normalised, resolve_devices
 from fm_optuna.core._events import EventStream, Observer
 from fm_optuna.core._loop import ForkMergeResult, run_forkmerge
 from fm_optuna.core._training import use_threads
@@ -53,6 +60,39 @@ def _use_threads(threads: int | None) -> None:
     use_threads(threads)
 
 
+#: A problem built where it is asked for, called as ``factory(device=...)``: a problem
+#: factory's ``functools.partial(build, target="progression")``, or ``lambda device: ...``.
+ProblemFactory = Callable[..., Problem]
+
+
+def _on_devices(
+    problem: Problem | ProblemFactory, device: str | None, config: ForkMergeConfig
+) -> tuple[Problem, tuple[Problem, ...]]:
+    """The problem on each device ``device`` names (first, the rest): a built problem stays
+    where it was built (``device`` may only name that); a factory is called once per device."""
+    RuntimeOptions(device=device)  # checked as every door checks it
+    if isinstance(problem, Problem):
+        if device is not None:
+            named = resolve_devices(device, parallel=config.parallel_branches)
+            if named != (normalised(problem.device),):
+                raise invalid(
+                    "device",
+                    device,
+                    f"absent or {problem.device}, where `problem` was built (give a factory "
+                    "called as factory(device=...) to train elsewhere or on several devices)",
+                )
+        return problem, ()
+    if not callable(problem):
+        raise invalid(
+            "problem", repr(problem)[:60], "a Problem or a factory called as factory(device=...)"
+        )
+    devices = resolve_devices(device, parallel=config.parallel_branches)
+    built = [problem(device=where) for where in devices]
+    for replica in built[1:]:
+        check_problem(replica)
+    return built[0], tuple(built[1:])
+
+
 def _check(problem: Problem, config: ForkMergeConfig) -> None:
     """The problem's contract, then L against its tasks: nothing trained or opened yet."""
     from fm_optuna.core._branches import make_plan
@@ -68,9 +108,10 @@ def _check(problem: Problem, config: ForkMergeConfig) -> None:
 
 
 def train_forkmerge(
-    problem: Problem,
+    problem: Problem | ProblemFactory,
     config: ForkMergeConfig | None = None,
     *,
+    device: str | None = RuntimeOptions.device,
     tracking_uri: str | None = None,
     experiment: str | None = None,
     observers: Iterable[Observer] = (),
@@ -79,8 +120,15 @@ def train_forkmerge(
     """Train ForkMerge on ``problem`` and return the final model with every merge decision.
 
     Args:
-        problem: Your :class:`~fm_optuna.problem.Problem` (checked before anything runs).
+        problem: Your :class:`~fm_optuna.problem.Problem` (checked before anything runs), or a
+            factory called as ``factory(device=...)``, e.g. ``functools.partial(build,
+            target="progression")`` (see ``device``).
         config: Δt, T, L, the merge strategy, ... (default: ``ForkMergeConfig()``).
+        device: With a factory, where it builds the problem: a torch device (default: CUDA
+            when there is one, else the CPU) or, with ``config.parallel_branches``, CUDA devices
+            separated by commas, one per branch (``"cuda:0,cuda:1"``: branch i on device
+            i mod n, the merge on the first), as ``--device``. A built problem trains where
+            it lives.
         tracking_uri: MLflow store to log the run, its branches and Λ to (default:
             ``MLFLOW_TRACKING_URI``; neither: nothing is logged).
         experiment: MLflow experiment (default: ``fm-optuna/<problem>-<target>``).
@@ -105,6 +153,7 @@ def train_forkmerge(
         2
     """
     config = config or ForkMergeConfig()
+    problem, replicas = _on_devices(problem, device, config)
     _check(problem, config)
     _use_threads(threads)
     uri = _tracking_uri(tracking_uri)
@@ -116,7 +165,8 @@ def train_forkmerge(
         store = open_run_store(uri, problem, experiment)
         events.observers.append(run_tracker(store, problem))
     try:
-        return run_forkmerge(problem, config, events)  # the run ends itself (FINISHED or FAILED)
+        # The run ends itself (FINISHED or FAILED).
+        return run_forkmerge(problem, config, events, replicas=replicas)
     finally:
         events.close()
 
@@ -193,11 +243,12 @@ def compare_methods(
 
 
 def tune(
-    problem: Problem,
+    problem: Problem | ProblemFactory,
     space: Mapping[str, Any] | SpaceSection,
     *,
     study_name: str,
     config: ForkMergeConfig | None = None,
+    device: str | None = RuntimeOptions.device,
     storage: str = StudyOptions.storage,
     n_trials: int = StudyOptions.n_trials,
     sampler: BaseSampler | None = None,
@@ -216,12 +267,16 @@ def tune(
     model, and stores its Λ trajectory as the user attribute ``lambda_history``.
 
     Args:
-        problem: Your problem (checked before the storage is opened: a mistake leaves no trial).
+        problem: Your problem (checked before the storage is opened: a mistake leaves no trial),
+            or a factory called as ``factory(device=...)``.
         space: What to search, with the keys of a study file's ``[space]``: ``dt`` and
             ``branches`` as ``{"low": .., "high": .., "log": ..}``, ``lr`` likewise,
             ``optimizer_policy`` a list; or a :class:`~fm_optuna.study._spec.SpaceSection`.
         study_name: The study to create or resume.
         config: Everything not searched (default: ``ForkMergeConfig()``).
+        device: With a factory, where every trial trains: one device, or with
+            ``config.parallel_branches`` one per branch (``"cuda:0,cuda:1"``), as in
+            :func:`train_forkmerge`.
         storage: Optuna storage URL (SQLite, PostgreSQL, or grpc://host:port for a storage
             proxy; several workers may share it).
         n_trials: Finished (complete or pruned) trials to reach.
@@ -255,6 +310,7 @@ def tune(
     config = config or ForkMergeConfig()
     if not isinstance(study_name, str) or not study_name.strip():
         raise invalid("study_name", study_name, "a non-empty name")
+    problem, replicas = _on_devices(problem, device, config)
     where = f"fm_optuna.tune({study_name!r})"
     if not isinstance(space, SpaceSection):
         space = parse_space(space, steps=config.total_steps, where=where)
@@ -270,7 +326,7 @@ def tune(
         problem=ProblemSection(benchmark=problem.name, target=problem.target),
         base=config if seed is None else dataclasses.replace(config, seed=seed),
         space=space,
-        runtime=RuntimeOptions(threads=threads),
+        runtime=RuntimeOptions(device=device, threads=threads),
     )
     check_branches_fit(spec, problem)
     _use_threads(threads)
@@ -283,6 +339,7 @@ def tune(
     tuner = Tuner(
         spec,
         problem=problem,
+        replicas=replicas,
         sampler=sampler,
         pruner=pruner,
         tracking=tracking,

@@ -68,6 +68,8 @@ class Option:
         fingerprint: Whether it changes what a trial trains (a study refuses a change of it).
         empty_ok: An empty list is allowed (a list option).
         exclusive: Flags sharing this group name exclude each other on the command line.
+        allowed_text: What a value may be, where the kind's own words do not say it (a ``str``
+            checked by the code that uses it, e.g. the device list).
     """
 
     help: str
@@ -85,6 +87,7 @@ class Option:
     fingerprint: bool = True
     empty_ok: bool = False
     exclusive: str = ""
+    allowed_text: str = ""
 
     def allowed(self, *, api: bool = True) -> str:
         """What a value may be, in the words of an error message (``api``: as the Python API
@@ -95,6 +98,8 @@ class Option:
         return text
 
     def _allowed(self) -> str:
+        if self.allowed_text:
+            return self.allowed_text
         if self.kind == "bool":
             return "true or false"
         if self.kind == "str":
@@ -469,7 +474,8 @@ class ForkMergeConfig:
         False,
         "train a round's branches at the same time: on the CPU one process per branch with one "
         "intra-op thread each (the same result as one after another), on CUDA one stream per "
-        "branch; `fm-optuna bench` measures both ways",
+        "branch, on several CUDA devices (device) one thread per device; `fm-optuna bench` "
+        "measures the first two",
         section=T,
         kind="bool",
         fingerprint=False,
@@ -717,11 +723,15 @@ class RuntimeOptions:
 
     device: str | None = option(
         None,
-        "torch device (default: cuda if available, else cpu)",
+        "where to train (default: cuda if available, else cpu); with parallel_branches one "
+        "device per branch: branch i on device i mod n, the problem built on each, the merge "
+        "and checkpoints on the first (commands other than run and tune use the first)",
         section="study",
         kind="str",
         optional=True,
         fingerprint=False,
+        allowed_text="a torch device (cpu, cuda or cuda:N), or with parallel_branches = true "
+        "a comma-separated list of CUDA devices (cuda:0,cuda:1)",
     )
     threads: int | None = option(
         1,

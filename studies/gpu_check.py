@@ -21,6 +21,13 @@ What it checks, each printed with its figures (and written to ``<out>/gpu_check.
    and CUDA kernels round differently.
 2. ``fm_optuna.tune``: three trials on the device end COMPLETE or PRUNED with finite values.
 3. ``fm-optuna bench``'s ratios on the device (tracking off), parallel branches included.
+4. One device per branch, when the machine has two CUDA devices or more (else skipped, saying
+   so): ForkMerge with ``parallel_branches`` on ``cuda:0,cuda:1[,cuda:2]`` (digits built once on
+   each, three branches) trains a branch on every device, is finite and within
+   ``--tolerance`` of the same run one branch after another on ``cuda:0``; its round-1
+   checkpoint resumes on ``cuda:0`` alone. cuDNN is made deterministic for this check, and the
+   figures say whether the Λ trajectory and the final model are bit-identical to the one-device
+   run (expected on identical GPUs; see ``fm_optuna/core/_devices.py`` for where not).
 
 The exit status is 0 when every check passed, 1 otherwise.
 """
@@ -28,6 +35,7 @@ The exit status is 0 when every check passed, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -35,7 +43,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +53,10 @@ import torch
 
 from fm_optuna.benchmarks import build_problem
 from fm_optuna.config import ForkMergeConfig
+from fm_optuna.core._branch_training import BranchReport, BranchRun, RoundSteps, round_trainer
+from fm_optuna.core._checkpoints import Checkpointer, load_checkpoint
+from fm_optuna.core._devices import resolve_devices
+from fm_optuna.core._events import EventStream, MergeCompleted
 from fm_optuna.core._loop import ForkMergeResult, run_forkmerge
 from fm_optuna.errors import FmOptunaError
 from fm_optuna.problem import Problem
@@ -170,6 +182,104 @@ def check_bench(device: torch.device, size: dict[str, Any]) -> Check:
     )
 
 
+class _AtRound(Checkpointer):
+    """Keeps the checkpoint of one merge (the run goes on, uninterrupted)."""
+
+    def __init__(self, path: Path, round_: int) -> None:
+        super().__init__(path)
+        self.round = round_
+
+    def on_merge_completed(self, event: MergeCompleted) -> None:
+        if event.round == self.round:
+            super().on_merge_completed(event)
+
+
+@contextlib.contextmanager
+def _deterministic_cudnn() -> Iterator[None]:
+    """cuDNN's deterministic algorithms, so that bit-identity to one device means something."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def _max_difference(a: ForkMergeResult, b: ForkMergeResult) -> float:
+    theirs = b.model.state_dict()
+    return max(
+        float((value.double() - theirs[key].double()).abs().max())
+        for key, value in a.model.state_dict().items()
+        if value.is_floating_point()
+    )
+
+
+def check_devices(
+    devices: Sequence[torch.device], size: dict[str, Any], tolerance: float, folder: Path
+) -> Check:
+    """One device per branch against one device: see the module docstring (check 4)."""
+    config = ForkMergeConfig(**size["train"], branches=3, seed=0)
+    first, *replicas = [digits(device) for device in devices]
+    trainer = round_trainer(True, devices)  # what the loop chooses for these devices
+    used: set[str] = set()
+
+    def recorded(runs: Sequence[BranchRun], steps: RoundSteps, report: BranchReport) -> list[Any]:
+        used.update(str(run.problem.device) for run in runs)
+        return trainer(runs, steps, report)
+
+    path = folder / "devices_round1.ckpt"
+    with _deterministic_cudnn():
+        tic = time.perf_counter()
+        spread = run_forkmerge(
+            first,
+            dataclasses.replace(config, parallel_branches=True),
+            EventStream([_AtRound(path, 1)]),
+            replicas=replicas,
+            trainer=recorded,
+        )
+        spread_seconds = time.perf_counter() - tic
+        tic = time.perf_counter()
+        alone = run_forkmerge(first, config)
+        alone_seconds = time.perf_counter() - tic
+        resumed = run_forkmerge(first, config, resume_from=load_checkpoint(path))
+    spread_acc = spread.summary.target_val or math.nan
+    alone_acc = alone.summary.target_val or math.nan
+    passed = (
+        _finite_run(spread)
+        and _finite_run(resumed)
+        and used == {str(device) for device in devices}
+        and abs(spread_acc - alone_acc) <= tolerance
+        and len(resumed.lambda_history) == config.rounds
+    )
+    difference = _max_difference(spread, alone)
+    return Check(
+        f"one device per branch ({len(devices)} devices) vs one device",
+        passed,
+        {
+            "devices": [str(device) for device in devices],
+            "devices_trained_on": sorted(used),
+            "devices_seconds": round(spread_seconds, 2),
+            "one_device_seconds": round(alone_seconds, 2),
+            "devices_target_val": spread_acc,
+            "one_device_target_val": alone_acc,
+            "lambda_equal": spread.lambda_history == alone.lambda_history,
+            "bit_identical": spread.lambda_history == alone.lambda_history and difference == 0,
+            "max_abs_parameter_difference": difference,
+            "resumed_on_first_lambda_equal": resumed.lambda_history == spread.lambda_history,
+            "tolerance_points": tolerance,
+        },
+    )
+
+
+def _several_devices(device: torch.device) -> tuple[list[torch.device], str]:
+    """The CUDA devices check 4 spreads three branches over, or why it is skipped."""
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if count < 2:
+        return [], f"needs two CUDA devices, this machine has {count}"
+    names = ",".join(f"cuda:{index}" for index in range(min(count, 3)))
+    return list(resolve_devices(names, parallel=True)), ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="torch device (default: cuda)")
@@ -216,7 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         lambda: check_tune(device, size, out),
         lambda: check_bench(device, size),
     ]
+    several, why_not = _several_devices(device)
+    if several:
+        steps.append(lambda: check_devices(several, size, args.tolerance, out))
     checks = [_run(step) for step in steps]
+    if why_not:
+        print(f"skip one device per branch: {why_not}", flush=True)
     if args.no_tracking:
         checks.append(Check("mlflow never imported", sys.modules.get("mlflow") is None, {}))
     (out / "gpu_check.json").write_text(

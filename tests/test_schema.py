@@ -3,12 +3,15 @@ values: an option defined once cannot drift between them."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from pathlib import Path
 
 import pytest
+import torch
 
 import fm_optuna
+from examples.diabetes import build as diabetes
 from fm_optuna import cli
 from fm_optuna.cli._options import config_from
 from fm_optuna.config import (
@@ -17,12 +20,14 @@ from fm_optuna.config import (
     SchemaEntry,
     StudyOptions,
     key_table,
+    option_of,
     schema,
 )
 from fm_optuna.errors import ConfigError
 from fm_optuna.study._spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
+DIABETES = "examples.diabetes:build"
 MINIMAL = '[study]\nname = "s"\n[problem]\nbenchmark = "digits"\n'
 #: `fm-optuna bench` measures one fixed setting, on purpose not the schema's defaults.
 BENCH_SETUP = {"dt": 200, "total_steps": 1500, "branches": 3}
@@ -135,6 +140,83 @@ def test_every_choice_the_schema_allows_is_accepted_by_every_door(tmp_path: Path
             path = tmp_path / "s.toml"
             path.write_text(_study_file(entry.option.section, entry.key, f'"{choice}"'))
             assert getattr(load_spec(path).base, entry.name) == choice
+
+
+#: Device values every door refuses, on a node with ``gpus`` CUDA devices, and what is allowed.
+BAD_DEVICES = [
+    ("cuda:0,cuda:1", False, 2, "one device unless parallel_branches = true (then one per branch)"),
+    ("cuda:0,cuda:1", True, 0, "cpu (no CUDA device is available)"),
+    ("cuda:0,cuda:5", True, 2, "CUDA devices among cuda:0 to cuda:1 (this machine has 2)"),
+    ("cuda:3", False, 2, "cpu or cuda:0 to cuda:1 (this machine has 2)"),
+    ("cuda:1,cuda:1", True, 2, "distinct CUDA devices (each one serves its branches)"),
+    (
+        "cpu,cpu",
+        True,
+        2,
+        "CUDA devices when it lists several (on the CPU parallel_branches trains one process "
+        "per branch: device = cpu)",
+    ),
+    ("gpu", False, 0, option_of(RuntimeOptions, "device").allowed()),
+]
+
+
+def _gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """What torch reports on a node with ``count`` CUDA devices (nothing runs on them)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+@pytest.mark.parametrize(("value", "parallel", "gpus", "allowed"), BAD_DEVICES)
+def test_every_door_refuses_the_same_devices_with_the_same_words_and_writes_nothing(
+    value: str,
+    parallel: bool,
+    gpus: int,
+    allowed: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _gpus(monkeypatch, gpus)
+    monkeypatch.chdir(tmp_path)
+    words = f"should be {allowed}. Found"
+    run = ["run", "--benchmark", DIABETES, "--no-tracking", "--device", value]
+    assert cli.main(run + (["--parallel-branches"] if parallel else [])) == 2
+    line = f"Parameter `device` {words} `device = {value}`."
+    assert capsys.readouterr().err == f"fm-optuna run: error: {line}\n"
+    path = tmp_path / "s.toml"
+    study = f'[study]\nname = "s"\ndevice = "{value}"\n[problem]\nbenchmark = "{DIABETES}"\n'
+    path.write_text(study + f"[training]\nparallel_branches = {str(parallel).lower()}\n")
+    assert cli.main(["tune", str(path), "--no-tracking"]) == 2
+    in_file = f"{path}: Parameter `study.device` {words} `study.device = {value}`."
+    assert capsys.readouterr().err == f"fm-optuna tune: error: {in_file}\n"
+    config = ForkMergeConfig(dt=2, total_steps=4, parallel_branches=parallel)
+    factory = functools.partial(diabetes, target="progression")
+    with pytest.raises(ConfigError) as trained:
+        fm_optuna.train_forkmerge(factory, config, device=value)
+    space = {"dt": {"low": 1, "high": 2}}
+    with pytest.raises(ConfigError) as tuned:
+        fm_optuna.tune(factory, space, study_name="s", config=config, device=value)
+    assert str(trained.value) == str(tuned.value) == line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]  # no store, no checkpoint
+
+
+def test_a_built_problem_trains_where_it_lives_and_a_factory_where_it_is_told() -> None:
+    config = ForkMergeConfig(dt=2, total_steps=4, strategy="grid", grid_resolution=0.5)
+    built = fm_optuna.train_forkmerge(diabetes(target="progression"), config, device="cpu")
+    told = fm_optuna.train_forkmerge(
+        functools.partial(diabetes, target="progression"), config, device="cpu"
+    )
+    assert built.lambda_history == told.lambda_history
+    with pytest.raises(ConfigError) as elsewhere:
+        fm_optuna.train_forkmerge(diabetes(target="progression"), config, device="cpu,cpu")
+    assert str(elsewhere.value).startswith("Parameter `device` should be one device unless")
+    with pytest.raises(ConfigError) as not_a_problem:
+        fm_optuna.train_forkmerge("diabetes", config)  # type: ignore[arg-type]
+    assert str(not_a_problem.value) == (
+        "Parameter `problem` should be a Problem or a factory called as factory(device=...). "
+        "Found `problem = 'diabetes'`."
+    )
 
 
 def test_the_study_file_key_table_is_the_schemas() -> None:

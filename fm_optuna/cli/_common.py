@@ -55,8 +55,32 @@ def runtime_of(args: argparse.Namespace, spec: Any = None) -> RuntimeOptions:
     return dataclasses.replace(base, **values(args, runtime_flags(), from_spec=True))
 
 
-def torch_setup(args: argparse.Namespace, spec: Any = None) -> Any:
-    """Apply the threads policy and return the torch device of this invocation."""
-    from fm_optuna.core._training import use_runtime
+def torch_devices(args: argparse.Namespace, spec: Any = None) -> tuple[Any, ...]:
+    """Apply the threads policy and return this invocation's torch devices: one, or one per
+    branch with ``parallel_branches`` (the study file's, else the flag's).
 
-    return use_runtime(runtime_of(args, spec))
+    A study file's device that is not allowed is one line naming the file and
+    ``study.device``; a ``--device`` flag's names ``device``.
+    """
+    from fm_optuna.core._training import use_runtime
+    from fm_optuna.errors import ConfigError
+
+    parallel = (
+        spec.base.parallel_branches
+        if spec is not None
+        else bool(getattr(args, "parallel_branches", False))
+    )
+    try:
+        return use_runtime(runtime_of(args, spec), parallel=parallel)
+    except ConfigError as error:
+        if spec is None or getattr(args, "device", None) is not None:
+            raise
+        from fm_optuna.study._spec import at_file_keys
+
+        raise ConfigError(f"{spec.path}: {at_file_keys(str(error))}") from None
+
+
+def torch_setup(args: argparse.Namespace, spec: Any = None) -> Any:
+    """Apply the threads policy and return the first of this invocation's devices: where the
+    merge is, and where a command that trains on one device trains."""
+    return torch_devices(args, spec)[0]

@@ -100,10 +100,23 @@ def benchmark_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def run_problem(args: argparse.Namespace) -> Any:
-    from fm_optuna.benchmarks import build_problem, resolve
+    """The command line's problem on its (first) device."""
     from fm_optuna.cli._common import torch_setup
 
-    device = torch_setup(args)
+    return _problem_on(args, torch_setup(args))
+
+
+def run_replicas(args: argparse.Namespace) -> list[Any]:
+    """The same problem on each further device of ``--device`` (one device per branch), built
+    by the same factory; none for one device."""
+    from fm_optuna.cli._common import torch_devices
+
+    return [_problem_on(args, device) for device in torch_devices(args)[1:]]
+
+
+def _problem_on(args: argparse.Namespace, device: Any) -> Any:
+    from fm_optuna.benchmarks import build_problem, resolve
+
     source = resolve(args.benchmark)
     extra = _problem_options(args)
     return build_problem(source, target=args.target, seed=args.seed, device=device, **extra)
@@ -237,12 +250,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise invalid("checkpoint", args.checkpoint, "used with a single seed (--seeds 1)")
     problem = run_problem(args)
     check_plan(problem, config)
+    replicas = run_replicas(args) if "forkmerge" in methods else []  # only its branches spread
+    devices = [problem.device, *(replica.device for replica in replicas)]
     seeds = [args.seed + offset for offset in range(args.seeds)]
     checkpoints = {seed: _checkpoint_path(args, problem, seed) for seed in seeds}
     # Every checkpoint is read and checked before any store is opened: a corrupt or mismatched
     # one is one line and nothing is written.
     snapshots = {
-        seed: _resume_snapshot(checkpoints[seed], run_config(args, seed=seed))
+        seed: _resume_snapshot(checkpoints[seed], run_config(args, seed=seed), devices)
         if args.resume
         else None
         for seed in seeds
@@ -265,7 +280,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for path in forkmerge:
             locks.enter_context(checkpoint_lock(path, parameter="checkpoint"))
         try:
-            return _run_seeds(args, problem, config, methods, seeds, checkpoints, snapshots, store)
+            return _run_seeds(
+                args, (problem, *replicas), config, methods, seeds, checkpoints, snapshots, store
+            )
         except Interrupted as error:
             error.next_step = _after_interrupt(checkpoints, methods)
             raise
@@ -292,7 +309,7 @@ def _after_interrupt(checkpoints: dict[int, Path], methods: Sequence[str]) -> st
 
 def _run_seeds(
     args: argparse.Namespace,
-    problem: Any,
+    problems: Sequence[Any],
     config: Any,
     methods: tuple[str, ...],
     seeds: list[int],
@@ -304,6 +321,7 @@ def _run_seeds(
     from fm_optuna.core._progress import ProgressBars, ProgressLines, progress_stream
     from fm_optuna.experiments._run_methods import run_methods
 
+    problem, *replicas = problems  # the first device's, and one per further device
     comparisons = []
     for seed in seeds:
         events = EventStream([ProgressBars(disable=True if args.json else None)])
@@ -325,6 +343,7 @@ def _run_seeds(
                     events,
                     checkpoint=checkpoints[seed] if "forkmerge" in methods else None,
                     resume_from=snapshots[seed],
+                    replicas=replicas,
                 )
             )
         finally:
@@ -371,8 +390,9 @@ def _checkpoint_path(args: argparse.Namespace, problem: Any, seed: int) -> Path:
     return Path(args.checkpoint or default)
 
 
-def _resume_snapshot(path: Path, config: Any) -> dict[str, Any] | None:
-    """The checkpoint ``--resume`` continues from, checked against this run's configuration."""
+def _resume_snapshot(path: Path, config: Any, devices: Sequence[Any]) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` continues from, checked against this run's configuration and
+    devices (any list of the kind it was written on)."""
     from fm_optuna.core._checkpoints import load_checkpoint
     from fm_optuna.core._loop import check_resumable
 
@@ -384,7 +404,7 @@ def _resume_snapshot(path: Path, config: Any) -> dict[str, Any] | None:
         )
         return None
     try:
-        check_resumable(config, snapshot)
+        check_resumable(config, snapshot, devices)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
     return snapshot

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from fm_optuna.cli._common import (
     add_runtime,
     add_tracking,
-    torch_setup,
+    torch_devices,
 )
 from fm_optuna.cli._options import add_flags, study_flags, values
 from fm_optuna.core._events import MergeCompleted, Observer
@@ -58,7 +58,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     study = dataclasses.replace(
         spec.study, **values(args, study_flags(("storage", "n_trials")), from_spec=True)
     )
-    device = torch_setup(args, spec)
+    devices = torch_devices(args, spec)  # one per branch with parallel_branches
     bar = tqdm(
         total=study.n_trials,
         desc=f"study {spec.study.name}",
@@ -88,7 +88,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         storage=study.storage,
         n_trials=study.n_trials,
         observers=observers,
-        device=device,
+        device=devices,
         tracking=tracking,
         allow_config_change=args.allow_config_change,
     )

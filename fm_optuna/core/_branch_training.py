@@ -19,6 +19,13 @@ The branches of a round are independent until the merge, so they may train concu
   cannot be forked). The threads share the device's generator, so a model that draws global
   random numbers on the device gets a different (still valid) sequence from a sequential round;
   a model that does not gets the same result up to the non-determinism CUDA kernels have anyway.
+- **On several CUDA devices: one thread per device** (``device = "cuda:0,cuda:1"``), training
+  that device's branches one after another on its own stream, each branch's draws from its own
+  state on that device's generator: the sequential round's numbers (see
+  :mod:`fm_optuna.core._devices` for where the results can still differ).
+
+Every branch trains on its own :attr:`BranchRun.problem`: the run's problem, or its replica on
+the branch's device.
 
 A branch whose loss goes non-finite is reported back as in a sequential round; any other error
 in a branch (in its process or thread) is raised in the training loop with the branch named.
@@ -42,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fm_optuna.core._devices import normalised
 from fm_optuna.core._training import Optimization, WeightedSum, train
 from fm_optuna.errors import FmOptunaError, NonFiniteTraining
 
@@ -68,19 +76,22 @@ class BranchRandomness:
         self._device = device
 
     @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
+    def active(self, *, cpu: bool = True) -> Iterator[None]:
         """Global draws inside come from (and advance) this branch's state; the process's own
-        state is back afterwards."""
-        outer_cpu = torch.get_rng_state()
+        state is back afterwards. ``cpu=False``: the device's generator only (threads on
+        several devices share the process's CPU generator)."""
+        outer_cpu = torch.get_rng_state() if cpu else None
         outer_cuda = None if self.cuda is None else torch.cuda.get_rng_state(self._device)
-        torch.set_rng_state(self.cpu)
+        if outer_cpu is not None:
+            torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self._device)
         try:
             yield
         finally:
-            self.cpu = torch.get_rng_state()
-            torch.set_rng_state(outer_cpu)
+            if outer_cpu is not None:
+                self.cpu = torch.get_rng_state()
+                torch.set_rng_state(outer_cpu)
             if self.cuda is not None and outer_cuda is not None:
                 self.cuda = torch.cuda.get_rng_state(self._device)
                 torch.cuda.set_rng_state(outer_cuda, self._device)
@@ -103,12 +114,14 @@ def branch_randomness(seed: int, index: int, device: torch.device) -> BranchRand
 
 @dataclass
 class BranchRun:
-    """A live branch: its weighting, model, optimizer (with schedule) and random streams."""
+    """A live branch: its weighting, model, optimizer (with schedule), random streams and the
+    problem it trains on (model, generators and data all on that problem's device)."""
 
     branch: Branch
     model: nn.Module
     optimization: Optimization
     generator: torch.Generator
+    problem: Problem
     #: Set when the branch's loss went non-finite this round (cleared when it is re-forked).
     diverged: NonFiniteTraining | None = None
     randomness: BranchRandomness | None = field(default=None)
@@ -145,21 +158,22 @@ class RoundSteps:
 
 def train_branch(
     run: BranchRun,
-    problem: Problem,
     steps: RoundSteps,
     report: Callable[[int, dict[str, float]], None],
     *,
-    own_randomness: bool = True,
+    draws: contextlib.AbstractContextManager[None] | None = None,
 ) -> NonFiniteTraining | None:
-    """Train one branch its round; the non-finite loss, if any. ``own_randomness``: global
-    draws come from the branch's own state (not in threads, which share the process's)."""
-    swap = own_randomness and run.randomness is not None
-    with run.randomness.active() if swap else contextlib.nullcontext():  # type: ignore[union-attr]
+    """Train one branch its round; the non-finite loss, if any. ``draws``: where global random
+    draws come from meanwhile (default: the branch's own state, CPU and device; threads that
+    share a generator pass another)."""
+    if draws is None:
+        draws = contextlib.nullcontext() if run.randomness is None else run.randomness.active()
+    with draws:
         try:
             train(
                 run.model,
                 run.optimization,
-                problem,
+                run.problem,
                 WeightedSum(run.branch.weights),
                 steps=steps.length,
                 generator=run.generator,
@@ -177,17 +191,17 @@ class BranchFailed(FmOptunaError):
 
 
 def train_sequentially(
-    runs: Sequence[BranchRun], problem: Problem, steps: RoundSteps, report: BranchReport
+    runs: Sequence[BranchRun], steps: RoundSteps, report: BranchReport
 ) -> list[NonFiniteTraining | None]:
     """The branches one after another, in this process."""
     return [
-        train_branch(run, problem, steps, lambda at, losses, i=index: report(i, at, losses))
+        train_branch(run, steps, lambda at, losses, i=index: report(i, at, losses))
         for index, run in enumerate(runs)
     ]
 
 
 def train_in_processes(
-    runs: Sequence[BranchRun], problem: Problem, steps: RoundSteps, report: BranchReport
+    runs: Sequence[BranchRun], steps: RoundSteps, report: BranchReport
 ) -> list[NonFiniteTraining | None]:
     """Every branch in a process forked for this round (see the module docstring)."""
     for stream in (sys.stdout, sys.stderr):
@@ -199,7 +213,7 @@ def train_in_processes(
             receiving, sending = context.Pipe(duplex=False)
             child = context.Process(
                 target=_child_round,
-                args=(sending, index, run, problem, steps),
+                args=(sending, index, run, steps),
                 name=f"fm-optuna branch {run.branch.name}",
                 daemon=True,
             )
@@ -215,9 +229,7 @@ def train_in_processes(
             child.join()
 
 
-def _child_round(
-    pipe: Connection, index: int, run: BranchRun, problem: Problem, steps: RoundSteps
-) -> None:
+def _child_round(pipe: Connection, index: int, run: BranchRun, steps: RoundSteps) -> None:
     """A forked child: train the branch, send its reports as they come and then its state."""
     # A signal to the group (Ctrl-C, Slurm's SIGTERM) is the parent's to handle: it ends the
     # round and kills its children; a child must not die first and look like a crash.
@@ -226,9 +238,7 @@ def _child_round(
     _die_with_parent()
     torch.set_num_threads(1)
     try:
-        error = train_branch(
-            run, problem, steps, lambda at, losses: pipe.send(("losses", at, losses))
-        )
+        error = train_branch(run, steps, lambda at, losses: pipe.send(("losses", at, losses)))
         buffer = io.BytesIO()
         torch.save(run.state(), buffer)
         diverged = None if error is None else (error.task, error.step, error.value)
@@ -291,35 +301,88 @@ def _collect(
 
 
 def train_in_threads(
-    runs: Sequence[BranchRun], problem: Problem, steps: RoundSteps, report: BranchReport
+    runs: Sequence[BranchRun], steps: RoundSteps, report: BranchReport
 ) -> list[NonFiniteTraining | None]:
     """Every branch in a thread of this process (on CUDA each on its own stream); reports are
-    forwarded from the loop's thread, in the order they came."""
+    forwarded from the loop's thread, in the order they came. The threads share the process's
+    random state (see the module docstring)."""
+
+    def train_one(index: int, post: _Post) -> NonFiniteTraining | None:
+        run = runs[index]
+        with _own_stream(_device_of(run)):
+            return train_branch(
+                run,
+                steps,
+                lambda at, losses: post(index, at, losses),
+                draws=contextlib.nullcontext(),
+            )
+
+    return _in_threads([[index] for index in range(len(runs))], train_one, report)
+
+
+def train_on_devices(
+    runs: Sequence[BranchRun], steps: RoundSteps, report: BranchReport
+) -> list[NonFiniteTraining | None]:
+    """One thread per problem copy (one per device), training its branches one after another
+    on its own stream, each branch's global draws from its own state on that device.
+
+    Threads whose devices share a generator (several copies on the CPU, which only a test
+    makes) take turns per branch, so every branch still sees its own numbers.
+    """
+    groups: dict[int, list[int]] = {}
+    for index, run in enumerate(runs):
+        groups.setdefault(id(run.problem), []).append(index)
+    turns = {_generator_of(_device_of(run)): threading.Lock() for run in runs}
+
+    def train_one(index: int, post: _Post) -> NonFiniteTraining | None:
+        run = runs[index]
+        device = _device_of(run)
+        draws = (
+            contextlib.nullcontext()
+            if run.randomness is None
+            else run.randomness.active(cpu=device.type == "cpu")
+        )
+        with turns[_generator_of(device)], _own_stream(device):
+            return train_branch(run, steps, lambda at, losses: post(index, at, losses), draws=draws)
+
+    return _in_threads(list(groups.values()), train_one, report)
+
+
+#: ``(branch index, step, mean losses)`` posted from a worker thread to the loop's.
+_Post = Callable[[int, int, dict[str, float]], None]
+
+
+def _in_threads(
+    groups: Sequence[Sequence[int]],
+    train_one: Callable[[int, _Post], NonFiniteTraining | None],
+    report: BranchReport,
+) -> list[NonFiniteTraining | None]:
+    """One thread per group of branch indices, training them in order with ``train_one``;
+    reports are forwarded from the calling thread, in the order they came. The first error is
+    raised there once every thread has stopped (a thread starts no further branch after it)."""
     messages: queue.Queue[tuple[str, int, Any]] = queue.Queue()
+    stop = threading.Event()
 
-    def work(index: int, run: BranchRun) -> None:
-        try:
-            with _own_stream(run.model):
-                error = train_branch(
-                    run,
-                    problem,
-                    steps,
-                    lambda at, losses: messages.put(("losses", index, (at, losses))),
-                    own_randomness=False,
-                )
-            messages.put(("done", index, error))
-        except BaseException as failure:
-            messages.put(("failed", index, failure))
+    def post(index: int, at: int, losses: dict[str, float]) -> None:
+        messages.put(("losses", index, (at, losses)))
 
-    workers = [
-        threading.Thread(target=work, args=(index, run), daemon=True)
-        for index, run in enumerate(runs)
-    ]
+    def work(indices: Sequence[int]) -> None:
+        for index in indices:
+            if stop.is_set():
+                return
+            try:
+                messages.put(("done", index, train_one(index, post)))
+            except BaseException as failure:
+                messages.put(("failed", index, failure))
+                return
+
+    workers = [threading.Thread(target=work, args=(group,), daemon=True) for group in groups]
     for worker in workers:
         worker.start()
+    expected = sum(len(group) for group in groups)
     results: dict[int, NonFiniteTraining | None] = {}
     try:
-        while len(results) < len(runs):
+        while len(results) < expected:
             kind, index, content = messages.get()
             if kind == "losses":
                 report(index, *content)
@@ -328,31 +391,48 @@ def train_in_threads(
             else:
                 results[index] = content
     finally:
+        stop.set()
         for worker in workers:
             worker.join()
-    return [results[index] for index in range(len(runs))]
+    return [results[index] for index in range(expected)]
+
+
+def _device_of(run: BranchRun) -> torch.device:
+    return torch.device(run.problem.device)
+
+
+def _generator_of(device: torch.device) -> str:
+    """Which of torch's global generators ``device`` draws from: one for the CPU, one per GPU."""
+    return str(normalised(device)) if device.type == "cuda" else device.type
 
 
 @contextlib.contextmanager
-def _own_stream(model: nn.Module) -> Iterator[None]:
-    device = next(model.parameters()).device
+def _own_stream(device: torch.device) -> Iterator[None]:
+    """On CUDA: the block runs on ``device`` (current in this thread) on a new stream, after
+    the work already queued there (θ* copied in at the fork), and is finished on exit."""
     if device.type != "cuda":
         yield
         return
-    stream = torch.cuda.Stream(device)
-    with torch.cuda.stream(stream):
-        yield
-    stream.synchronize()
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            yield
+        stream.synchronize()
 
 
-#: ``(runs, problem, steps, report) -> per-branch non-finite loss or None``.
+#: ``(runs, steps, report) -> per-branch non-finite loss or None``; each run trains on its own
+#: :attr:`BranchRun.problem`.
 RoundTrainer = Callable[
-    [Sequence[BranchRun], "Problem", RoundSteps, BranchReport], list[NonFiniteTraining | None]
+    [Sequence[BranchRun], RoundSteps, BranchReport], list[NonFiniteTraining | None]
 ]
 
 
-def round_trainer(parallel: bool, device: torch.device) -> RoundTrainer:
-    """How this run's rounds train: sequentially, in processes (CPU) or in threads (CUDA)."""
+def round_trainer(parallel: bool, devices: Sequence[torch.device]) -> RoundTrainer:
+    """How this run's rounds train: sequentially, in processes (CPU), in threads (CUDA), or
+    one thread per device (several devices)."""
     if not parallel:
         return train_sequentially
-    return train_in_threads if device.type == "cuda" else train_in_processes
+    if len(devices) > 1:
+        return train_on_devices
+    return train_in_threads if devices[0].type == "cuda" else train_in_processes

@@ -8,6 +8,10 @@ of one branch.
 A round reads as its phases (:class:`_ForkMergeLoop`): train the branches, evaluate them, search
 Λ, merge and fork, record. Setting up (or resuming from a checkpoint) comes before the first.
 
+Branches may train on several devices (``replicas``, see :mod:`fm_optuna.core._devices`):
+branch i on device i mod n for the whole run, the merge, every evaluation of θ* and the
+checkpoint on the first.
+
 A branch whose training loss becomes NaN/inf sits out that round's merge (its Λ is 0; the
 decision's ``fallback`` says why) and restarts from θ* with a fresh optimizer state; when every
 branch does, the run raises :class:`~fm_optuna.errors.NonFiniteTraining`.
@@ -47,6 +51,7 @@ from fm_optuna.core._branch_training import (
     round_trainer,
 )
 from fm_optuna.core._branches import Branch
+from fm_optuna.core._devices import BranchDevices, check_device_kind
 from fm_optuna.core._ending import ends_if_raises, final_summary
 from fm_optuna.core._events import (
     BranchDiverged,
@@ -136,14 +141,23 @@ def apply_optimizer_policy(
             and all(torch.is_tensor(state.get(key)) for state in states)
         ]
         total = sum(w for w, _ in contributing)
+        # Branches on several devices: averaged where the first contributor's state is, then
+        # copied to each branch's device (on one device, `to` is the tensor itself).
+        where = {key: states[0][key].device for key in keys}
         averaged = {
-            key: sum(w * state[key] for (w, _), state in zip(contributing, states, strict=True))
+            key: sum(
+                w * state[key].to(where[key])
+                for (w, _), state in zip(contributing, states, strict=True)
+            )
             / total
             for key in keys
         }
         for run in runs:
-            state = run.optimizer.state[per_branch[id(run)][index]]
-            state.update({key: value.clone() for key, value in averaged.items()})
+            parameter = per_branch[id(run)][index]
+            state = run.optimizer.state[parameter]
+            state.update(
+                {key: value.to(parameter.device, copy=True) for key, value in averaged.items()}
+            )
 
 
 @dataclass
@@ -181,10 +195,12 @@ def _snapshot(
     progress: _Progress,
     merged: Mapping[str, torch.Tensor],
 ) -> dict[str, Any]:
-    """Everything needed to continue the run after this merge exactly as if uninterrupted."""
+    """Everything needed to continue the run after this merge exactly as if uninterrupted
+    (on any list of devices of the same kind: see :mod:`fm_optuna.core._devices`)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "config": config.as_params(),
+        "devices": list(dict.fromkeys(str(run.problem.device) for run in runs)),
         "round": progress.round,
         "step": progress.step,
         "seconds": progress.seconds,
@@ -216,8 +232,15 @@ def _snapshot(
 CHECKPOINT_FORMAT = 1
 
 
-def check_resumable(config: ForkMergeConfig, checkpoint: Mapping[str, Any]) -> None:
-    """Raise a one-line ConfigError unless ``checkpoint`` continues a run of ``config``."""
+def check_resumable(
+    config: ForkMergeConfig,
+    checkpoint: Mapping[str, Any],
+    devices: Sequence[torch.device] | None = None,
+) -> None:
+    """Raise a one-line ConfigError unless ``checkpoint`` continues a run of ``config`` (on
+    ``devices``, when given: any list of the kind of device it was written on)."""
+    if devices is not None:
+        check_device_kind(checkpoint, devices)
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise invalid(
             "resume", checkpoint.get("format"), f"a checkpoint of format {CHECKPOINT_FORMAT}"
@@ -255,7 +278,7 @@ class _ForkMergeLoop:
 
     def __init__(
         self,
-        problem: Problem,
+        devices: BranchDevices,
         config: ForkMergeConfig,
         events: EventStream,
         name: str,
@@ -263,13 +286,14 @@ class _ForkMergeLoop:
         ranking: Ranking | None = None,
         trainer: RoundTrainer | None = None,
     ) -> None:
-        self.problem, self.config, self.events, self.name = problem, config, events, name
+        self.devices, self.problem = devices, devices.first
+        self.config, self.events, self.name = config, events, name
         self.started = time.perf_counter()
         self.strategy: MergeStrategy = make_strategy(
             config.strategy, resolution=config.grid_resolution
         )
-        check_strategy_supported(problem, self.strategy)
-        shared = seeded_model(problem, config.seed)
+        check_strategy_supported(self.problem, self.strategy)
+        shared = seeded_model(self.problem, config.seed)
         if resume_from is None:
             branches = self._set_up(shared, ranking)
         else:
@@ -283,9 +307,7 @@ class _ForkMergeLoop:
                     # Checkpoints from before branches had their own draws start them afresh.
                     run.randomness.load_state_dict(saved["randomness"])
         self.names = tuple(branch.name for branch in branches)
-        self.train_round = trainer or round_trainer(
-            config.parallel_branches, torch.device(self.problem.device)
-        )
+        self.train_round = trainer or round_trainer(config.parallel_branches, devices.devices)
         self.resumed_from = (self.progress.round, self.progress.step)
         self.timings = {
             "ranking": self.ranking.seconds,
@@ -296,13 +318,17 @@ class _ForkMergeLoop:
         """A fresh run: rank the auxiliaries from θ_0 (unless ranked already), plan the branches."""
         self.progress = _Progress()
         branches, self.ranking = plan_branches(
-            self.problem, self.config, copy.deepcopy(shared.state_dict()), ranking=ranking
+            self.problem,
+            self.config,
+            copy.deepcopy(shared.state_dict()),
+            ranking=ranking,
+            replicas=self.devices.replicas,
         )
         return branches
 
     def _resume(self, shared: nn.Module, checkpoint: Mapping[str, Any]) -> list[Branch]:
         """Continue after the checkpoint's merge: θ*, decisions, ranking and RNG as they were."""
-        check_resumable(self.config, checkpoint)
+        check_resumable(self.config, checkpoint, self.devices.devices)
         self.progress = _restore_progress(checkpoint)
         saved = checkpoint["ranking"]
         self.ranking = Ranking(**{**saved, "order": tuple(saved["order"])})
@@ -311,12 +337,14 @@ class _ForkMergeLoop:
         return [Branch(b["name"], dict(b["weights"])) for b in checkpoint["branches"]]
 
     def _fork(self, shared: nn.Module, index: int, branch: Branch) -> BranchRun:
-        model = copy.deepcopy(shared)
-        generator = data_generator(self.problem, self.config.seed, index)
-        randomness = branch_randomness(self.config.seed, index, torch.device(self.problem.device))
-        return BranchRun(
-            branch, model, make_optimization(model, self.config), generator, randomness=randomness
-        )
+        """Branch ``index`` on its device for the whole run: model, optimizer, data stream and
+        draws seeded as on one device."""
+        problem = self.devices.problem_of(index)
+        model = copy.deepcopy(shared).to(problem.device)
+        generator = data_generator(problem, self.config.seed, index)
+        randomness = branch_randomness(self.config.seed, index, torch.device(problem.device))
+        optimization = make_optimization(model, self.config)
+        return BranchRun(branch, model, optimization, generator, problem, randomness=randomness)
 
     @property
     def finished(self) -> bool:
@@ -352,7 +380,9 @@ class _ForkMergeLoop:
         step = self.train_branches(round_index)
         branch_scores = self.evaluate_branches(round_index, step)
         healthy = [index for index, run in enumerate(self.runs) if run.diverged is None]
-        stack = BranchStack([self.runs[index].model.state_dict() for index in healthy])
+        stack = BranchStack(
+            [self.devices.on_first(self.runs[index].model.state_dict()) for index in healthy]
+        )
         merge = MergeProblem(
             problem=self.problem,
             stack=stack,
@@ -364,12 +394,17 @@ class _ForkMergeLoop:
             warm_start=(
                 _restrict(self.progress.warm_start, healthy) if self.config.warm_start else None
             ),
-            # A scratch model for the candidates; every branch is re-forked from θ* afterwards.
-            model=self.runs[healthy[0]].model,
+            model=self._scratch_model(healthy),
         )
         decision = self.search(merge, healthy)
         merged = self.merge_and_fork(stack, healthy, decision)
         self.record(round_index, step, decision, merged, merge)
+
+    def _scratch_model(self, healthy: Sequence[int]) -> nn.Module:
+        """A model on the first device for the merge candidates: the first healthy branch
+        there, else branch 0 (every branch is re-forked from θ* afterwards)."""
+        on_first = [i for i in healthy if self.runs[i].problem is self.problem]
+        return self.runs[on_first[0] if on_first else 0].model
 
     def train_branches(self, round_index: int) -> int:
         """Every branch trains the next Δt steps (fewer in a last, shorter round).
@@ -386,7 +421,7 @@ class _ForkMergeLoop:
             self.events.emit(TrainingProgress(run=self.name, branch=branch, step=at, losses=losses))
 
         outcomes = self.train_round(
-            self.runs, self.problem, RoundSteps(start, length, self.config.log_every), report
+            self.runs, RoundSteps(start, length, self.config.log_every), report
         )
         for run, error in zip(self.runs, outcomes, strict=True):
             if error is not None:
@@ -426,10 +461,11 @@ class _ForkMergeLoop:
         )
 
     def evaluate_branches(self, round_index: int, step: int) -> list[float]:
-        """Each branch's target validation score (NaN, unevaluated, for a diverged branch)."""
+        """Each branch's target validation score (NaN, unevaluated, for a diverged branch),
+        on its own device's copy of the validation data (no copy of the model)."""
         tic = time.perf_counter()
         evaluated = [
-            (math.nan, {}) if run.diverged is not None else target_score(self.problem, run.model)
+            (math.nan, {}) if run.diverged is not None else target_score(run.problem, run.model)
             for run in self.runs
         ]
         self.timings["evaluate"] += time.perf_counter() - tic
@@ -497,7 +533,7 @@ class _ForkMergeLoop:
         merged = stack.combine([decision.weights[index] for index in healthy])
         schedule = self.runs[healthy[0]].optimization.scheduler
         for run in self.runs:
-            run.model.load_state_dict(merged)
+            run.model.load_state_dict(merged)  # copied onto the branch's device
             if run.diverged is not None:
                 run.optimization.restart_from(
                     make_optimization(run.model, self.config), schedule=schedule
@@ -584,12 +620,18 @@ def run_forkmerge(
     resume_from: Mapping[str, Any] | None = None,
     ranking: Ranking | None = None,
     trainer: RoundTrainer | None = None,
+    replicas: Sequence[Problem] = (),
 ) -> ForkMergeResult:
     """Train with ForkMerge and return the final model with every merge decision.
 
+    ``replicas`` are the same problem built on further devices by the same factory (one device
+    per branch, see :mod:`fm_optuna.core._devices`): branch i trains on
+    ``(problem, *replicas)[i % n]``; the ranking's scores, the merge, θ*'s evaluation and the
+    checkpoint stay on ``problem``'s device.
+
     ``trainer`` trains a round's branches (default: one after another, or all at once with
-    ``config.parallel_branches``; see :mod:`fm_optuna.core._branch_training`): the seam for
-    another way, e.g. a branch per device of a node.
+    ``config.parallel_branches``: in processes, in threads, or one thread per device; see
+    :mod:`fm_optuna.core._branch_training`): the seam for another way.
 
     ``ranking`` is one already measured with :func:`~fm_optuna.core.plan_ranking` for this
     problem, configuration and seed: the run plans its branches from it (order and relevance)
@@ -608,7 +650,10 @@ def run_forkmerge(
     if ranking is not None and resume_from is not None:
         raise invalid("ranking", ranking.method, "absent when resuming (the checkpoint holds one)")
     loop = _ForkMergeLoop(
-        for_plan(problem, config.plan),
+        # Every copy as the plan trains it (the joint plan's pseudo-target around each).
+        BranchDevices(
+            for_plan(problem, config.plan), [for_plan(replica, config.plan) for replica in replicas]
+        ),
         config,
         events or EventStream(),
         name,

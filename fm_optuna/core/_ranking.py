@@ -14,6 +14,10 @@ Three rankings sit here, above the measurements they use and below the ForkMerge
 :func:`plan_ranking` measures the ranking a plan needs, :func:`plan_branches` turns it into the
 plan's branches; :func:`ranking_agreement`
 compares two orders.
+
+With ``replicas`` (the problem on further devices, see :mod:`fm_optuna.core._devices`) the short
+runs of ``prepass`` and ``merge`` train as a round's branches do, run i on device i mod n, and
+are scored on the first; ``affinity``'s one joint run stays on the first device.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from fm_optuna.core._branch_training import (
     round_trainer,
 )
 from fm_optuna.core._branches import Branch, default_branch_count, make_plan, pairwise_plan
+from fm_optuna.core._devices import BranchDevices
 from fm_optuna.core._merging import BranchStack
 from fm_optuna.core._training import (
     data_generator,
@@ -66,9 +71,14 @@ class Ranking:
 
 
 def rank_auxiliaries(
-    problem: Problem, config: ForkMergeConfig, initial: Mapping[str, torch.Tensor]
+    problem: Problem,
+    config: ForkMergeConfig,
+    initial: Mapping[str, torch.Tensor],
+    *,
+    replicas: Sequence[Problem] = (),
 ) -> Ranking:
-    """Best-first order of the auxiliaries (with relevance scores when measured)."""
+    """Best-first order of the auxiliaries (with relevance scores when measured); the short
+    runs train on ``problem`` and its ``replicas`` (see the module docstring)."""
     started = time.perf_counter()
     auxiliaries = problem.auxiliaries
     if config.ranking == "given" or len(auxiliaries) < 2:
@@ -81,10 +91,11 @@ def rank_auxiliaries(
     if config.ranking == "affinity":
         return rank_by_affinity(problem, config, initial)
     if config.ranking == "merge":
-        return rank_by_merge_weights(problem, config, initial)
+        return rank_by_merge_weights(problem, config, initial, replicas=replicas)
     scores: dict[str, float] = {}
     weightings = [{problem.target: 1.0, aux: 1.0} for aux in auxiliaries]
-    trained = _train_from(initial, problem, config, weightings, 10_000)
+    devices = BranchDevices(problem, replicas)
+    trained = _train_from(initial, devices, config, weightings, 10_000)
     for aux, model in zip(auxiliaries, trained, strict=True):
         score = -math.inf if model is None else target_score(problem, model)[0]
         # A diverged run ranks last; the branches report their own divergence.
@@ -95,44 +106,61 @@ def rank_auxiliaries(
 
 def _train_from(
     initial: Mapping[str, torch.Tensor],
-    problem: Problem,
+    devices: BranchDevices,
     config: ForkMergeConfig,
     weightings: Sequence[Mapping[str, float]],
     first_stream: int,
 ) -> list[torch.nn.Module | None]:
     """The initial model trained ``ranking_steps`` (else Δt) on each weighting, as a round's
-    branches are (at the same time with ``parallel_branches``, each with its own draws).
+    branches are (at the same time with ``parallel_branches``, each with its own draws, run i
+    on device i mod n); every trained model is returned on the first device.
 
     A run whose training turned non-finite is ``None`` (with a warning).
     """
-    base = seeded_model(problem, config.seed)
+    base = seeded_model(devices.first, config.seed)
     base.load_state_dict(initial)
-    runs = []
-    for index, weights in enumerate(weightings):
-        model = copy.deepcopy(base)
-        runs.append(
-            BranchRun(
-                Branch("+".join(weights), dict(weights)),
-                model,
-                make_optimization(model, config),
-                data_generator(problem, config.seed, first_stream + index),
-                randomness=branch_randomness(
-                    config.seed, first_stream + index, torch.device(problem.device)
-                ),
-            )
-        )
+    runs = [
+        _ranking_run(base, devices.problem_of(index), config, weights, first_stream + index)
+        for index, weights in enumerate(weightings)
+    ]
     steps = RoundSteps(0, config.ranking_steps or config.dt, config.log_every)
-    trainer = round_trainer(config.parallel_branches, torch.device(problem.device))
-    errors = trainer(runs, problem, steps, lambda index, step, losses: None)
+    trainer = round_trainer(config.parallel_branches, devices.devices)
+    errors = trainer(runs, steps, lambda index, step, losses: None)
     for run, error in zip(runs, errors, strict=True):
         if error is not None:
             located = error.located(run="ranking")
             logger.warning("fm-optuna: ranking run %s: %s", run.branch.name, located)
-    return [run.model if error is None else None for run, error in zip(runs, errors, strict=True)]
+    return [
+        run.model.to(devices.first.device) if error is None else None
+        for run, error in zip(runs, errors, strict=True)
+    ]
+
+
+def _ranking_run(
+    base: torch.nn.Module,
+    problem: Problem,
+    config: ForkMergeConfig,
+    weights: Mapping[str, float],
+    stream: int,
+) -> BranchRun:
+    """One short ranking run from ``base`` on ``problem``'s device, seeded by ``stream``."""
+    model = copy.deepcopy(base).to(problem.device)
+    return BranchRun(
+        Branch("+".join(weights), dict(weights)),
+        model,
+        make_optimization(model, config),
+        data_generator(problem, config.seed, stream),
+        problem,
+        randomness=branch_randomness(config.seed, stream, torch.device(problem.device)),
+    )
 
 
 def rank_by_merge_weights(
-    problem: Problem, config: ForkMergeConfig, initial: Mapping[str, torch.Tensor]
+    problem: Problem,
+    config: ForkMergeConfig,
+    initial: Mapping[str, torch.Tensor],
+    *,
+    replicas: Sequence[Problem] = (),
 ) -> Ranking:
     """Best-first auxiliaries by Λ_k, the weight one Alg. 2 merge gives target + aux k.
 
@@ -146,7 +174,8 @@ def rank_by_merge_weights(
     merged: list[str | None] = []  # the auxiliary of each merged branch (None: target only)
     states, scores = [], []
     weightings = [branch.weights for branch in pairwise_plan(problem.target, auxiliaries)]
-    for index, model in enumerate(_train_from(initial, problem, config, weightings, 20_000)):
+    trained = _train_from(initial, BranchDevices(problem, replicas), config, weightings, 20_000)
+    for index, model in enumerate(trained):
         if model is not None:
             merged.append(auxiliaries[index - 1] if index else None)
             states.append(copy.deepcopy(model.state_dict()))
@@ -223,7 +252,11 @@ def _needs_order(config: ForkMergeConfig, n_aux: int) -> bool:
 
 
 def plan_ranking(
-    problem: Problem, config: ForkMergeConfig, initial: Mapping[str, torch.Tensor]
+    problem: Problem,
+    config: ForkMergeConfig,
+    initial: Mapping[str, torch.Tensor],
+    *,
+    replicas: Sequence[Problem] = (),
 ) -> Ranking:
     """The ranking ``config``'s plan needs, measured from ``initial`` (nothing measured when the
     plan's branches do not depend on the auxiliaries' order)."""
@@ -231,7 +264,7 @@ def plan_ranking(
         config, len(problem.auxiliaries)
     ):
         return Ranking(tuple(problem.auxiliaries), None, 0.0, "not needed")
-    return rank_auxiliaries(problem, config, initial)
+    return rank_auxiliaries(problem, config, initial, replicas=replicas)
 
 
 def plan_branches(
@@ -240,15 +273,17 @@ def plan_branches(
     initial: Mapping[str, torch.Tensor],
     *,
     ranking: Ranking | None = None,
+    replicas: Sequence[Problem] = (),
 ) -> tuple[list[Branch], Ranking]:
-    """The branches of ``config``'s plan and the ranking they were cut from.
+    """The branches of ``config``'s plan and the ranking they were cut from (its short runs
+    on ``problem`` and its ``replicas``).
 
     ``ranking`` is one already measured for this problem and configuration (``fm-optuna
     compare`` measures it once per seed for every strategy); its relevance reaches the cut rule
     as if measured here, which an order passed as ``ranking="given"`` would not.
     """
     if ranking is None:
-        ranking = plan_ranking(problem, config, initial)
+        ranking = plan_ranking(problem, config, initial, replicas=replicas)
     else:
         _check_ranking(ranking, problem.auxiliaries)
     branches = make_plan(

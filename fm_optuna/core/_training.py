@@ -261,23 +261,13 @@ def use_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The named torch device, else CUDA when there is one, else the CPU."""
-    from fm_optuna.errors import invalid
+def use_runtime(runtime: RuntimeOptions, *, parallel: bool) -> tuple[torch.device, ...]:
+    """Apply ``runtime``'s threads policy and return its devices: one, or one per branch with
+    ``parallel`` (checked by :func:`~fm_optuna.core._devices.resolve_devices`)."""
+    from fm_optuna.core._devices import resolve_devices
 
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise invalid("device", name, "a torch device: cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise invalid("device", name, "cpu (no CUDA device is available)")
-    return device
-
-
-def use_runtime(runtime: RuntimeOptions) -> torch.device:
-    """Apply ``runtime``'s threads policy and return its device."""
     use_threads(runtime.threads)
-    return resolve_device(runtime.device)
+    return resolve_devices(runtime.device, parallel=parallel)
 
 
 def seeded_model(problem: Problem, seed: int) -> nn.Module:

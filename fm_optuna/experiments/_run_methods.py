@@ -249,11 +249,12 @@ def _run_forkmerge(
     events: EventStream,
     checkpoint: Path | None,
     resume_from: Mapping[str, Any] | None,
+    replicas: Sequence[Problem],
 ) -> ForkMergeResult:
     """ForkMerge, checkpointed at every merge to ``checkpoint``, continuing ``resume_from``."""
     if checkpoint is not None:
         events = EventStream([Checkpointer(checkpoint), *events.observers])
-    return run_forkmerge(problem, config, events, resume_from=resume_from)
+    return run_forkmerge(problem, config, events, resume_from=resume_from, replicas=replicas)
 
 
 def run_methods(
@@ -265,6 +266,7 @@ def run_methods(
     references: str = "target",
     checkpoint: Path | None = None,
     resume_from: Mapping[str, Any] | None = None,
+    replicas: Sequence[Problem] = (),
 ) -> Comparison:
     """Train every method with the same seed and budget T; TG and Δm are measured against STL.
 
@@ -273,7 +275,8 @@ def run_methods(
     Δm. ``references="tasks"`` first trains STL for every other
     task (silently: no events) so that Δm covers every task; see the module docstring.
     ForkMerge writes ``checkpoint`` at every merge and continues the snapshot ``resume_from``
-    (:func:`~fm_optuna.core.load_checkpoint`) when given.
+    (:func:`~fm_optuna.core.load_checkpoint`) when given, its branches on ``problem`` and its
+    ``replicas`` (the problem on further devices; the baselines train on ``problem``'s).
     """
     for method in methods:
         if method not in METHODS:
@@ -295,7 +298,7 @@ def run_methods(
     for method in sorted(methods, key=lambda m: m != "stl"):
         # Each run ends itself (RunFinished, FAIL with the reason when it raises).
         if method == "forkmerge":
-            fm = _run_forkmerge(problem, config, events, checkpoint, resume_from)
+            fm = _run_forkmerge(problem, config, events, checkpoint, resume_from, replicas)
             comparison.forkmerge, summary = fm, fm.summary
         else:
             summary = run_baseline(make_baseline(method), problem, config, events).summary

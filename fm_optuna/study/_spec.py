@@ -339,7 +339,7 @@ def _check_baselines(reader: _Reader, names: tuple[str, ...]) -> None:
             raise reader.error("baselines", name, allowed)
 
 
-def _at_file_keys(message: str) -> str:
+def at_file_keys(message: str) -> str:
     """A configuration error's parameter named by its study-file address (``training.dt``)."""
     match = re.match(r"Parameter `(\w+)`", message)
     if match is None:
@@ -362,7 +362,7 @@ def load_spec(path: str | Path) -> StudySpec:
         study = StudyOptions(**{"name": path.stem, **values[StudyOptions]})
         runtime = RuntimeOptions(**values[RuntimeOptions])
     except ConfigError as error:
-        raise ConfigError(f"{path}: {_at_file_keys(str(error))}") from None
+        raise ConfigError(f"{path}: {at_file_keys(str(error))}") from None
     _check_baselines(root.sub("study"), study.baselines)
     space_table = root.sub("space")
     space = _space_section(space_table, base.total_steps)

@@ -10,7 +10,8 @@ training goes non-finite (or fails otherwise) ends FAIL with the reason in the u
 Studies are resumable (same name and storage: finished trials are kept, a new invocation adds
 trials up to the requested total) and shareable by many workers on an RDB storage; heartbeats
 mark a dead worker's trial FAIL, it is re-enqueued with the same parameters, and the retry
-resumes from the dead trial's last merge checkpoint.
+resumes from the dead trial's last merge checkpoint (on any devices of the kind that wrote it;
+a retry on another kind, CPU for CUDA, starts the trial afresh).
 
 A study records what its trials train with (:mod:`fm_optuna.study._fingerprint`): an
 invocation whose spec changes it is refused before it trains or writes anything, unless it
@@ -51,6 +52,7 @@ from fm_optuna.core._checkpoints import (
     probe_writable,
     save_checkpoint,
 )
+from fm_optuna.core._devices import device_kind
 from fm_optuna.core._ending import fail_reason
 from fm_optuna.core._events import EventStream, MergeCompleted, Observer, RunPruned
 from fm_optuna.core._loop import ForkMergeResult, run_forkmerge
@@ -85,6 +87,13 @@ FAIL_REASON = "fail_reason"
 #: User attribute of a FAIL trial that is retried (with its parameters, from its checkpoint) by
 #: the next invocation: interrupted by a signal, or stopped by a write the system refused.
 RETRYABLE = "retryable"
+
+
+def _devices(device: torch.device | Sequence[torch.device] | None) -> list[torch.device]:
+    """The devices a spec's problem is built on (default: CUDA when there is one, else CPU)."""
+    if device is None:
+        return [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
+    return [device] if isinstance(device, torch.device) else list(device)
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -369,16 +378,21 @@ class Tuner:
         n_trials: int | None = None,
         observers: Callable[[optuna.Trial, ForkMergeConfig], Sequence[Observer]] | None = None,
         on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-        device: torch.device | None = None,
+        device: torch.device | Sequence[torch.device] | None = None,
         problem: Problem | None = None,
+        replicas: Sequence[Problem] = (),
         tracking: Callable[[Problem], StudyObserver] | None = None,
         config: ForkMergeConfig | None = None,
         sampler: optuna.samplers.BaseSampler | None = None,
         pruner: BasePruner | None = None,
         allow_config_change: bool = False,
     ) -> None:
-        """``problem`` (checked here) replaces the spec's ``[problem]``; ``config`` is the base
-        configuration each trial's suggestions override (default: the spec's); ``sampler`` and
+        """``device`` is where the spec's ``[problem]`` is built: one device, or one per branch
+        (``parallel_branches`` with several; the problem built once on each, see
+        :mod:`fm_optuna.core._devices`). ``problem`` (checked here) replaces the spec's
+        ``[problem]``, and ``replicas`` are the same problem on further devices; ``config`` is
+        the base configuration each trial's suggestions override (default: the spec's);
+        ``sampler`` and
         ``pruner`` objects replace the spec's named ones. A study recorded with a different
         configuration is refused here (a ConfigError, nothing written to either store) unless
         ``allow_config_change``, which continues it under a new configuration version."""
@@ -389,12 +403,13 @@ class Tuner:
         self.observers = observers
         self.base_config = config or spec.config()
         self.sampler, self.pruner = sampler, pruner
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if problem is None:
-            problem = spec.build_problem(device=self.device)
+            problem, *replicas = [spec.build_problem(device=d) for d in _devices(device)]
         else:
-            check_problem(problem)
-        self.problem = problem
+            for given in (problem, *replicas):
+                check_problem(given)
+        self.problem, self.replicas = problem, tuple(replicas)
+        self.device = torch.device(problem.device)
         check_branches_fit(spec, self.problem)
         self.record = configuration_record(spec, self.base_config, target=self.problem.target)
         self.allow_config_change = allow_config_change
@@ -602,6 +617,8 @@ class Tuner:
         resume = load_checkpoint(checkpoint_path)
         if resume is not None and resume.get("config") != config.as_params():
             resume = None  # a different configuration under the same number: start over
+        if resume is not None and device_kind(resume) not in (None, self.device.type):
+            resume = None  # retried on another kind of device: its data streams cannot go on
         trial.set_user_attr("resumed_from_round", 0 if resume is None else int(resume["round"]))
         trial.set_user_attr("worker", this_worker())
         if self.version is not None:
@@ -623,7 +640,9 @@ class Tuner:
         # The run ends itself in `events`: FINISHED, FAILED (a non-finite loss or final target
         # validation metric included) or KILLED when pruned.
         try:
-            result = run_forkmerge(self.problem, config, events, resume_from=resume)
+            result = run_forkmerge(
+                self.problem, config, events, resume_from=resume, replicas=self.replicas
+            )
             target = self.problem.task(self.problem.target)  # the study's, under the joint plan too
             metrics = dict(result.summary.val[target.name])
             save_checkpoint(  # atomic: a saved final model is always a whole one

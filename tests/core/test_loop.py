@@ -97,7 +97,7 @@ def test_average_policy_averages_moments_with_lambda() -> None:
         optimization = make_optimization(model, config(lr=0.1))
         model(torch.ones(1, 2) * scale).sum().backward()
         optimization.optimizer.step()
-        runs.append(BranchRun(None, model, optimization, torch.Generator()))  # type: ignore[arg-type]
+        runs.append(BranchRun(None, model, optimization, torch.Generator(), None))  # type: ignore[arg-type]
     expected = (
         0.25 * runs[0].optimizer.state[runs[0].model.weight]["exp_avg"]
         + 0.75 * runs[1].optimizer.state[runs[1].model.weight]["exp_avg"]

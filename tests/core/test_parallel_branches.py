@@ -70,19 +70,19 @@ def test_dropout_draws_do_not_depend_on_the_order_branches_train_in() -> None:
     """Each branch has its own global random state: training the branches in reverse order
     gives every branch the same numbers (without it, branch 1 would see branch 0's leftovers)."""
 
-    def reversed_order(runs, problem, steps, report):  # type: ignore[no-untyped-def]
+    def reversed_order(runs, steps, report):  # type: ignore[no-untyped-def]
         from fm_optuna.core._branch_training import train_branch
 
         outcomes = {}
         for index in reversed(range(len(runs))):
             outcomes[index] = train_branch(
-                runs[index], problem, steps, lambda at, losses, i=index: report(i, at, losses)
+                runs[index], steps, lambda at, losses, i=index: report(i, at, losses)
             )
         return [outcomes[index] for index in range(len(runs))]
 
     sequential = run(DropoutProblem(), parallel=False)
     original = _loop.round_trainer
-    _loop.round_trainer = lambda parallel, device: reversed_order  # type: ignore[assignment]
+    _loop.round_trainer = lambda parallel, devices: reversed_order  # type: ignore[assignment]
     try:
         reversed_run = run(DropoutProblem(), parallel=False)
     finally:
@@ -94,7 +94,7 @@ def test_threads_give_the_sequential_run_for_a_model_without_global_draws(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sequential = run(ToyProblem(), parallel=False)
-    monkeypatch.setattr(_loop, "round_trainer", lambda parallel, device: train_in_threads)
+    monkeypatch.setattr(_loop, "round_trainer", lambda parallel, devices: train_in_threads)
     threaded = run(ToyProblem(), parallel=True)
     assert_same_run(sequential, threaded)
 

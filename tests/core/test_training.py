@@ -222,7 +222,7 @@ def test_average_policy_averages_sgd_momentum_buffers_with_lambda() -> None:
         optimization = make_optimization(model, config)
         model(torch.ones(1, 2) * scale).sum().backward()
         optimization.optimizer.step()
-        runs.append(BranchRun(None, model, optimization, torch.Generator()))  # type: ignore[arg-type]
+        runs.append(BranchRun(None, model, optimization, torch.Generator(), None))  # type: ignore[arg-type]
     buffers = [r.optimizer.state[r.model.weight]["momentum_buffer"] for r in runs]
     expected = 0.25 * buffers[0] + 0.75 * buffers[1]
     apply_optimizer_policy(runs, [0.25, 0.75], "average", config)

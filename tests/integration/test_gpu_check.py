@@ -1,13 +1,16 @@
-"""The GPU check's dry run on the CPU: every check runs, passes, and MLflow is never imported."""
+"""The GPU check's dry run on the CPU: every check runs, passes, and MLflow is never imported;
+the multi-GPU check is skipped, saying why, and runs on CPU copies when called directly."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,11 +47,30 @@ def test_the_gpu_check_runs_on_the_cpu_with_only_its_bundle(tmp_path: Path) -> N
     assert checks["tune: 3 trials"]["figures"]["states"] == ["COMPLETE"] * 3
     assert "parallel / sequential branches" in checks["bench (tracking off)"]["figures"]
     assert "4/4 checks passed" in done.stdout
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert f"skip one device per branch: needs two CUDA devices, this machine has {count}" in (
+        done.stdout
+    )
+
+
+def test_the_one_device_per_branch_check_passes_on_cpu_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Check 4 itself, run on two CPU entries (which only this test can give it): the same
+    code as on a node's GPUs, and on the CPU the run must be bit-identical to one device."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "studies" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclasses look it up
+    spec.loader.exec_module(gpu_check)
+    cpu = torch.device("cpu")
+    check = gpu_check.check_devices([cpu, cpu], gpu_check.SIZES["tiny"], 5.0, tmp_path)
+    assert check.passed, check.figures
+    assert check.figures["devices_trained_on"] == ["cpu"]
+    assert check.figures["bit_identical"] and check.figures["resumed_on_first_lambda_equal"]
 
 
 def test_the_gpu_check_refuses_cuda_without_a_device(tmp_path: Path) -> None:
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
     done = subprocess.run(
