@@ -60,10 +60,12 @@ def test_strategies_cut_where_the_shared_pre_pass_relevance_drops(
     crafted = Ranking(("t1", "t2", "t3", "t4", "t5"), (1.0, 0.10, 0.09, 0.08, 0.07), 0.5, "prepass")
     measured = ranking.rank_auxiliaries
 
-    def prepass(problem: ToyProblem, config: ForkMergeConfig, initial: object) -> Ranking:
+    def prepass(
+        problem: ToyProblem, config: ForkMergeConfig, initial: object, **options: object
+    ) -> Ranking:
         if config.ranking == "prepass":
             return crafted
-        return measured(problem, config, initial)  # type: ignore[arg-type]
+        return measured(problem, config, initial, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ranking, "rank_auxiliaries", prepass)
     seen: dict[str, BranchNames] = {}
