@@ -189,6 +189,7 @@ def test_tune_refuses_a_broken_problem_before_any_study_or_store(
 ) -> None:
     (user_module / "study.toml").write_text(
         '[study]\nname = "six"\n[problem]\nbenchmark = "userprob:build"\ntarget = "t9"\n'
+        "[space]\ndt = { low = 2, high = 4 }\n"
     )
     assert cli.main(["tune", "study.toml"]) == 2
     err = capsys.readouterr().err
