@@ -11,11 +11,17 @@ import optuna
 
 from fm_optuna.errors import ConfigError, invalid
 from fm_optuna.study._grpc import is_grpc
-from fm_optuna.study._storages import check_database, one_process_at_a_time
+from fm_optuna.study._storages import (
+    check_database,
+    named_connections,
+    one_process_at_a_time,
+)
 from fm_optuna.tracking.uris import is_database, mask_uri, redact
 
 #: Threads serving the proxy's requests, and as many database connections (its pool).
 PROXY_THREADS = 8
+#: The ``application_name`` of the proxy's PostgreSQL connections (``pg_stat_activity``).
+PROXY_APPLICATION = "fm-optuna storage-proxy"
 
 
 def serve_proxy(
@@ -48,10 +54,17 @@ def serve_proxy(
     if not 0 <= port <= 65535:
         raise invalid("port", port, "a TCP port, 0 to 65535 (0: any free one)")
     check_database(storage, parameter="storage", what="a reachable Optuna storage URL")
+    # One connection per serving thread and never more (no overflow): the proxy's share of the
+    # database is `threads`, however many workers connect.
     engine = (
         None
         if storage.startswith("sqlite")
-        else {"pool_size": threads, "max_overflow": 0, "pool_pre_ping": True}
+        else {
+            "pool_size": threads,
+            "max_overflow": 0,
+            "pool_pre_ping": True,
+            **named_connections(storage, PROXY_APPLICATION),
+        }
     )
     try:
         with one_process_at_a_time(storage):

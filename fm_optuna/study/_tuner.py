@@ -75,13 +75,20 @@ from fm_optuna.study._processes import this_worker
 from fm_optuna.study._sampler import DistinctSampler
 from fm_optuna.study._shared_baselines import SharedBaselines
 from fm_optuna.study._spec import StudySpec, check_branches_fit
-from fm_optuna.study._storages import check_database, one_process_at_a_time, sqlite_file
+from fm_optuna.study._storages import (
+    check_database,
+    named_connections,
+    one_process_at_a_time,
+    sqlite_file,
+)
 from fm_optuna.tracking.uris import mask_uri, redact
 
 logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 FAIL_REASON = "fail_reason"
+#: The ``application_name`` of a worker's own PostgreSQL connections (``pg_stat_activity``).
+WORKER_APPLICATION = "fm-optuna"
 #: User attribute of a FAIL trial that is retried (with its parameters, from its checkpoint) by
 #: the next invocation: interrupted by a signal, or stopped by a write the system refused.
 RETRYABLE = "retryable"
@@ -264,7 +271,9 @@ def _open_storage(
                 heartbeat_interval=heartbeat_seconds,
                 grace_period=2 * heartbeat_seconds,
                 heartbeat_stale_trial_callback=stale,
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                engine_kwargs=None
+                if url.startswith("sqlite")
+                else {"pool_pre_ping": True, **named_connections(url, WORKER_APPLICATION)},
             )
     except Exception as error:  # sqlalchemy raises many kinds; the user needs one line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
