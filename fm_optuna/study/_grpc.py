@@ -34,6 +34,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from fm_optuna.errors import ConfigError, FmOptunaError, invalid
+from fm_optuna.study._stale import record_stale_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class GrpcStorage(GrpcStorageProxy, BaseHeartbeat):
             beat = trial.system_attrs.get(HEARTBEAT_ATTR)
             if isinstance(beat, int | float) and now - beat > grace:
                 stale.append(trial._trial_id)
-        return stale
+        return record_stale_reasons(self, stale, grace)
 
     def get_heartbeat_interval(self) -> int | None:
         return self.heartbeat_interval

@@ -40,7 +40,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 from optuna.pruners import BasePruner
-from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -75,6 +75,7 @@ from fm_optuna.study._processes import this_worker
 from fm_optuna.study._sampler import DistinctSampler
 from fm_optuna.study._shared_baselines import SharedBaselines
 from fm_optuna.study._spec import StudySpec, check_branches_fit
+from fm_optuna.study._stale import FAIL_REASON, STALE, ReasonedRDBStorage, without_reason
 from fm_optuna.study._storages import (
     check_database,
     named_connections,
@@ -86,7 +87,6 @@ from fm_optuna.tracking.uris import mask_uri, redact
 logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-FAIL_REASON = "fail_reason"
 #: The ``application_name`` of a worker's own PostgreSQL connections (``pg_stat_activity``).
 WORKER_APPLICATION = "fm-optuna"
 #: User attribute of a FAIL trial that is retried (with its parameters, from its checkpoint) by
@@ -106,6 +106,7 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
             trial.state == TrialState.FAIL
             and FAIL_REASON in trial.user_attrs
             and not trial.user_attrs.get(RETRYABLE)
+            and not trial.user_attrs.get(STALE)
         )
     ]
 
@@ -252,7 +253,7 @@ def _open_storage(
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
 
     def stale(study: optuna.Study, trial: FrozenTrial) -> None:
-        retry(study, trial)
+        retry(study, without_reason(trial))
         if on_stale is not None:
             on_stale(study, trial)
 
@@ -266,7 +267,7 @@ def _open_storage(
         )
     try:
         with one_process_at_a_time(url):  # workers creating one SQLite file together
-            return RDBStorage(
+            return ReasonedRDBStorage(
                 url,
                 heartbeat_interval=heartbeat_seconds,
                 grace_period=2 * heartbeat_seconds,

@@ -178,8 +178,12 @@ class StudyTracking:
                 [self.store.experiment_id],
                 f"tags.`mlflow.parentRunId` = '{run_id}'",
             )
+            tags = [RunTag("fm_optuna.status", "FAIL")]
+            reason = trial.user_attrs.get("fail_reason")  # why (the storage wrote it)
+            if reason is not None:
+                tags.append(RunTag("fm_optuna.fail_reason", str(reason)[:5000]))
             for run in [*children, client.get_run(run_id)]:
-                client.log_batch(run.info.run_id, tags=[RunTag("fm_optuna.status", "FAIL")])
+                client.log_batch(run.info.run_id, tags=tags)
                 client.set_terminated(run.info.run_id, status="FAILED")
         except Exception:  # the store is best effort here: the study itself must go on
             return

@@ -192,6 +192,9 @@ def test_a_dead_workers_trial_fails_is_retried_and_resumes_from_its_last_merge(
     retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == 0)
     assert retry.params == study.trials[0].params and retry.state == TrialState.COMPLETE
     assert retry.user_attrs["resumed_from_round"] == 2
+    # Why it failed stays with the dead trial (the storage wrote it before failing it).
+    assert "sent no heartbeat for more than 2 s" in study.trials[0].user_attrs["fail_reason"]
+    assert "fail_reason" not in retry.user_attrs
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 2
     assert report.best_value is not None
 
@@ -215,6 +218,7 @@ def test_a_dead_workers_trial_fails_is_retried_and_resumes_from_its_last_merge(
     branches = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == dead]
     assert branches and {r.info.status for r in branches} == {"FAILED"}
     assert store.client.get_run(dead).info.status == "FAILED"
+    assert "sent no heartbeat" in store.client.get_run(dead).data.tags["fm_optuna.fail_reason"]
     (study_run,) = [r for r in runs if r.data.tags.get("fm_optuna.role") == "study"]
     assert study_run.info.status == "FINISHED"
     assert study_run.data.metrics["best/value"] == pytest.approx(report.best_value)

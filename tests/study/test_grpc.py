@@ -105,6 +105,7 @@ def test_a_dead_workers_trial_is_failed_on_its_heartbeat_and_retried(proxy: str)
         study.optimize(objective, n_trials=1)
     trials = study.get_trials(deepcopy=False)
     assert trials[0].state == TrialState.FAIL  # failed by the next worker's stale check
+    assert "sent no heartbeat for more than 2 s" in trials[0].user_attrs["fail_reason"]
     retry = trials[1]
     assert retry.system_attrs.get("failed_trial") == 0  # the retry callback enqueued it
     assert retry.params == dead.params and retry.state == TrialState.COMPLETE
