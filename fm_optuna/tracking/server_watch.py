@@ -75,8 +75,9 @@ _RETRIES_RAN_OUT = "Max retries exceeded"
 
 def health(uri: str, *, timeout: float = PROBE_TIMEOUT) -> str | None:
     """``None`` when the server at ``uri`` answers 200 on ``/health`` within ``timeout``
-    seconds; otherwise why not, in a few words (e.g. ``no MLflow server answers (Connection
-    refused)``). The probe carries no credentials: ``/health`` needs none."""
+    seconds; otherwise why not, in a few words (``Connection refused``, ``no answer within 5
+    s``, ``the server answered 503 ...``). The probe carries no credentials: ``/health`` needs
+    none."""
     parts = urllib.parse.urlsplit(uri)
     netloc = parts.netloc.rsplit("@", 1)[-1]
     url = urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
@@ -91,7 +92,7 @@ def health(uri: str, *, timeout: float = PROBE_TIMEOUT) -> str | None:
         reason = getattr(error, "reason", error)
         if isinstance(reason, TimeoutError):
             return f"no answer within {timeout:g} s"
-        return f"no MLflow server answers ({getattr(reason, 'strerror', None) or reason})"
+        return str(getattr(reason, "strerror", None) or reason)
     return None
 
 

@@ -188,7 +188,8 @@ def _check_database(uri: str) -> None:
 def _check_server(uri: str) -> None:
     reason = health(uri, timeout=CONNECT_TIMEOUT)
     if reason is not None:
-        raise _fail(uri, reason)
+        answered = reason.startswith("the server answered")
+        raise _fail(uri, reason if answered else f"no MLflow server answers ({reason})")
 
 
 def _slug(name: str) -> str:
