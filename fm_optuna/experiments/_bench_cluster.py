@@ -196,9 +196,10 @@ def counts(workers: Sequence[Service], role: str, phrase: str) -> list[int]:
 class ConnectionPeak:
     """The most connections to one database seen in ``pg_stat_activity`` (sampled), in all and
     by who holds them: the ``application_name`` (the proxy's is :data:`PROXY_APPLICATION`, a
-    worker's own ``fm-optuna``), else the backend's type (``(autovacuum worker)``, or
-    ``(client backend)`` for a client that gave no name: another program on the database).
-    This sampler's own connection is not counted."""
+    worker's own ``fm-optuna``), else the backend's type (``(autovacuum worker)``;
+    ``(client backend)`` for a client that gave no name: another program on the database;
+    ``(another role's backend)`` when PostgreSQL hides the type from this role). This sampler's
+    own connection is not counted."""
 
     def __init__(self, postgres: str, every: float = 0.25) -> None:
         self.database = urllib.parse.urlsplit(postgres).path.lstrip("/")
@@ -220,7 +221,8 @@ class ConnectionPeak:
 
         engine = sqlalchemy.create_engine(self.postgres, poolclass=sqlalchemy.pool.NullPool)
         query = sqlalchemy.text(
-            "SELECT coalesce(nullif(application_name, ''), '(' || backend_type || ')'), "
+            "SELECT coalesce(nullif(application_name, ''), "
+            "'(' || coalesce(backend_type, 'another role''s backend') || ')'), "
             "count(*) FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid() "
             "GROUP BY 1"
         )
