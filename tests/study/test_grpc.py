@@ -166,3 +166,30 @@ def test_the_distinct_sampler_and_shared_baselines_through_the_proxy(proxy: str)
     assert first.scores(["stl", "ew"], "b")["ew"]["test"] == 2.0
     assert second.scores(["stl", "ew"], "b")["stl"]["val"] == 1.0
     assert trained == ["stl", "ew"]  # each trained once, the second worker read them back
+
+
+def test_a_restarted_proxys_cache_knows_the_trials_of_the_one_before(tmp_path: Path) -> None:
+    """A worker suggesting a parameter of a trial it created through the proxy before a restart:
+    Optuna's own cache raises KeyError for it (the worker died with a traceback); ours reads it."""
+    from optuna.distributions import FloatDistribution
+    from optuna.storages._cached_storage import _CachedStorage
+    from optuna.study import StudyDirection
+
+    from fm_optuna.study._proxy import RestartSafeCache
+
+    rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    try:
+        before = RestartSafeCache(rdb)  # the proxy process that is then killed
+        study_id = before.create_new_study([StudyDirection.MINIMIZE], "s")
+        trial_id = before.create_new_trial(study_id)
+        x = FloatDistribution(0.0, 1.0)
+        with pytest.raises(KeyError):  # Optuna 5.0's cache in the restarted proxy
+            _CachedStorage(rdb).set_trial_param(trial_id, "x", 0.5, x)
+        after = RestartSafeCache(rdb)
+        after.set_trial_param(trial_id, "x", 0.5, x)
+        assert rdb.get_trial(trial_id).params == {"x": 0.5}
+        assert after.get_all_trials(study_id)[0].params == {"x": 0.5}
+        with pytest.raises(KeyError):  # a trial that does not exist is still Optuna's KeyError
+            after.set_trial_param(trial_id + 1000, "x", 0.5, x)
+    finally:
+        rdb.engine.dispose()
