@@ -115,8 +115,13 @@ def _wait_until(ready: Any, service: Service, what: str, timeout: float) -> None
 def start_proxy(storage: str, port: int, log: Path, *, threads: int = 8) -> Service:
     """``fm-optuna storage-proxy`` on 127.0.0.1:``port``, once it answers."""
     command = _fm_optuna("storage-proxy", "--storage", storage, "--port", str(port))
+
+    def served() -> int:  # a restart appends to the log of the first start
+        return log.read_text(errors="replace").count("serving") if log.exists() else 0
+
+    before = served()
     service = Service([*command, "--threads", str(threads)], log).start()
-    _wait_until(lambda: "serving" in log.read_text(errors="replace"), service, "the proxy", 120)
+    _wait_until(lambda: served() > before, service, "the proxy", 120)
     return service
 
 
