@@ -34,7 +34,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from fm_optuna.errors import ConfigError, FmOptunaError, invalid
-from fm_optuna.study._stale import record_stale_reasons
+from fm_optuna.study._stale import HEARTBEAT_ATTR, record_stale_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,6 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 #: Seconds a running worker waits for a proxy that stopped answering before it stops.
 WAIT_SECONDS = 120.0
-#: The trial system attribute a worker's heartbeat writes (time.time() of the worker).
-HEARTBEAT_ATTR = "fm_optuna:heartbeat"
 
 
 #: The client channel's options: Optuna's (no limit on a reply's size) and reconnection tries
@@ -203,7 +201,9 @@ class GrpcStorage(GrpcStorageProxy, BaseHeartbeat):
     def record_heartbeat(self, trial_id: int) -> None:
         try:
             self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-        except StorageUnavailable:  # the heartbeat's thread: the trial's own calls say it
+        except (StorageUnavailable, optuna.exceptions.UpdateFinishedTrialError):
+            # The heartbeat's thread: the trial's own calls say it (the proxy is gone, or
+            # another worker failed the trial meanwhile).
             logger.debug("heartbeat of trial %d not recorded", trial_id)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:

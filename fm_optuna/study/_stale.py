@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 #: The trial user attribute holding why it failed (also for failures other than heartbeats).
 FAIL_REASON = "fail_reason"
+#: The trial system attribute a ``grpc://`` worker's heartbeat writes (its ``time.time()``).
+HEARTBEAT_ATTR = "fm_optuna:heartbeat"
 #: Set on a trial failed on its heartbeat: it does not count towards the study's total (it is
 #: retried), unlike a FAIL with a reason of its own (training went non-finite).
 STALE = "failed_on_heartbeat"
@@ -45,11 +47,14 @@ def stale_reason(worker: str | None, grace: float) -> str:
 
 
 def without_reason(trial: FrozenTrial) -> FrozenTrial:
-    """``trial`` as the template of its retry: why it failed stays with it, not the retry."""
+    """``trial`` as the template of its retry: why it failed stays with it, not the retry, and
+    so does its last heartbeat (an old one would make the retry look stale from the moment a
+    worker takes it until its own first heartbeat lands)."""
     template = copy.deepcopy(trial)
     template.user_attrs = {
         k: v for k, v in trial.user_attrs.items() if k not in (FAIL_REASON, STALE)
     }
+    template.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != HEARTBEAT_ATTR}
     return template
 
 

@@ -87,6 +87,12 @@ from fm_optuna.tracking.uris import mask_uri, redact
 logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class Overtaken(FmOptunaError):
+    """Another worker failed, on its heartbeat, the trial this one was training."""
+
+
 #: The ``application_name`` of a worker's own PostgreSQL connections (``pg_stat_activity``).
 WORKER_APPLICATION = "fm-optuna"
 #: User attribute of a FAIL trial that is retried (with its parameters, from its checkpoint) by
@@ -436,6 +442,9 @@ class Tuner:
         self.ran: list[FrozenTrial] = []
         #: The trial an interrupt stopped and the merge its retry resumes after.
         self.interrupted: tuple[int, int] | None = None
+        # The trial another worker failed while this one trained it, and the line saying so.
+        self.overtaken: int | None = None
+        self.overtaken_line: str | None = None
 
     def _settle(self, storage: optuna.storages.BaseStorage, study_id: int) -> Settlement:
         settlement = settle(
@@ -605,6 +614,28 @@ class Tuner:
         return MergeProblemWriter(folder, source, on_saved=artifact_logger(observers))
 
     def objective(self, trial: optuna.Trial) -> float:
+        try:
+            return self._train(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise self._overtaken_by_another(trial) from None
+
+    def _overtaken_by_another(self, trial: optuna.Trial) -> BaseException:
+        """The error of a trial this worker trains that another worker failed meanwhile (its
+        heartbeats came too late: a stalled machine, a slow storage): one line, not Optuna's
+        traceback, and :meth:`run` goes on with the next trial."""
+        frozen = trial.study._storage.get_trial(trial._trial_id)
+        if frozen.state != TrialState.FAIL:
+            return optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} finished")
+        reason = frozen.user_attrs.get(FAIL_REASON, "no reason recorded")
+        self.overtaken = trial.number
+        self.overtaken_line = (
+            f"trial {trial.number} was failed by another worker while this one trained it "
+            f"({reason}); it is retried from its last merge checkpoint, and this worker goes on "
+            "with the next trial"
+        )
+        return Overtaken(self.overtaken_line)
+
+    def _train(self, trial: optuna.Trial) -> float:
         config = self.suggest(trial)
         root = root_trial_number(trial)
         checkpoint_path = self.checkpoint_path(root)
@@ -659,6 +690,8 @@ class Tuner:
         except WriteFailed as error:  # a full disk: the checkpoint is intact, the trial retried
             _failed(trial, error, retryable=True)
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise  # failed by another worker: nothing more can be written to it
         except Exception as error:
             _failed(trial, error)
             raise
@@ -682,14 +715,23 @@ class Tuner:
                 self.tracking.start(study)
             status = "FAILED"
             try:
-                if len(finished_trials(study)) < self.n_trials:
-                    study.optimize(
-                        self.objective,
-                        n_trials=None,
-                        callbacks=[self._stop_at_total, self._ran, *callbacks],
-                        catch=(RuntimeError, FloatingPointError),
-                        gc_after_trial=False,
-                    )
+                while len(finished_trials(study)) < self.n_trials:
+                    try:
+                        study.optimize(
+                            self.objective,
+                            n_trials=None,
+                            callbacks=[self._stop_at_total, self._ran, *callbacks],
+                            catch=(RuntimeError, FloatingPointError),
+                            gc_after_trial=False,
+                        )
+                        break
+                    except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
+                        # Optuna cannot tell a trial another worker failed meanwhile ("Cannot
+                        # tell a FAIL trial") and leaves optimize; this worker is still sound.
+                        if self.overtaken is None:
+                            raise
+                        logger.warning("fm-optuna: %s", self.overtaken_line or error)
+                        self.overtaken = self.overtaken_line = None
                 status = "FINISHED"
             except KeyboardInterrupt as error:
                 status = "KILLED"
