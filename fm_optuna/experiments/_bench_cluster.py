@@ -5,11 +5,14 @@ SIGKILLed mid-study and restarted.
 Every role is the command a cluster runs (``fm-optuna storage-proxy``, ``mlflow server``,
 ``fm-optuna tune``), each in its own process. Measured per storage: finished trials, duplicated
 parameter sets (must be 0), MLflow runs left RUNNING (0), distinct trials per minute and the
-peak number of connections to the study's database (``pg_stat_activity``, sampled every 0.25 s;
-through the proxy it is bounded by the proxy's pool, not by the number of workers).
+peak number of connections to the study's database (``pg_stat_activity``, sampled every 0.25 s,
+in all and by holder: the proxy's own, named by their ``application_name``, are bounded by its
+pool, ``--proxy-threads``, not by the number of workers).
 
     python -m fm_optuna.experiments._bench_cluster examples/cluster.toml \\
         --postgres postgresql://user:password@127.0.0.1/optuna --workers 16 --trials 48
+
+``--proxy-only --no-kill`` measures the proxy alone (e.g. at several numbers of workers).
 
 The spec's ``[study]`` name, storage, tracking and checkpoint folder are replaced; its trials
 should take a few seconds (a tiny problem). Run from the repository root when the spec names a
@@ -38,8 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: What a worker prints when the storage proxy does not answer, and when it answers again.
+#: What a worker prints when the storage proxy (or the tracking server) does not answer, and
+#: when it answers again; the line starts with the role's name.
 WAITING, ANSWERS = "does not answer", "answers again"
+STORAGE, TRACKING = "fm-optuna: the storage ", "fm-optuna: the MLflow tracking server "
+
+
+def said(log: Path, role: str, phrase: str) -> int:
+    """How many lines of ``log`` say ``phrase`` about ``role`` (STORAGE or TRACKING)."""
+    lines = log.read_text(errors="replace").splitlines()
+    return sum(line.startswith(role) and phrase in line for line in lines)
 
 
 def free_port() -> int:
@@ -104,8 +115,13 @@ def _wait_until(ready: Any, service: Service, what: str, timeout: float) -> None
 def start_proxy(storage: str, port: int, log: Path, *, threads: int = 8) -> Service:
     """``fm-optuna storage-proxy`` on 127.0.0.1:``port``, once it answers."""
     command = _fm_optuna("storage-proxy", "--storage", storage, "--port", str(port))
+
+    def served() -> int:  # a restart appends to the log of the first start
+        return log.read_text(errors="replace").count("serving") if log.exists() else 0
+
+    before = served()
     service = Service([*command, "--threads", str(threads)], log).start()
-    _wait_until(lambda: "serving" in log.read_text(errors="replace"), service, "the proxy", 120)
+    _wait_until(lambda: served() > before, service, "the proxy", 120)
     return service
 
 
@@ -176,28 +192,54 @@ def write_spec(spec: Path, into: Path, *, name: str, trials: int, checkpoints: P
     return into
 
 
+def counts(workers: Sequence[Service], role: str, phrase: str) -> list[int]:
+    """The distinct numbers of lines saying ``phrase`` about ``role`` among ``workers``' logs
+    (``[1]``: every one said it exactly once)."""
+    return sorted({said(w.log, role, phrase) for w in workers})
+
+
 class ConnectionPeak:
-    """The most connections to one database seen in ``pg_stat_activity`` (sampled)."""
+    """The most connections to one database seen in ``pg_stat_activity`` (sampled), in all and
+    by who holds them: the ``application_name`` (the proxy's is :data:`PROXY_APPLICATION`, a
+    worker's own ``fm-optuna``), else the backend's type (``(autovacuum worker)``;
+    ``(client backend)`` for a client that gave no name: another program on the database;
+    ``(another role's backend)`` when PostgreSQL hides the type from this role). This sampler's
+    own connection is not counted."""
 
     def __init__(self, postgres: str, every: float = 0.25) -> None:
         self.database = urllib.parse.urlsplit(postgres).path.lstrip("/")
         self.postgres, self.every, self.peak = postgres, every, 0
+        #: The most connections seen at once, per holder (each holder's own peak).
+        self.peaks: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @property
+    def proxy(self) -> int:
+        """The storage proxy's own peak."""
+        from fm_optuna.study._proxy import PROXY_APPLICATION
+
+        return self.peaks.get(PROXY_APPLICATION, 0)
 
     def _sample(self) -> None:
         import sqlalchemy
 
         engine = sqlalchemy.create_engine(self.postgres, poolclass=sqlalchemy.pool.NullPool)
         query = sqlalchemy.text(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid()"
+            "SELECT coalesce(nullif(application_name, ''), "
+            "'(' || coalesce(backend_type, 'another role''s backend') || ')'), "
+            "count(*) FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid() "
+            "GROUP BY 1"
         )
         try:
             with engine.connect() as connection:
                 while not self._stop.wait(self.every):
-                    count = connection.execute(query, {"db": self.database}).scalar() or 0
+                    rows = connection.execute(query, {"db": self.database}).all()
                     connection.rollback()
-                    self.peak = max(self.peak, int(count))
+                    counts = {str(who): int(n) for who, n in rows}
+                    self.peak = max(self.peak, sum(counts.values()))
+                    for who, n in counts.items():
+                        self.peaks[who] = max(self.peaks.get(who, 0), n)
         finally:
             engine.dispose()
 
@@ -344,6 +386,8 @@ def measure(
         **figures,
         "distinct_per_minute": round(60 * figures["distinct"] / seconds, 2),
         "peak_connections": peak.peak,
+        "peak_proxy_connections": peak.proxy,
+        "peak_connections_by_holder": dict(sorted(peak.peaks.items())),
     }
 
 
@@ -356,10 +400,13 @@ def kill_and_restart(
     kill_after: int,
     down_seconds: float,
     timeout: float,
+    tracking_wait: float = 60.0,
 ) -> dict[str, Any]:
     """Workers through the proxy and the server; once ``kill_after`` trials finished, the
-    proxy and the server are SIGKILLed, restarted ``down_seconds`` later on the same ports, and
-    the study must complete with everything recorded before the kill intact."""
+    proxy and the server are SIGKILLed, the proxy restarted ``down_seconds`` later on its port,
+    the server once every worker alive has said it waits for it (at most ``tracking_wait`` s
+    more: a worker that made no call while it was down would have nothing to say), and the
+    study must complete with everything recorded before the kill intact."""
     name = f"cluster-kill-{uuid.uuid4().hex[:6]}"
     run_spec = write_spec(
         spec,
@@ -381,17 +428,24 @@ def kill_and_restart(
     assert cluster.proxy is not None and cluster.mlflow is not None
     cluster.proxy.kill()
     cluster.mlflow.kill()
+    killed = time.monotonic()
+    alive = [w for w in running if w.process is not None and w.process.poll() is None]
     time.sleep(down_seconds)
     cluster.start_proxy()
+    until = time.monotonic() + tracking_wait
+    while time.monotonic() < until and not all(
+        said(w.log, TRACKING, WAITING) or (w.process and w.process.poll() is not None)
+        for w in alive
+    ):
+        time.sleep(0.5)
     cluster.start_mlflow()
+    tracking_down = time.monotonic() - killed
+    # Alive through the whole outage: the workers that had to say it.
+    alive = [w for w in alive if w.process is not None and w.process.poll() is None]
     codes = wait_all(running, max(deadline - time.monotonic(), 1))
     after = study_figures(cluster.postgres, name, cluster.tracking)
     finished_before = {n: s for n, s in before["states"].items() if s in ("COMPLETE", "PRUNED")}
     lost = [n for n, s in finished_before.items() if after["states"].get(n) != s]
-    lines = [
-        sum(WAITING in line for line in w.log.read_text(errors="replace").splitlines())
-        for w in running
-    ]
     after.pop("states")
     return {
         "study": name,
@@ -400,7 +454,12 @@ def kill_and_restart(
         "seconds": round(time.monotonic() - started, 1),
         "finished_before_kill": len(finished_before),
         "lost_after_restart": lost,
-        "waiting_lines_per_worker": sorted(set(lines)),
+        "tracking_down_seconds": round(tracking_down, 1),
+        "workers_alive_through_the_outage": len(alive),
+        # Sets of per-worker counts: [1] means every worker said it exactly once.
+        "waiting_lines_per_worker": counts(running, STORAGE, WAITING),
+        "tracking_waiting_lines_per_worker": counts(alive, TRACKING, WAITING),
+        "tracking_back_lines_per_worker": counts(alive, TRACKING, ANSWERS),
         **after,
     }
 
@@ -416,12 +475,19 @@ def run(
     timeout: float,
     folder: Path,
     measured: bool = True,
+    direct: bool = True,
+    proxy_threads: int = 8,
 ) -> dict[str, Any]:
-    cluster = Cluster(postgres, tracking_backend, folder)
-    report: dict[str, Any] = {"spec": str(spec), "workers": workers, "trials": trials}
+    cluster = Cluster(postgres, tracking_backend, folder, proxy_threads=proxy_threads)
+    report: dict[str, Any] = {
+        "spec": str(spec),
+        "workers": workers,
+        "trials": trials,
+        "proxy_threads": proxy_threads,
+    }
     try:
         cluster.start_mlflow()
-        if measured:
+        if measured and direct:
             report["postgresql"] = measure(
                 cluster, spec, storage=postgres, workers=workers, trials=trials, timeout=timeout
             )
@@ -469,11 +535,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=48, help="trials of each study")
     parser.add_argument("--no-kill", action="store_true", help="skip the kill-and-restart part")
     parser.add_argument("--kill-only", action="store_true", help="only the kill-and-restart part")
+    parser.add_argument(
+        "--proxy-only",
+        action="store_true",
+        help="measure through the gRPC proxy only (skip PostgreSQL directly)",
+    )
+    parser.add_argument(
+        "--proxy-threads",
+        type=int,
+        default=8,
+        help="the proxy's threads, and its most database connections (default: 8)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep the logs in this folder")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per study at most")
     args = parser.parse_args(argv)
-    if args.workers < 1 or args.trials < 1:
-        parser.error("--workers and --trials should be positive integers")
+    if args.workers < 1 or args.trials < 1 or args.proxy_threads < 1:
+        parser.error("--workers, --trials and --proxy-threads should be positive integers")
     backend = args.tracking_backend or own_database(args.postgres, "fm_optuna_cluster_mlflow")
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
@@ -490,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             trials=args.trials,
             kill=not args.no_kill,
             measured=not args.kill_only,
+            direct=not args.proxy_only,
+            proxy_threads=args.proxy_threads,
             timeout=args.timeout,
             folder=Path(folder),
         )

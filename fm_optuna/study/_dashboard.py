@@ -110,11 +110,15 @@ class DashboardNotes(Observer):
         self.trial.set_user_attr(LAMBDA_ATTR, lambda_rows(self.branches, self.merges))
 
     def on_run_finished(self, event: RunFinished) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+
         # The dashboard is a view: a failure to write it never fails the trial.
         try:
             self._write(event.status)
         except ModuleNotFoundError as missing:
             _note_no_dashboard(str(missing))
+        except UpdateFinishedTrialError:  # another worker failed the trial: said once
+            logger.debug("trial %d: finished elsewhere, no note", self.trial.number)
         except Exception:
             logger.warning("trial %d: no optuna-dashboard note", self.trial.number, exc_info=True)
 

@@ -34,6 +34,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from fm_optuna.errors import ConfigError, FmOptunaError, invalid
+from fm_optuna.study._stale import HEARTBEAT_ATTR, record_stale_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,16 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 #: Seconds a running worker waits for a proxy that stopped answering before it stops.
 WAIT_SECONDS = 120.0
-#: The trial system attribute a worker's heartbeat writes (time.time() of the worker).
-HEARTBEAT_ATTR = "fm_optuna:heartbeat"
+
+
+#: The client channel's options: Optuna's (no limit on a reply's size) and reconnection tries
+#: at most 1 s apart (milliseconds).
+_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class StorageUnavailable(FmOptunaError):
@@ -167,8 +176,17 @@ class GrpcStorage(GrpcStorageProxy, BaseHeartbeat):
             super().__init__(host=host, port=port)
 
     def _setup(self) -> None:
+        import grpc
+        from optuna.storages._grpc.auto_generated import api_pb2_grpc
+
         super()._setup()
-        self._stub = _WaitingStub(self._stub, self)
+        # Optuna's channel reconnects to a proxy that went away with gRPC's default back-off
+        # (1 s growing 1.6 times per failed try, up to 2 min): after a restart one worker could
+        # hear from the proxy 10 s after the others, which meanwhile judged its live trial stale
+        # and failed it. Tries at most 1 s apart keep every worker within about a second.
+        self._channel.close()
+        self._channel = grpc.insecure_channel(f"{self._host}:{self._port}", options=_OPTIONS)
+        self._stub = _WaitingStub(api_pb2_grpc.StorageServiceStub(self._channel), self)
         self._cache.grpc_client = self._stub
 
     def answered(self) -> None:
@@ -183,7 +201,9 @@ class GrpcStorage(GrpcStorageProxy, BaseHeartbeat):
     def record_heartbeat(self, trial_id: int) -> None:
         try:
             self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-        except StorageUnavailable:  # the heartbeat's thread: the trial's own calls say it
+        except (StorageUnavailable, optuna.exceptions.UpdateFinishedTrialError):
+            # The heartbeat's thread: the trial's own calls say it (the proxy is gone, or
+            # another worker failed the trial meanwhile).
             logger.debug("heartbeat of trial %d not recorded", trial_id)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
@@ -204,7 +224,7 @@ class GrpcStorage(GrpcStorageProxy, BaseHeartbeat):
             beat = trial.system_attrs.get(HEARTBEAT_ATTR)
             if isinstance(beat, int | float) and now - beat > grace:
                 stale.append(trial._trial_id)
-        return stale
+        return record_stale_reasons(self, stale, grace)
 
     def get_heartbeat_interval(self) -> int | None:
         return self.heartbeat_interval

@@ -4,18 +4,64 @@ with one pool of database connections for every worker (see :mod:`fm_optuna.stud
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 
-import optuna
+from optuna.distributions import BaseDistribution
+from optuna.storages import RDBStorage
+from optuna.storages._cached_storage import _CachedStorage
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
 
 from fm_optuna.errors import ConfigError, invalid
 from fm_optuna.study._grpc import is_grpc
-from fm_optuna.study._storages import check_database, one_process_at_a_time
+from fm_optuna.study._storages import (
+    check_database,
+    named_connections,
+    one_process_at_a_time,
+)
 from fm_optuna.tracking.uris import is_database, mask_uri, redact
 
 #: Threads serving the proxy's requests, and as many database connections (its pool).
 PROXY_THREADS = 8
+#: The ``application_name`` of the proxy's PostgreSQL connections (``pg_stat_activity``).
+PROXY_APPLICATION = "fm-optuna storage-proxy"
+
+
+class RestartSafeCache(_CachedStorage):
+    """Optuna's cache of an RDB storage (what ``run_grpc_proxy_server`` asks for), safe for a
+    proxy that starts while workers have trials under way.
+
+    Optuna's ``_CachedStorage.set_trial_param`` looks the trial up in its cache only: a trial
+    created through the previous proxy process (killed, restarted) is not there, and the worker
+    suggesting its next parameter got ``KeyError`` and stopped with a traceback (seen
+    2026-12-03 in the kill-and-restart test). On such a miss this cache first reads the
+    trial's study from the database, as its first ``get_all_trials`` would have.
+    """
+
+    def set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: BaseDistribution,
+    ) -> None:
+        with self._lock:
+            known = trial_id in self._trial_id_to_study_id_and_number
+        if not known:
+            study_id = _study_of_trial(self._backend, trial_id)
+            if study_id is not None:
+                self._read_trials_from_remote_storage(study_id)
+        super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
+
+
+def _study_of_trial(rdb: RDBStorage, trial_id: int) -> int | None:
+    """The study of ``trial_id`` in the database (``None``: no such trial, which the caller's
+    lookup then reports as Optuna does)."""
+    try:
+        with _create_scoped_session(rdb.scoped_session) as session:
+            return int(models.TrialModel.find_or_raise_by_id(trial_id, session).study_id)
+    except KeyError:
+        return None
 
 
 def serve_proxy(
@@ -34,8 +80,6 @@ def serve_proxy(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from optuna.storages import RDBStorage, get_storage
-
     if is_grpc(storage) or not is_database(storage):
         raise invalid(
             "storage",
@@ -48,10 +92,17 @@ def serve_proxy(
     if not 0 <= port <= 65535:
         raise invalid("port", port, "a TCP port, 0 to 65535 (0: any free one)")
     check_database(storage, parameter="storage", what="a reachable Optuna storage URL")
+    # One connection per serving thread and never more (no overflow): the proxy's share of the
+    # database is `threads`, however many workers connect.
     engine = (
         None
         if storage.startswith("sqlite")
-        else {"pool_size": threads, "max_overflow": 0, "pool_pre_ping": True}
+        else {
+            "pool_size": threads,
+            "max_overflow": 0,
+            "pool_pre_ping": True,
+            **named_connections(storage, PROXY_APPLICATION),
+        }
     )
     try:
         with one_process_at_a_time(storage):
@@ -66,9 +117,7 @@ def serve_proxy(
     from optuna.storages._grpc.auto_generated import api_pb2_grpc
     from optuna.storages._grpc.servicer import OptunaStorageProxyService
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        cached = get_storage(rdb)  # the cache run_grpc_proxy_server's docs ask for
+    cached = RestartSafeCache(rdb)
     pool = ThreadPoolExecutor(max_workers=threads)
     # What optuna.storages.run_grpc_proxy_server does, with the bound port known (port 0).
     server = grpc.server(pool)

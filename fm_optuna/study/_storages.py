@@ -10,6 +10,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from fm_optuna.errors import ConfigError
 from fm_optuna.tracking.uris import mask_uri, redact
@@ -22,6 +23,22 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 
 def _masked(url: str) -> str:
     return mask_uri(url)
+
+
+def named_connections(url: str, name: str) -> dict[str, Any]:
+    """Engine arguments that give a PostgreSQL URL's connections the ``application_name``
+    ``name`` (what ``pg_stat_activity`` shows, so a database's connections can be told apart by
+    role); nothing for other databases or a URL that names its own.
+
+    Example:
+        >>> named_connections("postgresql://u:p@db/optuna", "fm-optuna")
+        {'connect_args': {'application_name': 'fm-optuna'}}
+        >>> named_connections("sqlite:///optuna.db", "fm-optuna")
+        {}
+    """
+    if not url.lower().startswith("postgresql") or "application_name=" in url:
+        return {}
+    return {"connect_args": {"application_name": name}}
 
 
 def sqlite_file(url: str) -> Path | None:

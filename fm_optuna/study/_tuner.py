@@ -41,7 +41,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 from optuna.pruners import BasePruner
-from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -77,13 +77,26 @@ from fm_optuna.study._processes import this_worker
 from fm_optuna.study._sampler import DistinctSampler
 from fm_optuna.study._shared_baselines import SharedBaselines
 from fm_optuna.study._spec import StudySpec, check_branches_fit, check_space_searches
-from fm_optuna.study._storages import check_database, one_process_at_a_time, sqlite_file
+from fm_optuna.study._stale import FAIL_REASON, STALE, ReasonedRDBStorage, without_reason
+from fm_optuna.study._storages import (
+    check_database,
+    named_connections,
+    one_process_at_a_time,
+    sqlite_file,
+)
 from fm_optuna.tracking.uris import mask_uri, redact
 
 logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-FAIL_REASON = "fail_reason"
+
+
+class Overtaken(FmOptunaError):
+    """Another worker failed, on its heartbeat, the trial this one was training."""
+
+
+#: The ``application_name`` of a worker's own PostgreSQL connections (``pg_stat_activity``).
+WORKER_APPLICATION = "fm-optuna"
 #: User attribute of a FAIL trial that is retried (with its parameters, from its checkpoint) by
 #: the next invocation: interrupted by a signal, or stopped by a write the system refused.
 RETRYABLE = "retryable"
@@ -108,6 +121,7 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
             trial.state == TrialState.FAIL
             and FAIL_REASON in trial.user_attrs
             and not trial.user_attrs.get(RETRYABLE)
+            and not trial.user_attrs.get(STALE)
         )
     ]
 
@@ -254,7 +268,7 @@ def _open_storage(
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
 
     def stale(study: optuna.Study, trial: FrozenTrial) -> None:
-        retry(study, trial)
+        retry(study, without_reason(trial))
         if on_stale is not None:
             on_stale(study, trial)
 
@@ -268,12 +282,14 @@ def _open_storage(
         )
     try:
         with one_process_at_a_time(url):  # workers creating one SQLite file together
-            return RDBStorage(
+            return ReasonedRDBStorage(
                 url,
                 heartbeat_interval=heartbeat_seconds,
                 grace_period=2 * heartbeat_seconds,
                 heartbeat_stale_trial_callback=stale,
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                engine_kwargs=None
+                if url.startswith("sqlite")
+                else {"pool_pre_ping": True, **named_connections(url, WORKER_APPLICATION)},
             )
     except Exception as error:  # sqlalchemy raises many kinds; the user needs one line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -442,6 +458,9 @@ class Tuner:
         self.ran: list[FrozenTrial] = []
         #: The trial an interrupt stopped and the merge its retry resumes after.
         self.interrupted: tuple[int, int] | None = None
+        # The trial another worker failed while this one trained it, and the line saying so.
+        self.overtaken: int | None = None
+        self.overtaken_line: str | None = None
 
     def _settle(self, storage: optuna.storages.BaseStorage, study_id: int) -> Settlement:
         settlement = settle(
@@ -611,6 +630,28 @@ class Tuner:
         return MergeProblemWriter(folder, source, on_saved=artifact_logger(observers))
 
     def objective(self, trial: optuna.Trial) -> float:
+        try:
+            return self._train(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise self._overtaken_by_another(trial) from None
+
+    def _overtaken_by_another(self, trial: optuna.Trial) -> BaseException:
+        """The error of a trial this worker trains that another worker failed meanwhile (its
+        heartbeats came too late: a stalled machine, a slow storage): one line, not Optuna's
+        traceback, and :meth:`run` goes on with the next trial."""
+        frozen = trial.study._storage.get_trial(trial._trial_id)
+        if frozen.state != TrialState.FAIL:
+            return optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} finished")
+        reason = frozen.user_attrs.get(FAIL_REASON, "no reason recorded")
+        self.overtaken = trial.number
+        self.overtaken_line = (
+            f"trial {trial.number} was failed by another worker while this one trained it "
+            f"({reason}); it is retried from its last merge checkpoint, and this worker goes on "
+            "with the next trial"
+        )
+        return Overtaken(self.overtaken_line)
+
+    def _train(self, trial: optuna.Trial) -> float:
         config = self.suggest(trial)
         root = root_trial_number(trial)
         checkpoint_path = self.checkpoint_path(root)
@@ -669,6 +710,8 @@ class Tuner:
         except WriteFailed as error:  # a full disk: the checkpoint is intact, the trial retried
             _failed(trial, error, retryable=True)
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise  # failed by another worker: nothing more can be written to it
         except Exception as error:
             _failed(trial, error)
             raise
@@ -692,14 +735,23 @@ class Tuner:
                 self.tracking.start(study)
             status = "FAILED"
             try:
-                if len(finished_trials(study)) < self.n_trials:
-                    study.optimize(
-                        self.objective,
-                        n_trials=None,
-                        callbacks=[self._stop_at_total, self._ran, *callbacks],
-                        catch=(RuntimeError, FloatingPointError),
-                        gc_after_trial=False,
-                    )
+                while len(finished_trials(study)) < self.n_trials:
+                    try:
+                        study.optimize(
+                            self.objective,
+                            n_trials=None,
+                            callbacks=[self._stop_at_total, self._ran, *callbacks],
+                            catch=(RuntimeError, FloatingPointError),
+                            gc_after_trial=False,
+                        )
+                        break
+                    except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
+                        # Optuna cannot tell a trial another worker failed meanwhile ("Cannot
+                        # tell a FAIL trial") and leaves optimize; this worker is still sound.
+                        if self.overtaken is None:
+                            raise
+                        logger.warning("fm-optuna: %s", self.overtaken_line or error)
+                        self.overtaken = self.overtaken_line = None
                 status = "FINISHED"
             except KeyboardInterrupt as error:
                 status = "KILLED"

@@ -9,6 +9,7 @@ KILLED when it was interrupted.
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,9 @@ from fm_optuna.tracking.uris import browse_command, mask_uri
 if TYPE_CHECKING:
     from fm_optuna.core._events import Observer
     from fm_optuna.tracking.store import TrackingStore
+
+
+logger = logging.getLogger("fm_optuna.tracking")
 
 
 class ComparisonTracking:
@@ -84,18 +88,30 @@ class ComparisonTracking:
         ]
 
     def finish(self, status: str, files: Sequence[Path] = ()) -> None:
-        """End the parent run (``FINISHED``, ``FAILED`` or ``KILLED``) with ``files`` attached."""
+        """End the parent run (``FINISHED``, ``FAILED`` or ``KILLED``) with ``files`` attached.
+        Best effort: it runs as the command ends, where a store failure (a tracking server gone
+        past its retries) would hide the comparison's outcome, or the error that ended it."""
         if self.status is not None:
             return
         self.status = status
         try:
-            for path in files:
-                self.store.client.log_artifact(self.run_id, str(path))
-            self.store.client.log_batch(
-                self.run_id, tags=[RunTag("fm_optuna.status", status)], synchronous=True
+            try:
+                for path in files:
+                    self.store.client.log_artifact(self.run_id, str(path))
+                self.store.client.log_batch(
+                    self.run_id, tags=[RunTag("fm_optuna.status", status)], synchronous=True
+                )
+            finally:
+                self.store.client.set_terminated(self.run_id, status=status)
+        except Exception as error:
+            lines = str(error).strip().splitlines()
+            reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+            logger.warning(
+                "fm-optuna: MLflow tracking to %s failed while ending the comparison's run "
+                "(%s); the comparison's files are on disk",
+                self.store.display_uri,
+                self.store.redact(reason),
             )
-        finally:
-            self.store.client.set_terminated(self.run_id, status=status)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[list[Path]]:

@@ -70,6 +70,7 @@ from fm_optuna.tracking.plots import (
     plot_lambda_trajectory,
     plot_simplex_trials,
 )
+from fm_optuna.tracking.server_watch import TrackingUnavailable
 from fm_optuna.tracking.store import owner_tags
 from fm_optuna.tracking.uris import mask_uri
 
@@ -791,6 +792,11 @@ class _RunLog:
         self.error = self.store.redact(
             f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
         )
+        if isinstance(error, TrackingUnavailable) and error.already_said:
+            # Another tracker of this process said it for this outage; each run's end still
+            # says what it lacks.
+            logger.debug("MLflow tracking to %s stops: %s", self.store.display_uri, self.error)
+            return
         logger.warning(
             "fm-optuna: MLflow tracking to %s failed (%s); training continues without "
             "tracking, and what is not logged is reported at the end.",

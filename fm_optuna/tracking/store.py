@@ -12,8 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from fm_optuna.errors import ConfigError
 from fm_optuna.study._processes import process_is_gone
 from fm_optuna.study._storages import check_database, one_process_at_a_time
+from fm_optuna.tracking.server_watch import WatchedClient, health, watch_for
 from fm_optuna.tracking.uris import (
     absolute_uri,
     artifact_root,
@@ -187,15 +186,10 @@ def _check_database(uri: str) -> None:
 
 
 def _check_server(uri: str) -> None:
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT) as response:
-            response.read(64)
-    except urllib.error.HTTPError as error:
-        raise _fail(uri, f"the server answered {error.code} {error.reason} on /health") from None
-    except (OSError, ValueError) as error:
-        reason = getattr(error, "reason", error)
-        raise _fail(uri, f"no MLflow server answers ({reason})") from None
+    reason = health(uri, timeout=CONNECT_TIMEOUT)
+    if reason is not None:
+        answered = reason.startswith("the server answered")
+        raise _fail(uri, reason if answered else f"no MLflow server answers ({reason})")
 
 
 def _slug(name: str) -> str:
@@ -215,7 +209,9 @@ def _client(uri: str, attempts: int = 5) -> MlflowClient:
     for attempt in range(attempts):
         try:
             with one_process_at_a_time(uri):
-                client = MlflowClient(tracking_uri=uri)
+                client: Any = MlflowClient(tracking_uri=uri)
+                if is_server(uri):  # a server that stops answering is said, not waited in silence
+                    client = WatchedClient(client, watch_for(uri))
                 client.search_experiments(max_results=1)  # forces the store (and its tables) now
             return client
         except Exception as error:

@@ -14,10 +14,12 @@ marked FAILED by the worker that notices the death.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, RunTag
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
     from fm_optuna.tracking.store import TrackingStore
+
+logger = logging.getLogger("fm_optuna.tracking")
 
 STUDY_RUN_ATTR = "mlflow_study_run_id"
 _STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
@@ -174,16 +178,25 @@ class StudyTracking:
                 [self.store.experiment_id],
                 f"tags.`mlflow.parentRunId` = '{run_id}'",
             )
+            tags = [RunTag("fm_optuna.status", "FAIL")]
+            reason = trial.user_attrs.get("fail_reason")  # why (the storage wrote it)
+            if reason is not None:
+                tags.append(RunTag("fm_optuna.fail_reason", str(reason)[:5000]))
             for run in [*children, client.get_run(run_id)]:
-                client.log_batch(run.info.run_id, tags=[RunTag("fm_optuna.status", "FAIL")])
+                client.log_batch(run.info.run_id, tags=tags)
                 client.set_terminated(run.info.run_id, status="FAILED")
         except Exception:  # the store is best effort here: the study itself must go on
             return
 
     def finish(self, study: optuna.Study, *, status: str = "FINISHED") -> None:
-        """End the study's run for this invocation with the study's best so far."""
+        """End the study's run for this invocation with the study's best so far. Best effort:
+        it runs in a ``finally``, where a store failure would hide how the study ended."""
         if self.study_run_id is None:
             return
+        with self._best_effort(f"ending the study run ({status})"):
+            self._finish(study, status)
+
+    def _finish(self, study: optuna.Study, status: str) -> None:
         trials = study.get_trials(deepcopy=False)
         counts = {state: sum(t.state.name == state for t in trials) for state in _STATES}
         finished = counts["COMPLETE"] + counts["PRUNED"]
@@ -253,9 +266,30 @@ class StudyTracking:
 
     def log_baselines(self, study: optuna.Study) -> None:
         """Each baseline result of the study (STL, EW, … at the best trial's budget) as an MLflow
-        run under the study's run (once per result), and the description rewritten with them."""
+        run under the study's run (once per result), and the description rewritten with them.
+        Best effort: the results are in the Optuna study whatever the store does."""
         if self.study_run_id is None:
             return
+        with self._best_effort("logging the baselines"):
+            self._log_baselines(study)
+
+    @contextlib.contextmanager
+    def _best_effort(self, what: str) -> Iterator[None]:
+        """A store failure while ``what`` is one warning line; the study's outcome stands."""
+        try:
+            yield
+        except Exception as error:
+            lines = str(error).strip().splitlines()
+            reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+            logger.warning(
+                "fm-optuna: MLflow tracking to %s failed while %s (%s); the study's results "
+                "are in its Optuna storage",
+                self.store.display_uri,
+                what,
+                self.store.redact(reason),
+            )
+
+    def _log_baselines(self, study: optuna.Study) -> None:
         client = self.store.client
         existing = {
             run.data.tags.get(BASELINE_TAG): run.info.run_id

@@ -11,12 +11,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from fm_optuna.experiments._bench_cluster import Cluster, kill_and_restart, own_database
+from fm_optuna.experiments._bench_cluster import (
+    Cluster,
+    ConnectionPeak,
+    kill_and_restart,
+    own_database,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 URL = os.environ.get("FM_OPTUNA_TEST_POSTGRES_URL")
@@ -96,3 +103,39 @@ def test_workers_survive_a_killed_proxy_and_tracking_server(cluster: Cluster) ->
     assert report["mlflow_running"] == 0 and report["mlflow_runs"] > report["finished"]
     # Each worker said once that it waits for the storage (a worker may end before the kill).
     assert max(report["waiting_lines_per_worker"]) == 1, report
+    # And every worker alive through the outage said exactly once that it waits for the
+    # tracking server (at most once more that it answers again), none a traceback.
+    assert report["workers_alive_through_the_outage"] >= 1, report
+    assert report["tracking_waiting_lines_per_worker"] == [1], report
+    assert max(report["tracking_back_lines_per_worker"]) <= 1, report
+    logs = [path.read_text(errors="replace") for path in cluster.folder.glob("worker*.log")]
+    assert not [log for log in logs if "Traceback" in log]
+
+
+def test_the_proxys_connections_are_named_and_bounded_by_its_pool(cluster: Cluster) -> None:
+    """Sixteen clients at once get no more database connections than the proxy's threads."""
+    import warnings
+
+    from fm_optuna.study._grpc import GrpcStorage
+
+    assert URL is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's experimental-API warning, once per client
+        clients = [GrpcStorage(cluster.grpc) for _ in range(16)]
+    until = time.monotonic() + 3
+
+    def busy(client: GrpcStorage) -> int:
+        calls = 0
+        while time.monotonic() < until:
+            client.get_all_studies()
+            calls += 1
+        return calls
+
+    try:
+        with ConnectionPeak(URL, every=0.05) as peak, ThreadPoolExecutor(16) as pool:
+            calls = sum(pool.map(busy, clients))
+    finally:
+        for client in clients:
+            client.close()
+    assert calls > 16
+    assert 1 <= peak.proxy <= cluster.proxy_threads, peak.peaks

@@ -192,6 +192,9 @@ def test_a_dead_workers_trial_fails_is_retried_and_resumes_from_its_last_merge(
     retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == 0)
     assert retry.params == study.trials[0].params and retry.state == TrialState.COMPLETE
     assert retry.user_attrs["resumed_from_round"] == 2
+    # Why it failed stays with the dead trial (the storage wrote it before failing it).
+    assert "sent no heartbeat for more than 2 s" in study.trials[0].user_attrs["fail_reason"]
+    assert "fail_reason" not in retry.user_attrs
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 2
     assert report.best_value is not None
 
@@ -215,6 +218,7 @@ def test_a_dead_workers_trial_fails_is_retried_and_resumes_from_its_last_merge(
     branches = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == dead]
     assert branches and {r.info.status for r in branches} == {"FAILED"}
     assert store.client.get_run(dead).info.status == "FAILED"
+    assert "sent no heartbeat" in store.client.get_run(dead).data.tags["fm_optuna.fail_reason"]
     (study_run,) = [r for r in runs if r.data.tags.get("fm_optuna.role") == "study"]
     assert study_run.info.status == "FINISHED"
     assert study_run.data.metrics["best/value"] == pytest.approx(report.best_value)
@@ -367,3 +371,37 @@ def test_median_pruner_counts_other_workers_running_trials_past_the_step() -> No
         )
         is False
     )
+
+
+def test_a_trial_another_worker_failed_meanwhile_is_one_line_and_the_study_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker whose heartbeats came too late (a stalled machine) has its live trial failed by
+    another worker; it used to die on Optuna's "Cannot tell a FAIL trial" with a traceback."""
+    from fm_optuna.core._events import MergeCompleted, Observer
+    from fm_optuna.study._stale import record_stale_reasons
+
+    path = spec_file(tmp_path, n_trials=3)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    class AnotherWorkersStaleCheck(Observer):
+        def __init__(self, trial: optuna.Trial) -> None:
+            self.trial = trial
+
+        def on_merge_completed(self, event: MergeCompleted) -> None:
+            if self.trial.number != 1 or event.round != 1:
+                return
+            other = optuna.storages.RDBStorage(url)
+            try:
+                record_stale_reasons(other, [self.trial._trial_id], 2.0)
+                other.set_trial_state_values(self.trial._trial_id, TrialState.FAIL)
+            finally:
+                other.engine.dispose()
+
+    report = tuner(path, observers=lambda trial, config: [AnotherWorkersStaleCheck(trial)]).run()
+    assert [t.state for t in report.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert "sent no heartbeat for more than 2 s" in str(report.trials[1].reason)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    said = [line for line in lines if "trial 1 was failed by another worker" in line]
+    assert len(said) == 1 and "this worker goes on with the next trial" in said[0]
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
