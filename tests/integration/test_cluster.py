@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,7 +56,8 @@ def test_a_run_against_the_tracking_server_ends_finished_with_its_artifacts(
 ) -> None:
     from mlflow import MlflowClient
 
-    experiment = f"server-run-{tmp_path.name}"
+    # The server's database outlives a test session: a name of this session's own.
+    experiment = f"server-run-{uuid.uuid4().hex[:8]}"
     command = ["run", "--benchmark", "examples.diabetes:build", "--steps", "40", "--dt", "20"]
     result = subprocess.run(
         [
@@ -79,10 +81,56 @@ def test_a_run_against_the_tracking_server_ends_finished_with_its_artifacts(
     assert found is not None and found.artifact_location.startswith("mlflow-artifacts:")
     runs = client.search_runs([found.experiment_id])
     assert runs and {run.info.status for run in runs} == {"FINISHED"}
-    forkmerge = [r for r in runs if r.data.tags.get("fm_optuna.method") == "forkmerge"] or runs
+    forkmerge = [r for r in runs if r.data.tags.get("fm_optuna.role") == "forkmerge"]
+    assert len(forkmerge) == 1
     # Uploaded through the server (--serve-artifacts), read back through it.
     assert any(client.list_artifacts(run.info.run_id) for run in forkmerge)
     assert list((cluster.folder / "mlartifacts").rglob("*")), "the server stored the artifacts"
+
+
+def _fm_optuna(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fm_optuna.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_tune_against_the_tracking_server_ends_finished_and_ui_only_links_to_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    name = f"server-tune-{uuid.uuid4().hex[:8]}"
+    spec = tmp_path / f"{name}.toml"
+    spec.write_text(
+        f'[study]\nname = "{name}"\nn_trials = 2\nsampler = "random"\npruner = "none"\n'
+        f'storage = "sqlite:///{tmp_path}/optuna.db"\ncheckpoint_dir = "{tmp_path}/ckpt"\n'
+        '[problem]\nbenchmark = "examples.diabetes:build"\ntarget = "progression"\n'
+        '[training]\nsteps = 40\ndt = 20\n[search]\nstrategy = "greedy"\n'
+        "[space]\ndt = { low = 10, high = 20 }\n"
+    )
+    result = _fm_optuna("tune", str(spec), "--tracking-uri", cluster.tracking)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=cluster.tracking)
+    found = client.get_experiment_by_name(f"fm-optuna/study/{name}")
+    assert found is not None and found.artifact_location.startswith("mlflow-artifacts:")
+    runs = client.search_runs([found.experiment_id])
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    roles = {run.data.tags.get("fm_optuna.role") for run in runs}
+    assert "study" in roles, roles
+    forkmerge = [r for r in runs if r.data.tags.get("fm_optuna.role") == "forkmerge"]
+    assert len(forkmerge) == 2  # one per trial, each with its files uploaded through the server
+    assert all(client.list_artifacts(run.info.run_id) for run in forkmerge)
+    (study,) = [r for r in runs if r.data.tags.get("fm_optuna.role") == "study"]
+    note = study.data.tags.get("mlflow.note.content", "")  # the overview: a link per trial
+    assert all(run.info.run_id in note for run in forkmerge), note[:500]
+    # `ui` on a server starts nothing: it prints the server's links and returns.
+    shown = _fm_optuna("ui", "--tracking-uri", cluster.tracking, "--experiment", found.name)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"{cluster.tracking}/#/experiments/{found.experiment_id}" in shown.stdout + shown.stderr
 
 
 def test_workers_survive_a_killed_proxy_and_tracking_server(cluster: Cluster) -> None:
