@@ -127,6 +127,20 @@ def test_a_tune_against_the_tracking_server_ends_finished_and_ui_only_links_to_i
     (study,) = [r for r in runs if r.data.tags.get("fm_optuna.role") == "study"]
     note = study.data.tags.get("mlflow.note.content", "")  # the overview: a link per trial
     assert all(run.info.run_id in note for run in forkmerge), note[:500]
+    # `compare` logs its comparison through the server too, every run FINISHED.
+    compared = _fm_optuna(
+        "compare", str(spec), "--strategies", "greedy,random", "--seeds", "1",
+        "--out", str(tmp_path / "compare"), "--tracking-uri", cluster.tracking,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert (tmp_path / "compare" / "strategies.json").exists()
+    after = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"attributes.start_time >= {max(run.info.end_time for run in runs)}",
+    )
+    assert len(after) >= 3 and {run.info.status for run in after} == {"FINISHED"}, [
+        (client.get_experiment(r.info.experiment_id).name, r.info.run_name) for r in after
+    ]
     # `ui` on a server starts nothing: it prints the server's links and returns.
     shown = _fm_optuna("ui", "--tracking-uri", cluster.tracking, "--experiment", found.name)
     assert shown.returncode == 0, shown.stderr[-2000:]
