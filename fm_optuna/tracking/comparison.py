@@ -104,13 +104,11 @@ class ComparisonTracking:
             finally:
                 self.store.client.set_terminated(self.run_id, status=status)
         except Exception as error:
-            lines = str(error).strip().splitlines()
-            reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
             logger.warning(
                 "fm-optuna: MLflow tracking to %s failed while ending the comparison's run "
                 "(%s); the comparison's files are on disk",
                 self.store.display_uri,
-                self.store.redact(reason),
+                self.store.error_line(error),
             )
 
     @contextlib.contextmanager

@@ -788,10 +788,7 @@ class _RunLog:
         """Remember the first error and warn once; later errors only add to the counts."""
         if self.error is not None:
             return
-        lines = str(error).strip().splitlines()
-        self.error = self.store.redact(
-            f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-        )
+        self.error = self.store.error_line(error)
         if isinstance(error, TrackingUnavailable) and error.already_said:
             # Another tracker of this process said it for this outage; each run's end still
             # says what it lacks.

@@ -146,12 +146,17 @@ class TrackingStore:
     def redact(self, text: str) -> str:
         return redact(text, self.uri)
 
+    def error_line(self, error: BaseException) -> str:
+        """``error`` as one line (its type and first line), this store's password removed."""
+        return error_line(error, self.uri)
+
 
 def default_experiment_name(benchmark: str, target: str) -> str:
     return f"fm-optuna/{benchmark}-{target}"
 
 
-def _first_line(error: BaseException, uri: str) -> str:
+def error_line(error: BaseException, uri: str) -> str:
+    """``error`` as one line (its type and first line), ``uri``'s password removed."""
     lines = str(error).strip().splitlines()
     message = lines[0] if lines else ""
     return redact(f"{type(error).__name__}: {message}" if message else type(error).__name__, uri)
@@ -182,7 +187,7 @@ def _check_database(uri: str) -> None:
         finally:
             engine.dispose()
     except Exception as error:  # driver missing, refused, bad password, unwritable file, ...
-        raise _fail(uri, _first_line(error, uri)) from None
+        raise _fail(uri, error_line(error, uri)) from None
 
 
 def _check_server(uri: str) -> None:
@@ -285,7 +290,7 @@ def _open(uri: str, experiment: str) -> _Opened:
         if found is None:
             found = _create_experiment(client, uri, experiment)
     except Exception as error:
-        raise _fail(uri, _first_line(error, uri)) from None
+        raise _fail(uri, error_line(error, uri)) from None
     if found.lifecycle_stage != "active":
         raise ConfigError(
             f"Parameter `experiment` should name an active experiment; `{experiment}` is "
@@ -392,7 +397,7 @@ def _probe_writes(client: MlflowClient, experiment_id: str, uri: str, attempts: 
             return
         except Exception as error:
             if attempt + 1 == attempts or not _CONCURRENT_INSERT.search(str(error)):
-                raise _fail(uri, f"it cannot be written ({_first_line(error, uri)})") from None
+                raise _fail(uri, f"it cannot be written ({error_line(error, uri)})") from None
             time.sleep(0.05 * (attempt + 1))
 
 

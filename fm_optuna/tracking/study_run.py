@@ -279,14 +279,12 @@ class StudyTracking:
         try:
             yield
         except Exception as error:
-            lines = str(error).strip().splitlines()
-            reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
             logger.warning(
                 "fm-optuna: MLflow tracking to %s failed while %s (%s); the study's results "
                 "are in its Optuna storage",
                 self.store.display_uri,
                 what,
-                self.store.redact(reason),
+                self.store.error_line(error),
             )
 
     def _log_baselines(self, study: optuna.Study) -> None:
